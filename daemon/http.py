@@ -1,0 +1,78 @@
+"""The daemon's HTTP server: ``/status`` (JSON), ``/metrics`` (Prometheus), ``/healthz``.
+
+It binds loopback by default (``tiered.status_address``) and answers GET and HEAD only; every
+other method gets 405. It reads the daemon's state and never changes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+Route = Callable[[], tuple[int, str, bytes]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    routes: dict[str, Route] = {}
+    server_version = "tiered"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        route = self.routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            self._send(404, "text/plain", b"not found\n")
+            return
+        try:
+            code, ctype, body = route()
+        except Exception as err:  # a broken view must not kill the server thread
+            log.exception("HTTP %s failed", self.path)
+            code, ctype, body = 500, "text/plain", f"{type(err).__name__}\n".encode()
+        self._send(code, ctype, body)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def _refuse(self) -> None:
+        self._send(405, "text/plain", b"method not allowed\n", allow=True)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
+    def _send(self, code: int, ctype: str, body: bytes, *, allow: bool = False) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if allow:
+            self.send_header("Allow", "GET, HEAD")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("http " + format, *args)
+
+
+class StatusServer:
+    def __init__(self, address: str, routes: dict[str, Route]) -> None:
+        host, _, port = address.rpartition(":")
+        handler = type("Handler", (_Handler,), {"routes": routes})
+        self.httpd = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="tiered-http", daemon=True
+        )
+
+    @property
+    def address(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"{host}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,256 @@
+"""orbax's multi-tier checkpointing protocol: the daemon as the "replicator service".
+
+The client side lives in orbax (``multi_tier_checkpointing/initialization.py``):
+1. it may wait for ``jax-init-info.txt`` (line 1: process id, line 2: coordinator address);
+2. it writes ``replicator.yaml`` atomically and waits for the service to delete it;
+3. it then reads ``replicator.errors`` (logged) and ``replicator.failed`` (raises);
+4. it waits for one ``{job}-s{step}-n{node}-w{worker}.restore`` entry: a symlink to a step
+   directory, which it renames to ``<step>`` and restores, or an empty file with step 0 meaning
+   "no checkpoint, start fresh".
+
+Our side: validate and consume ``replicator.yaml`` (adopting its backup interval), then pick the
+restore step: the newest committed local step, otherwise the newest committed durable step,
+downloaded and verified into ``.tiered/staging``. A local step is moved into staging first, so
+the client's rename of the link to ``<step>`` can never collide with an existing directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tiered import DurableTier, LocalTier, StepInfo, TieredError, stage_step
+from tiered.layout import (
+    JAX_INIT_INFO,
+    REPLICATOR_ERRORS,
+    REPLICATOR_FAILED,
+    REPLICATOR_FILE,
+    RESTORE_SUFFIX,
+    parse_restore,
+    restore_name,
+    staging_path,
+)
+
+log = logging.getLogger(__name__)
+
+_KNOWN_KEYS = {
+    "job-name",
+    "framework",
+    "assume-data-parallelism",
+    "node-rank",
+    "nodes",
+    "peer-ranks",
+    "backup-interval-minutes",
+    "backup-interval-steps",
+}
+
+
+class ReplicatorConfigError(TieredError):
+    """replicator.yaml is unusable; the reason goes to replicator.failed."""
+
+
+@dataclass(frozen=True)
+class ReplicatorConfig:
+    job_name: str
+    node_rank: int
+    nodes: int
+    peer_ranks: tuple[int, ...]
+    backup_interval_minutes: float | None
+    backup_interval_steps: int | None
+    warnings: tuple[str, ...] = ()
+
+
+def _int(data: dict[str, Any], key: str, *, minimum: int) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ReplicatorConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_replicator_yaml(text: str, *, local_period: int) -> ReplicatorConfig:
+    """Validate the client's file. Fatal problems raise; recoverable ones become warnings."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ReplicatorConfigError(f"{REPLICATOR_FILE} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ReplicatorConfigError(f"{REPLICATOR_FILE} must be a mapping, got {data!r}")
+    warnings = [f"unknown key {k!r} ignored" for k in sorted(set(data) - _KNOWN_KEYS, key=str)]
+    job = data.get("job-name")
+    if not isinstance(job, str) or not job.strip() or "/" in job:
+        raise ReplicatorConfigError(f"job-name must be a non-empty name, got {job!r}")
+    nodes = _int(data, "nodes", minimum=1)
+    rank = _int(data, "node-rank", minimum=0)
+    if rank >= nodes:
+        raise ReplicatorConfigError(f"node-rank {rank} must be below nodes {nodes}")
+    peers = data.get("peer-ranks", [])
+    if not isinstance(peers, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 <= p < nodes for p in peers
+    ):
+        raise ReplicatorConfigError(f"peer-ranks must be a list of ranks below {nodes}: {peers!r}")
+    framework = data.get("framework", "orbax")
+    if framework != "orbax":
+        raise ReplicatorConfigError(f"framework {framework!r} is not supported (only orbax)")
+    minutes = data.get("backup-interval-minutes")
+    steps = data.get("backup-interval-steps")
+    if (minutes is None) == (steps is None):
+        raise ReplicatorConfigError(
+            "exactly one of backup-interval-minutes or backup-interval-steps must be set"
+        )
+    if minutes is not None and (
+        isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0
+    ):
+        raise ReplicatorConfigError(f"backup-interval-minutes must be > 0, got {minutes!r}")
+    if steps is not None:
+        steps = _int(data, "backup-interval-steps", minimum=1)
+        if steps % local_period:
+            warnings.append(
+                f"backup-interval-steps {steps} is not a multiple of local_checkpoint_period "
+                f"{local_period}: only steps saved locally can be backed up"
+            )
+    if nodes > 1:
+        warnings.append(
+            f"nodes={nodes}: this daemon uploads node {rank}'s files; run one daemon per node"
+        )
+    return ReplicatorConfig(
+        job_name=job.strip(),
+        node_rank=rank,
+        nodes=nodes,
+        peer_ranks=tuple(peers),
+        backup_interval_minutes=float(minutes) if minutes is not None else None,
+        backup_interval_steps=steps,
+        warnings=tuple(warnings),
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tiered-tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+class MtcProtocol:
+    """The service side of the replicator protocol, driven by the daemon's loop."""
+
+    def __init__(
+        self,
+        local: LocalTier,
+        durable: DurableTier,
+        *,
+        local_period: int,
+        jax_init_info: tuple[int, str] | None,
+    ) -> None:
+        self.local = local
+        self.durable = durable
+        self.local_period = local_period
+        self.jax_init_info = jax_init_info
+        self.active: ReplicatorConfig | None = None
+        self.pending_restore: ReplicatorConfig | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.local.root
+
+    def start(self) -> None:
+        if self.jax_init_info is not None:
+            pid, coordinator = self.jax_init_info
+            _write_atomic(self.root / JAX_INIT_INFO, f"{pid}\n{coordinator}\n")
+            log.info("Wrote %s (process %d, coordinator %s)", JAX_INIT_INFO, pid, coordinator)
+
+    def consume(self) -> ReplicatorConfig | None:
+        """Validate and delete a new ``replicator.yaml``; return it when it is usable."""
+        path = self.root / REPLICATOR_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            cfg = parse_replicator_yaml(text, local_period=self.local_period)
+        except ReplicatorConfigError as err:
+            log.error("Rejected %s: %s", REPLICATOR_FILE, err)
+            _write_atomic(self.root / REPLICATOR_FAILED, f"tiered: {err}\n")
+            path.unlink(missing_ok=True)
+            return None
+        if cfg.warnings:
+            _write_atomic(
+                self.root / REPLICATOR_ERRORS, "".join(f"tiered: {w}\n" for w in cfg.warnings)
+            )
+            for w in cfg.warnings:
+                log.warning("%s: %s", REPLICATOR_FILE, w)
+        path.unlink(missing_ok=True)
+        interval = (
+            f"every {cfg.backup_interval_steps} steps"
+            if cfg.backup_interval_steps
+            else f"every {cfg.backup_interval_minutes:g} minutes"
+        )
+        log.info(
+            "Accepted %s for job %s (node %d of %d): durable backups %s",
+            REPLICATOR_FILE, cfg.job_name, cfg.node_rank, cfg.nodes, interval,
+        )
+        self.active = cfg
+        self.pending_restore = cfg
+        return cfg
+
+    def fail(self, reason: str) -> None:
+        """Report a fatal problem to the client (which raises with this text)."""
+        _write_atomic(self.root / REPLICATOR_FAILED, f"tiered: {reason}\n")
+
+    def choose_restore(self, rows: list[StepInfo]) -> tuple[int, str] | None:
+        """(step, "local" | "durable") to restore, or None when there is no checkpoint."""
+        local = [r.step for r in rows if r.local]
+        if local:
+            return max(local), "local"
+        durable = [r.step for r in rows if r.durable]
+        return (max(durable), "durable") if durable else None
+
+    def expose_restore(self, rows: list[StepInfo]) -> int:
+        """Answer the pending restore request; return the step offered (0 for none)."""
+        cfg = self.pending_restore
+        assert cfg is not None
+        for entry in self.root.iterdir():
+            if entry.name.endswith(RESTORE_SUFFIX) and parse_restore(entry.name) is not None:
+                entry.unlink()
+        choice = self.choose_restore(rows)
+        if choice is None:
+            marker = self.root / restore_name(cfg.job_name, 0, node=cfg.node_rank)
+            marker.touch(mode=0o644)
+            log.info("No checkpoint on either tier: told the client to start fresh (%s)",
+                     marker.name)
+            self.pending_restore = None
+            return 0
+        step, source = choice
+        staged_rel = staging_path(step)
+        staged = self.root / staged_rel
+        if source == "local":
+            self._stage_local(step, staged)
+        else:
+            stage_step(self.local, self.durable, step)
+        link = self.root / restore_name(cfg.job_name, step, node=cfg.node_rank)
+        os.symlink(staged_rel, link)
+        log.info("Offered step %d (from the %s tier) to the client as %s", step, source, link.name)
+        self.pending_restore = None
+        return step
+
+    def _stage_local(self, step: int, staged: Path) -> None:
+        current = self.local.step_dir(step)
+        if current.is_symlink():
+            # Already staged by an earlier restore: offer the same target, drop the old link.
+            target = current.resolve()
+            current.unlink()
+            if target != staged.resolve():
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(target, staged)
+            return
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        if staged.exists():
+            # A leftover from an interrupted restore: not a checkpoint anyone points to.
+            shutil.rmtree(staged)
+        os.replace(current, staged)

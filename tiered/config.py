@@ -1,0 +1,321 @@
+"""Configuration: one YAML file read by both the trainer and the daemon.
+
+Top-level keys carry MaxText's names and meanings, so a MaxText config file works as is; every
+other top-level key is ignored (a MaxText file has hundreds). Our own settings live under a
+``tiered:`` section, where an unknown key is an error that suggests the nearest valid one.
+
+``TIERED_<KEY>`` environment variables override file values (``TIERED_CHECKPOINT_PERIOD=100``,
+``TIERED_LOCAL_MAX_TO_KEEP=3``); values are parsed as YAML scalars.
+
+Every error is a ``ConfigError`` whose message names the offending key. This module reads the
+file and the environment mapping it is given, and does no other I/O.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tiered.errors import ConfigError
+
+ENV_PREFIX = "TIERED_"
+
+# fsspec protocols and the package that implements each, for the "unsupported scheme" message.
+_PROTOCOL_PACKAGES = {
+    "file": "fsspec",
+    "local": "fsspec",
+    "memory": "fsspec",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "hdfs": "pyarrow",
+    "sftp": "paramiko",
+}
+
+
+class TieredSettings(BaseModel):
+    """The ``tiered:`` section: settings MaxText has no name for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local_max_to_keep: int = Field(2, ge=1)
+    keep_period: int | None = Field(None, gt=0)
+    status_address: str = "127.0.0.1:8477"
+    upload_concurrency: int = Field(8, ge=1, le=256)
+    download_concurrency: int = Field(8, ge=1, le=256)
+    min_free_local_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    shutdown_grace_seconds: float = Field(120.0, gt=0)
+    rescan_seconds: float = Field(30.0, gt=0)
+    prune_interval_seconds: float = Field(60.0, gt=0)
+    backlog: Literal["all", "newest"] = "all"
+    retry_initial_seconds: float = Field(1.0, gt=0)
+    retry_max_seconds: float = Field(60.0, gt=0)
+    retry_attempts: int = Field(6, ge=1)
+    unhealthy_after_seconds: float = Field(900.0, gt=0)
+    upload_bandwidth_mbps: float | None = Field(None, gt=0)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    mtc_protocol: bool | None = None
+    write_jax_init_info: bool = False
+    coordinator_address: str | None = None
+    process_id: int = Field(0, ge=0)
+    node_rank: int = Field(0, ge=0)
+    num_nodes: int = Field(1, ge=1)
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("status_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
+
+
+class TieredConfig(BaseModel):
+    """The whole configuration. Field names are MaxText's."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    run_name: str = ""
+    base_output_directory: str = ""
+    checkpoint_dir: str = ""
+    enable_checkpointing: bool = True
+    async_checkpointing: bool = True
+    checkpoint_period: int = 5000
+    save_checkpoint_on_completion: bool = True
+    enable_multi_tier_checkpointing: bool = False
+    local_checkpoint_directory: str = ""
+    local_checkpoint_period: int = 1000
+    multi_tier_checkpointing_backup_interval_minutes: float | None = None
+    multi_tier_checkpointing_backup_interval_steps: int | None = None
+    max_num_checkpoints_to_keep: int | None = None
+    tiered: TieredSettings = Field(default_factory=TieredSettings)
+
+    # -- derived values -------------------------------------------------------------------------
+
+    @property
+    def local_dir(self) -> Path:
+        return Path(_strip_file_scheme(self.local_checkpoint_directory)).absolute()
+
+    @property
+    def durable_url(self) -> str:
+        """The durable tier's URL, always with a scheme (``file://`` for plain paths)."""
+        raw = self.checkpoint_dir or (
+            f"{self.base_output_directory.rstrip('/')}/{self.run_name}/checkpoints"
+        )
+        return normalize_url(raw)
+
+    @property
+    def durable_period(self) -> int:
+        """Steps that are multiples of this are promoted."""
+        return self.multi_tier_checkpointing_backup_interval_steps or self.checkpoint_period
+
+    @property
+    def backup_interval_seconds(self) -> float | None:
+        minutes = self.multi_tier_checkpointing_backup_interval_minutes
+        return minutes * 60.0 if minutes else None
+
+    @property
+    def speaks_mtc(self) -> bool:
+        """Whether the daemon answers orbax's replicator protocol in the local directory."""
+        if self.tiered.mtc_protocol is not None:
+            return self.tiered.mtc_protocol
+        return self.enable_multi_tier_checkpointing
+
+    def with_durable_period(self, *, steps: int | None, minutes: float | None) -> TieredConfig:
+        """A copy whose backup interval comes from ``replicator.yaml``."""
+        return self.model_copy(
+            update={
+                "multi_tier_checkpointing_backup_interval_steps": steps,
+                "multi_tier_checkpointing_backup_interval_minutes": minutes,
+            }
+        )
+
+
+def normalize_url(raw: str) -> str:
+    """``/a/b`` and ``file:///a/b`` become ``file:///a/b``; ``gs://b/p/`` becomes ``gs://b/p``."""
+    if "://" not in raw:
+        return "file://" + str(Path(raw).absolute())
+    scheme, _, rest = raw.partition("://")
+    if scheme in ("file", "local"):
+        return "file://" + str(Path("/" + rest.lstrip("/")).absolute())
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def _strip_file_scheme(raw: str) -> str:
+    return raw[len("file://") :] if raw.startswith("file://") else raw
+
+
+def installed_protocols() -> list[str]:
+    """fsspec protocols whose implementing package is importable here."""
+    return sorted(
+        proto
+        for proto, package in _PROTOCOL_PACKAGES.items()
+        if importlib.util.find_spec(package) is not None
+    )
+
+
+def _check_consistency(cfg: TieredConfig) -> None:
+    """Cross-field rules. Each failure names the key to change."""
+    if not cfg.local_checkpoint_directory:
+        raise ConfigError(
+            "local_checkpoint_directory is not set: tiered needs a node-local directory "
+            "(SSD or RAM disk) for the fast tier"
+        )
+    local_scheme = cfg.local_checkpoint_directory.partition("://")[0]
+    if "://" in cfg.local_checkpoint_directory and local_scheme != "file":
+        raise ConfigError(
+            f"local_checkpoint_directory must be a local path, got "
+            f"{cfg.local_checkpoint_directory!r}"
+        )
+    if not cfg.checkpoint_dir and not (cfg.base_output_directory and cfg.run_name):
+        raise ConfigError(
+            "checkpoint_dir is not set, and it cannot be derived: set checkpoint_dir, or both "
+            "base_output_directory and run_name"
+        )
+    for key in ("checkpoint_period", "local_checkpoint_period"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be a positive number of steps, got {getattr(cfg, key)}")
+    steps = cfg.multi_tier_checkpointing_backup_interval_steps
+    minutes = cfg.multi_tier_checkpointing_backup_interval_minutes
+    if steps is not None and steps < 0:
+        raise ConfigError(
+            f"multi_tier_checkpointing_backup_interval_steps must be positive, got {steps}"
+        )
+    if minutes is not None and minutes < 0:
+        raise ConfigError(
+            f"multi_tier_checkpointing_backup_interval_minutes must be positive, got {minutes}"
+        )
+    if steps and minutes:
+        raise ConfigError(
+            "multi_tier_checkpointing_backup_interval_steps and "
+            "multi_tier_checkpointing_backup_interval_minutes are both set: choose one"
+        )
+    period_key = "multi_tier_checkpointing_backup_interval_steps" if steps else "checkpoint_period"
+    if cfg.durable_period % cfg.local_checkpoint_period:
+        raise ConfigError(
+            f"{period_key} ({cfg.durable_period}) is not a multiple of local_checkpoint_period "
+            f"({cfg.local_checkpoint_period}): the steps it names would never exist locally"
+        )
+    keep_period = cfg.tiered.keep_period
+    if keep_period is not None and keep_period % cfg.durable_period:
+        raise ConfigError(
+            f"tiered.keep_period ({keep_period}) is not a multiple of {period_key} "
+            f"({cfg.durable_period}): the steps it keeps would never be durable"
+        )
+    keep = cfg.max_num_checkpoints_to_keep
+    if keep is not None and keep < 1:
+        raise ConfigError(f"max_num_checkpoints_to_keep must be at least 1 or null, got {keep}")
+    if cfg.tiered.node_rank >= cfg.tiered.num_nodes:
+        raise ConfigError(
+            f"tiered.node_rank ({cfg.tiered.node_rank}) must be below tiered.num_nodes "
+            f"({cfg.tiered.num_nodes})"
+        )
+    scheme = cfg.durable_url.partition("://")[0]
+    installed = installed_protocols()
+    if scheme not in installed:
+        hint = _PROTOCOL_PACKAGES.get(scheme)
+        extra = f" (install {hint})" if hint else ""
+        raise ConfigError(
+            f"checkpoint_dir {cfg.durable_url!r}: unsupported URL scheme {scheme + '://'!r}"
+            f"{extra}; installed fsspec protocols: {', '.join(installed)}"
+        )
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _parse_env_value(value: str) -> Any:
+    try:
+        return yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        return value
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    top_keys = set(TieredConfig.model_fields) - {"tiered"}
+    section_keys = set(TieredSettings.model_fields)
+    section = dict(raw.get("tiered") or {})
+    out = dict(raw)
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in top_keys:
+            out[key] = _parse_env_value(value)
+        elif key in section_keys:
+            section[key] = _parse_env_value(value)
+    if section:
+        out["tiered"] = section
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    return f"{key}: {first['msg']} (got {first.get('input')!r})"
+
+
+def config_from_mapping(
+    raw: Mapping[str, Any], *, env: Mapping[str, str] | None = None, source: str = "config"
+) -> TieredConfig:
+    """Validate a mapping (a parsed YAML file) plus environment overrides."""
+    data = dict(raw)
+    section = data.get("tiered")
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{source}: tiered: must be a mapping, got {type(section).__name__}")
+    if isinstance(section, dict):
+        valid = sorted(TieredSettings.model_fields)
+        for key in section:
+            if key not in TieredSettings.model_fields:
+                raise ConfigError(f"{source}: unknown key tiered.{key}{_nearest(str(key), valid)}")
+    data = _apply_env(data, env if env is not None else {})
+    known = {k: v for k, v in data.items() if k in TieredConfig.model_fields}
+    try:
+        cfg = TieredConfig.model_validate(known)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_validation_error(err)}") from None
+    try:
+        _check_consistency(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> TieredConfig:
+    """Read and validate a YAML config file. ``env`` defaults to ``os.environ``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}"
+        )
+    return config_from_mapping(raw, env=os.environ if env is None else env, source=str(path))

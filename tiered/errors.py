@@ -1,0 +1,44 @@
+"""The exception tree. Every error tiered raises on purpose is a ``TieredError``.
+
+    TieredError
+    ├── ConfigError        a setting is missing, malformed or inconsistent (names the key)
+    ├── LayoutError        a name or entry on disk is not what the protocol allows
+    ├── ChecksumMismatch   bytes on a tier differ from the step's manifest
+    ├── StorageError       a tier could not be read or written
+    │     .transient = True   worth retrying (timeouts, 5xx, connection resets)
+    │     .transient = False  retrying will not help (auth, missing bucket, full disk)
+    └── CommitError        a step could not be committed or restored as a whole
+
+fsspec, OS and network errors are translated into ``StorageError`` at the storage boundary
+(``tiered.storage``), so callers above it never see backend-specific exception types.
+"""
+
+from __future__ import annotations
+
+
+class TieredError(Exception):
+    """Root of every error tiered raises on purpose."""
+
+
+class ConfigError(TieredError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+class LayoutError(TieredError):
+    """Something on disk does not follow the on-disk protocol."""
+
+
+class ChecksumMismatch(TieredError):
+    """A file's size or crc32c differs from its manifest entry."""
+
+
+class StorageError(TieredError):
+    """A tier could not be read or written."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class CommitError(TieredError):
+    """A step could not be committed, or restored, as a whole."""

@@ -1,0 +1,115 @@
+"""Every name on disk, built and parsed in one place.
+
+Local tier (``<local_checkpoint_directory>``):
+    <step>/                          an orbax step directory, committed once it holds
+                                     commit_success.txt
+    <step>.orbax-checkpoint-tmp*     a save in progress: never read or deleted by tiered
+    .tiered/daemon.lock              flock held by the one daemon of this directory
+    .tiered/status.json              the daemon's live state, for ``tiered status``
+    .tiered/staging/<step>/          a step downloaded (or moved aside) for restore
+    replicator.yaml, replicator.errors, replicator.failed, jax-init-info.txt,
+    {job}-s{step}-n{node}-w{worker}.restore    orbax's multi-tier protocol files
+
+Durable tier (``<checkpoint_dir>``):
+    <step>/...                       the local step's files
+    <step>/tiered-manifest.json      size and crc32c of every file
+    <step>/commit_success.txt        written last; without it the step is a partial upload
+
+A step name is a canonical decimal integer: no sign, no leading zeros, below 2**63. Anything
+else (``-1``, ``00100``, ``../x``) is not a step and is left alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+COMMIT_MARKER = "commit_success.txt"
+MANIFEST_NAME = "tiered-manifest.json"
+ORBAX_TMP_INFIX = ".orbax-checkpoint-tmp"
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+
+TIERED_DIR = ".tiered"
+LOCK_NAME = "daemon.lock"
+STATUS_NAME = "status.json"
+STAGING_DIR = "staging"
+
+REPLICATOR_FILE = "replicator.yaml"
+REPLICATOR_ERRORS = "replicator.errors"
+REPLICATOR_FAILED = "replicator.failed"
+JAX_INIT_INFO = "jax-init-info.txt"
+RESTORE_SUFFIX = ".restore"
+
+MAX_STEP = 2**63 - 1
+
+_STEP_RE = re.compile(r"0|[1-9][0-9]{0,18}")
+_RESTORE_RE = re.compile(
+    r"(?P<job>.+)-s(?P<step>0|[1-9][0-9]{0,18})-n(?P<node>[0-9]+)-w(?P<worker>[0-9]+)\.restore"
+)
+
+
+@dataclass(frozen=True, order=True)
+class StepRef:
+    """A parsed step directory name."""
+
+    step: int
+
+    @property
+    def name(self) -> str:
+        return step_name(self.step)
+
+
+@dataclass(frozen=True)
+class RestoreRef:
+    """A parsed ``{job}-s{step}-n{node}-w{worker}.restore`` entry."""
+
+    job: str
+    step: int
+    node: int
+    worker: int
+
+    @property
+    def name(self) -> str:
+        return restore_name(self.job, self.step, node=self.node, worker=self.worker)
+
+
+def step_name(step: int) -> str:
+    if not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step {step} is outside 0..{MAX_STEP}")
+    return str(step)
+
+
+def parse_step(name: str) -> StepRef | None:
+    """The step a directory name stands for, or None if it is not a canonical step name."""
+    if not _STEP_RE.fullmatch(name):
+        return None
+    step = int(name)
+    return StepRef(step) if step <= MAX_STEP else None
+
+
+def is_tmp_name(name: str) -> bool:
+    """True for orbax's in-progress save directories, which tiered never touches."""
+    return ORBAX_TMP_INFIX in name
+
+
+def restore_name(job: str, step: int, *, node: int, worker: int = 0) -> str:
+    return f"{job}-s{step_name(step)}-n{node}-w{worker}{RESTORE_SUFFIX}"
+
+
+def parse_restore(name: str) -> RestoreRef | None:
+    m = _RESTORE_RE.fullmatch(name)
+    if m is None:
+        return None
+    return RestoreRef(
+        job=m["job"], step=int(m["step"]), node=int(m["node"]), worker=int(m["worker"])
+    )
+
+
+def staging_path(step: int) -> str:
+    """Path of a staged step, relative to the local directory."""
+    return f"{TIERED_DIR}/{STAGING_DIR}/{step_name(step)}"
+
+
+def is_marker_or_manifest(relpath: str) -> bool:
+    """Files the manifest does not list: the top-level commit marker and the manifest itself."""
+    return relpath in (COMMIT_MARKER, MANIFEST_NAME)

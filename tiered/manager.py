@@ -1,0 +1,243 @@
+"""``tiered.CheckpointManager``: the training-side API for any JAX loop.
+
+A thin layer on orbax's ``CheckpointManager`` that writes only to the local tier (the daemon
+owns the durable tier), saves at once after SIGTERM/SIGINT, and restores the newest checkpoint
+across both tiers. This is the only module that imports jax or orbax, and it does so lazily so
+that ``import tiered`` stays light for the daemon.
+
+Each save carries its reason (``periodic``, ``preemption`` or ``final``) in orbax's
+``custom_metadata``, which the daemon reads from ``_CHECKPOINT_METADATA`` without orbax.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tiered.config import TieredConfig, load_config
+from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StorageError
+from tiered.ops import fetch_step
+from tiered.storage import DurableTier, LocalTier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What ``restore`` found: the step, the state, and the tier it came from."""
+
+    step: int
+    state: Any
+    source: str
+
+
+class CheckpointManager:
+    """Save to the local tier, restore from whichever tier has the newest good step.
+
+    Typical loop::
+
+        with tiered.CheckpointManager("configs/demo.yml") as mgr:
+            restored = mgr.restore(state)
+            start = restored.step + 1 if restored else 0
+            for step in range(start, num_steps):
+                state = train_step(state)
+                mgr.save(step, state)
+                if mgr.should_stop():
+                    break
+            else:
+                mgr.save(num_steps - 1, state, final=True)
+    """
+
+    def __init__(
+        self,
+        config: TieredConfig | str | os.PathLike[str],
+        *,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.config = config if isinstance(config, TieredConfig) else load_config(config)
+        cfg = self.config
+        self.local = LocalTier(cfg.local_dir)
+        self.local.ensure()
+        self._durable: DurableTier | None = None
+        self._mgr = ocp.CheckpointManager(
+            str(cfg.local_dir),
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=cfg.local_checkpoint_period,
+                max_to_keep=None,
+                enable_async_checkpointing=cfg.async_checkpointing,
+                create=True,
+                cleanup_tmp_directories=True,
+            ),
+        )
+        self._signal: int | None = None
+        self._stop = False
+        self._previous_handlers: dict[int, Any] = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    # -- signals --
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._signal is not None and signum == signal.SIGINT:
+            # A second Ctrl+C means "now": give the user their KeyboardInterrupt.
+            raise KeyboardInterrupt
+        self._signal = signum
+        log.warning(
+            "Received %s: the next save() writes a preemption checkpoint, then should_stop() "
+            "is True",
+            signal.Signals(signum).name,
+        )
+
+    def request_stop(self) -> None:
+        """Behave as if SIGTERM arrived (for schedulers that warn through other channels)."""
+        self._signal = signal.SIGTERM
+
+    def should_stop(self) -> bool:
+        """True once a preemption checkpoint has been written after SIGTERM/SIGINT."""
+        return self._stop
+
+    # -- saving --
+
+    @property
+    def durable(self) -> DurableTier:
+        if self._durable is None:
+            self._durable = DurableTier(
+                self.config.durable_url,
+                storage_options=self.config.tiered.storage_options,
+                concurrency=self.config.tiered.download_concurrency,
+            )
+        return self._durable
+
+    def save(self, step: int, state: Any, *, force: bool = False, final: bool = False) -> bool:
+        """Save ``state`` locally when due. Returns whether a save was started.
+
+        Periodic saves are asynchronous. A preemption save (after a signal) or a final save
+        waits until the step is committed on disk.
+        """
+        cfg = self.config
+        if not cfg.enable_checkpointing:
+            return False
+        if self._signal is not None and not self._stop:
+            reason = "preemption"
+        elif final:
+            if not cfg.save_checkpoint_on_completion:
+                return False
+            reason = "final"
+        elif force or step % cfg.local_checkpoint_period == 0:
+            reason = "periodic"
+        else:
+            return False
+        blocking = reason != "periodic"
+        if step in self._mgr.all_steps():
+            if blocking:
+                self._mgr.wait_until_finished()
+                self._stop = self._stop or reason == "preemption"
+            return False
+        saved = bool(
+            self._mgr.save(
+                step,
+                args=self._ocp.args.StandardSave(state),
+                force=True,
+                custom_metadata={"tiered": {"reason": reason, "wall_time": time.time()}},
+            )
+        )
+        if blocking:
+            self._mgr.wait_until_finished()
+            log.info("Saved %s checkpoint at step %d to %s", reason, step, cfg.local_dir)
+        if reason == "preemption":
+            self._stop = True
+        return saved
+
+    def wait_until_finished(self) -> None:
+        self._mgr.wait_until_finished()
+
+    # -- restoring --
+
+    def latest_step(self) -> int | None:
+        """The newest committed step on either tier (what ``restore`` would try first)."""
+        steps = self._candidates()
+        return max(steps) if steps else None
+
+    def _durable_steps(self) -> list[int]:
+        try:
+            return self.durable.committed_steps()
+        except StorageError as err:
+            log.warning("Durable tier %s unreadable, using local steps only: %s",
+                        self.config.durable_url, err)
+            return []
+
+    def _candidates(self) -> dict[int, str]:
+        """step -> preferred source, preferring local when both tiers hold a step."""
+        out = {step: "durable" for step in self._durable_steps()}
+        out.update({step: "local" for step in self.local.committed_steps()})
+        return out
+
+    def restore(self, target: Any = None, *, step: int | None = None) -> Restored | None:
+        """Restore the newest good checkpoint across both tiers (or exactly ``step``).
+
+        A durable-only step is downloaded into the local tier and verified against its manifest
+        first. A step that fails to verify or load is skipped with a warning, and the next
+        older one is tried. Returns None when there is no checkpoint anywhere.
+        """
+        self._mgr.wait_until_finished()
+        candidates = self._candidates()
+        order = [step] if step is not None else sorted(candidates, reverse=True)
+        if step is not None and step not in candidates:
+            raise CommitError(f"step {step} is committed on neither tier")
+        for s in order:
+            source = candidates[s]
+            try:
+                if source == "durable":
+                    self.fetch(s)
+                state = self._load(s, target)
+            except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
+                log.warning("Step %d from the %s tier failed verification: %s; falling back to "
+                            "an older step", s, source, err)
+                continue
+            except Exception as err:  # orbax raises many types for unreadable data
+                log.warning("Step %d from the %s tier failed to load: %s: %s; falling back to "
+                            "an older step", s, source, type(err).__name__, err)
+                continue
+            log.info("Restored step %d from the %s tier", s, source)
+            return Restored(step=s, state=state, source=source)
+        if order:
+            log.warning("No checkpoint could be restored (tried steps %s)", order)
+        return None
+
+    def fetch(self, step: int, *, progress: Any = None) -> Path:
+        """Download a durable step into the local tier, verified, and return its directory."""
+        return fetch_step(self.local, self.durable, step, progress=progress)
+
+    def _load(self, step: int, target: Any) -> Any:
+        self._mgr.reload()
+        args = self._ocp.args.StandardRestore(target) if target is not None else None
+        if args is None:
+            return self._mgr.restore(step)
+        return self._mgr.restore(step, args=args)
+
+    # -- lifecycle --
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,180 @@
+"""Per-step manifests: relative path, size and crc32c of every file of a step.
+
+A manifest is built from a committed local step and written to the durable tier before the
+commit marker, so a committed durable step can always be checked byte for byte. The top-level
+commit marker and the manifest itself are not listed (see ``layout.is_marker_or_manifest``).
+
+Building a manifest refuses anything that could leak data from outside the step: a symlink that
+resolves outside the step directory, a device, a socket or a FIFO.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import google_crc32c
+
+from tiered.errors import ChecksumMismatch, LayoutError
+from tiered.layout import COMMIT_MARKER, is_marker_or_manifest
+
+MANIFEST_VERSION = 1
+_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    crc32c: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    reason: str = "unknown"
+    commit_time: float | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.files.values())
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": MANIFEST_VERSION,
+                "step": self.step,
+                "reason": self.reason,
+                "commit_time": self.commit_time,
+                "files": {
+                    p: {"size": e.size, "crc32c": crc32c_b64(e.crc32c)}
+                    for p, e in sorted(self.files.items())
+                },
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            data = json.loads(text)
+            files = {
+                str(p): FileEntry(size=int(e["size"]), crc32c=crc32c_from_b64(e["crc32c"]))
+                for p, e in data["files"].items()
+            }
+            commit_time = data.get("commit_time")
+            manifest = cls(
+                step=int(data["step"]),
+                files=files,
+                reason=str(data.get("reason", "unknown")),
+                commit_time=float(commit_time) if commit_time is not None else None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LayoutError(f"malformed manifest: {err}") from None
+        for rel in files:
+            _check_relpath(rel)
+        return manifest
+
+
+def crc32c_b64(value: int) -> str:
+    """The base64 big-endian form GCS uses for crc32c metadata."""
+    return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
+def crc32c_from_b64(text: str) -> int:
+    raw = base64.b64decode(text)
+    if len(raw) != 4:
+        raise ValueError(f"crc32c {text!r} is not 4 bytes")
+    return int.from_bytes(raw, "big")
+
+
+def crc32c_of_file(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(size, crc32c) of a local file, streamed."""
+    checksum = google_crc32c.Checksum()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            checksum.update(chunk)
+            size += len(chunk)
+    return size, int.from_bytes(checksum.digest(), "big")
+
+
+def crc32c_of_bytes(data: bytes) -> int:
+    return int.from_bytes(google_crc32c.Checksum(data).digest(), "big")
+
+
+def _check_relpath(rel: str) -> None:
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise LayoutError(f"manifest path {rel!r} escapes the step directory")
+
+
+def iter_step_files(step_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(relative path, absolute path) of every regular file of a step, sorted.
+
+    Symlinks are followed only when they stay inside the step directory; anything else that is
+    not a regular file or a directory is refused with a ``LayoutError``.
+    """
+    root = step_dir.resolve()
+    for dirpath, dirnames, filenames in os.walk(step_dir, followlinks=False):
+        dirnames.sort()
+        for name in [*sorted(filenames), *list(dirnames)]:
+            full = Path(dirpath) / name
+            rel = full.relative_to(step_dir).as_posix()
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                target = full.resolve()
+                if not target.is_relative_to(root):
+                    raise LayoutError(
+                        f"{full}: symlink points outside the step directory (to {target}); "
+                        "refusing to upload it"
+                    )
+                if target.is_dir():
+                    raise LayoutError(
+                        f"{full}: symlink to a directory inside a step is not supported"
+                    )
+                yield rel, full
+            elif name in filenames:
+                if not stat.S_ISREG(st.st_mode):
+                    raise LayoutError(f"{full}: not a regular file; refusing to upload it")
+                yield rel, full
+
+
+def build_manifest(
+    step_dir: Path, *, step: int, reason: str = "unknown", commit_time: float | None = None
+) -> Manifest:
+    """Checksum every file of a committed local step."""
+    if not (step_dir / COMMIT_MARKER).is_file():
+        raise LayoutError(f"{step_dir}: no {COMMIT_MARKER}, so the step is not committed")
+    files: dict[str, FileEntry] = {}
+    for rel, full in iter_step_files(step_dir):
+        if is_marker_or_manifest(rel):
+            continue
+        size, crc = crc32c_of_file(full)
+        files[rel] = FileEntry(size=size, crc32c=crc)
+    return Manifest(step=step, files=files, reason=reason, commit_time=commit_time)
+
+
+def verify_local(step_dir: Path, manifest: Manifest) -> None:
+    """Raise ``ChecksumMismatch`` naming the first file that differs from the manifest."""
+    for rel, entry in sorted(manifest.files.items()):
+        path = step_dir / rel
+        try:
+            size, crc = crc32c_of_file(path)
+        except FileNotFoundError:
+            raise ChecksumMismatch(f"{path}: missing (listed in the manifest)") from None
+        check_entry(str(path), entry, size=size, crc32c=crc)
+
+
+def check_entry(where: str, entry: FileEntry, *, size: int, crc32c: int | None) -> None:
+    if size != entry.size:
+        raise ChecksumMismatch(f"{where}: size {size} != manifest {entry.size}")
+    if crc32c is not None and crc32c != entry.crc32c:
+        raise ChecksumMismatch(
+            f"{where}: crc32c {crc32c_b64(crc32c)} != manifest {crc32c_b64(entry.crc32c)}"
+        )

@@ -1,0 +1,238 @@
+"""The tier status model: one model, three views (CLI table or JSON, HTTP ``/status``, Python).
+
+``build_status`` is pure: inventories of both tiers, the daemon's live state and the clock in,
+a ``TierStatus`` out. ``collect_status`` does the reading: it asks a running daemon first (whose
+answer already holds both tiers and its live state) and otherwise scans the tiers itself.
+
+The JSON form is versioned (``schema``) and documented in ``docs/status.md``; fields are only
+ever added within a schema version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tiered.config import TieredConfig
+from tiered.ops import human_bytes, open_tiers
+from tiered.policy import StepFacts, context_for, due_steps, merge_inventories
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    step: int
+    tiers: list[str]
+    state: str
+    reason: str
+    size_bytes: int | None
+    age_seconds: float | None
+
+
+@dataclass(frozen=True)
+class TierStatus:
+    schema: int
+    generated_at: float
+    run_name: str
+    local_dir: str
+    durable_url: str
+    durable_period: int
+    local_period: int
+    steps: list[StepStatus]
+    latest: dict[str, int | None]
+    daemon: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _step_state(
+    step: int,
+    *,
+    local: bool,
+    durable: bool,
+    partial: bool,
+    due: set[int],
+    live: dict[str, Any],
+) -> str:
+    current = live.get("current_upload") or {}
+    if current.get("step") == step:
+        return "uploading"
+    if str(step) in (live.get("failed") or {}):
+        return "failed"
+    if durable:
+        return "committed"
+    if step in due:
+        return "due"
+    if step in (live.get("skipped") or []):
+        return "skipped"
+    if partial and not local:
+        return "partial"
+    return "local"
+
+
+def build_status(
+    cfg: TieredConfig,
+    *,
+    local: Sequence[StepFacts],
+    durable: Sequence[StepFacts],
+    live: dict[str, Any] | None,
+    now: float,
+) -> TierStatus:
+    live = dict(live or {})
+    rows = merge_inventories(local, durable)
+    ctx = context_for(cfg, now=now)
+    due = set(due_steps(rows, ctx))
+    steps = []
+    for row in rows:
+        tiers = [name for name, on in (("local", row.local), ("durable", row.durable)) if on]
+        steps.append(
+            StepStatus(
+                step=row.step,
+                tiers=tiers,
+                state=_step_state(
+                    row.step,
+                    local=row.local,
+                    durable=row.durable,
+                    partial=row.durable_partial,
+                    due=due,
+                    live=live,
+                ),
+                reason=row.reason,
+                size_bytes=row.local_size if row.local_size is not None else row.durable_size,
+                age_seconds=round(now - row.commit_time, 1) if row.commit_time else None,
+            )
+        )
+    for pruned in live.get("recently_pruned") or []:
+        if not any(s.step == pruned["step"] for s in steps):
+            steps.append(
+                StepStatus(
+                    step=pruned["step"],
+                    tiers=[],
+                    state="pruned",
+                    reason="unknown",
+                    size_bytes=None,
+                    age_seconds=None,
+                )
+            )
+    steps.sort(key=lambda s: s.step)
+    local_steps = [r.step for r in rows if r.local]
+    durable_steps = [r.step for r in rows if r.durable]
+    latest = {
+        "local": max(local_steps, default=None),
+        "durable": max(durable_steps, default=None),
+        "restorable": max([*local_steps, *durable_steps], default=None),
+    }
+    live.setdefault("running", False)
+    live.setdefault("health", "not running")
+    live["backlog"] = sorted(due - {(live.get("current_upload") or {}).get("step")})
+    return TierStatus(
+        schema=SCHEMA_VERSION,
+        generated_at=now,
+        run_name=cfg.run_name,
+        local_dir=str(cfg.local_dir),
+        durable_url=cfg.durable_url,
+        durable_period=cfg.durable_period,
+        local_period=cfg.local_checkpoint_period,
+        steps=steps,
+        latest=latest,
+        daemon=live,
+    )
+
+
+def status_from_dict(data: dict[str, Any]) -> TierStatus:
+    return TierStatus(
+        **{k: v for k, v in data.items() if k != "steps"},
+        steps=[StepStatus(**s) for s in data["steps"]],
+    )
+
+
+def query_daemon(address: str, *, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The daemon's ``/status`` JSON, or None when no daemon answers at ``address``."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/status", timeout=timeout) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def collect_status(cfg: TieredConfig, *, ask_daemon: bool = True) -> TierStatus:
+    """Status as ``tiered status`` shows it: from the daemon when it answers, else the tiers."""
+    if ask_daemon:
+        answer = query_daemon(cfg.tiered.status_address)
+        if answer is not None and answer.get("local_dir") == str(cfg.local_dir):
+            return status_from_dict(answer)
+    local, durable = open_tiers(cfg)
+    return build_status(
+        cfg,
+        local=local.scan(with_size=True),
+        durable=durable.scan(),
+        live=None,
+        now=time.time(),
+    )
+
+
+def _human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render_table(status: TierStatus) -> str:
+    """The human view of ``tiered status``."""
+    d = status.daemon
+    lines = [
+        f"run      {status.run_name or '-'}",
+        f"local    {status.local_dir}  (every {status.local_period} steps)",
+        f"durable  {status.durable_url}  (every {status.durable_period} steps)",
+    ]
+    daemon_line = f"daemon   {d.get('health', 'not running')}"
+    if d.get("running"):
+        daemon_line += f"  pid {d.get('pid')}  backlog {len(d.get('backlog') or [])}"
+        if d.get("throughput_mb_s"):
+            daemon_line += f"  last upload {d['throughput_mb_s']:.0f} MB/s"
+    lines.append(daemon_line)
+    current = d.get("current_upload")
+    if current:
+        lines.append(
+            f"uploading step {current['step']}: "
+            f"{human_bytes(current.get('bytes_done'))} of {human_bytes(current.get('bytes_total'))}"
+            f" for {current.get('elapsed_seconds', 0):.0f}s"
+        )
+    if d.get("last_error"):
+        lines.append(f"last error: {d['last_error']}")
+    if d.get("disk_pressure"):
+        lines.append("local disk pressure: keeping only the newest and pinned steps")
+    lines.append("")
+    lines.append(f"{'STEP':>10}  {'LOCAL':<5}  {'DURABLE':<7}  {'STATE':<10}  {'SIZE':>9}  "
+                 f"{'AGE':>6}  REASON")
+    for s in status.steps:
+        lines.append(
+            f"{s.step:>10}  {'yes' if 'local' in s.tiers else '-':<5}  "
+            f"{'yes' if 'durable' in s.tiers else '-':<7}  {s.state:<10}  "
+            f"{human_bytes(s.size_bytes):>9}  {_human_age(s.age_seconds):>6}  {s.reason}"
+        )
+    if not status.steps:
+        lines.append(f"{'(no checkpoints yet)':>22}")
+    latest = status.latest
+    lines.append("")
+    lines.append(
+        f"latest: local {latest['local'] if latest['local'] is not None else '-'}, "
+        f"durable {latest['durable'] if latest['durable'] is not None else '-'}, "
+        f"restore would use {latest['restorable'] if latest['restorable'] is not None else '-'}"
+    )
+    return "\n".join(lines)

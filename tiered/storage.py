@@ -1,0 +1,575 @@
+"""The two tiers as storage: list steps, move one step between tiers, delete one step.
+
+Commit ordering, stated once: a step is written data first, then ``tiered-manifest.json``, then
+``commit_success.txt``; it is deleted in the reverse order (marker first), so a half-written or
+half-deleted step is never mistaken for a checkpoint. Object stores have no atomic rename, which
+is why the durable tier uses a marker file; the local tier gets the same marker from orbax,
+which renames its tmp directory into place.
+
+fsspec, OS and network errors are translated into ``StorageError`` here, at the boundary. Two
+fsspec traps are avoided on purpose: ``exists()`` swallows every error (an auth failure would read
+as "not there"), so we call ``info()`` and let real errors through; and ``mv`` is copy-then-delete,
+so nothing here relies on it being atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from tiered.config import normalize_url
+from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StorageError
+from tiered.layout import (
+    CHECKPOINT_METADATA,
+    COMMIT_MARKER,
+    MANIFEST_NAME,
+    STAGING_DIR,
+    TIERED_DIR,
+    is_tmp_name,
+    parse_step,
+    step_name,
+)
+from tiered.manifest import (
+    FileEntry,
+    Manifest,
+    build_manifest,
+    check_entry,
+    crc32c_from_b64,
+    crc32c_of_bytes,
+    crc32c_of_file,
+)
+from tiered.policy import StepFacts
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes total) as a transfer proceeds."""
+
+REASONS = ("periodic", "preemption", "final")
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    step: int
+    bytes_total: int
+    bytes_moved: int
+    files_total: int
+    files_skipped: int
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_moved / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- error translation --------------------------------------------------------------------------
+
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+
+
+def _is_transient(err: BaseException) -> bool:
+    code = getattr(err, "code", None) or getattr(err, "status", None)
+    if isinstance(code, int):
+        return code in _TRANSIENT_HTTP
+    if isinstance(err, PermissionError | FileNotFoundError | NotADirectoryError):
+        return False
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return False
+    return isinstance(err, OSError | TimeoutError | ConnectionError) or type(
+        err
+    ).__module__.startswith(("aiohttp", "botocore", "urllib3", "requests"))
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "no space left on device"
+    text = str(err) or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn backend errors into ``StorageError``; tiered's own errors pass through."""
+    try:
+        yield
+    except (StorageError, ChecksumMismatch, LayoutError, CommitError):
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        if isinstance(err, ValueError | TypeError | KeyError | AttributeError | AssertionError):
+            raise
+        raise StorageError(f"{what}: {_describe(err)}", transient=_is_transient(err)) from err
+
+
+# -- local tier ----------------------------------------------------------------------------------
+
+
+def read_step_metadata(step_dir: Path) -> tuple[str, float | None]:
+    """(reason, commit time) from orbax's ``_CHECKPOINT_METADATA``, without importing orbax."""
+    try:
+        data = json.loads((step_dir / CHECKPOINT_METADATA).read_text())
+    except (OSError, ValueError):
+        return "unknown", None
+    custom = data.get("custom_metadata") or {}
+    tiered_meta = custom.get("tiered") if isinstance(custom, dict) else None
+    reason = "unknown"
+    if isinstance(tiered_meta, dict) and tiered_meta.get("reason") in REASONS:
+        reason = tiered_meta["reason"]
+    nsecs = data.get("commit_timestamp_nsecs")
+    return reason, (nsecs / 1e9 if isinstance(nsecs, int | float) else None)
+
+
+class LocalTier:
+    """The node-local step directories, read with plain OS calls.
+
+    A committed step is ``<root>/<step>`` holding ``commit_success.txt``. It may be a symlink into
+    ``.tiered/staging`` (a step restored through orbax's multi-tier protocol).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._size_cache: dict[tuple[int, int], int] = {}
+
+    @property
+    def tiered_dir(self) -> Path:
+        return self.root / TIERED_DIR
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.tiered_dir / STAGING_DIR
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / step_name(step)
+
+    def ensure(self) -> None:
+        with translate_errors(f"creating {self.root}"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.tiered_dir.mkdir(mode=0o755, exist_ok=True)
+
+    def scan(self, *, with_size: bool = False) -> list[StepFacts]:
+        """Every step directory (committed or not), oldest first. Tmp saves are skipped."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        facts = []
+        for entry in entries:
+            if is_tmp_name(entry.name):
+                continue
+            ref = parse_step(entry.name)
+            if ref is None:
+                continue
+            path = Path(entry.path)
+            is_link = entry.is_symlink()
+            if not path.is_dir():
+                continue
+            marker = path / COMMIT_MARKER
+            try:
+                marker_stat = marker.stat()
+            except OSError:
+                facts.append(StepFacts(step=ref.step, committed=False, is_link=is_link))
+                continue
+            reason, commit_time = read_step_metadata(path)
+            size = self._size(path, marker_stat) if with_size else None
+            facts.append(
+                StepFacts(
+                    step=ref.step,
+                    committed=True,
+                    reason=reason,
+                    commit_time=commit_time if commit_time is not None else marker_stat.st_mtime,
+                    size=size,
+                    is_link=is_link,
+                )
+            )
+        return sorted(facts, key=lambda f: f.step)
+
+    def committed_steps(self) -> list[int]:
+        return [f.step for f in self.scan() if f.committed]
+
+    def _size(self, path: Path, marker_stat: os.stat_result) -> int:
+        key = (marker_stat.st_ino, marker_stat.st_mtime_ns)
+        if key not in self._size_cache:
+            total = 0
+            for dirpath, _dirs, files in os.walk(path):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(dirpath, name)).st_size
+            self._size_cache[key] = total
+        return self._size_cache[key]
+
+    def delete_step(self, step: int) -> None:
+        """Marker first, then the rest. A symlinked step loses its link and its staged target."""
+        path = self.step_dir(step)
+        with translate_errors(f"deleting local step {step}"):
+            if path.is_symlink():
+                target = path.resolve()
+                path.unlink()
+                if target.is_relative_to(self.staging_dir.resolve()):
+                    shutil.rmtree(target, ignore_errors=False)
+                return
+            with contextlib.suppress(FileNotFoundError):
+                (path / COMMIT_MARKER).unlink()
+            shutil.rmtree(path)
+
+    def free_fraction(self) -> float:
+        usage = shutil.disk_usage(self.root)
+        return usage.free / usage.total if usage.total else 1.0
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+
+# -- durable tier --------------------------------------------------------------------------------
+
+
+def _entry_crc32c(info: dict[str, Any]) -> int | None:
+    raw = info.get("crc32c")
+    if isinstance(raw, str):
+        with contextlib.suppress(ValueError):
+            return crc32c_from_b64(raw)
+    return None
+
+
+class DurableTier:
+    """The durable tier over any fsspec filesystem (``gs://``, ``s3://``, ``file://``, ...)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        concurrency: int = 8,
+        bandwidth_mbps: float | None = None,
+    ) -> None:
+        self.url = normalize_url(url)
+        self.protocol = self.url.partition("://")[0]
+        with translate_errors(f"opening {self.url}"):
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.concurrency = concurrency
+        self._limiter = _RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None
+        self._manifests: dict[int, Manifest] = {}
+
+    def __repr__(self) -> str:
+        return f"DurableTier({self.url!r})"
+
+    def _path(self, step: int, rel: str | None = None) -> str:
+        base = f"{self.root}/{step_name(step)}"
+        return f"{base}/{rel}" if rel else base
+
+    def step_url(self, step: int) -> str:
+        return f"{self.url}/{step_name(step)}"
+
+    # -- listing --
+
+    def check(self) -> None:
+        """Fail with a precise message when the tier cannot be reached or written."""
+        with translate_errors(f"reaching {self.url}"):
+            if self.protocol == "file":
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+                return
+            self.fs.invalidate_cache()
+            bucket = self.root.split("/", 1)[0]
+            try:
+                self.fs.info(bucket)
+            except FileNotFoundError:
+                raise StorageError(
+                    f"{self.url}: bucket {bucket!r} does not exist or is not visible to these "
+                    "credentials",
+                    transient=False,
+                ) from None
+
+    def _ls_steps(self) -> list[int]:
+        with translate_errors(f"listing {self.url}"):
+            self.fs.invalidate_cache(self.root)
+            try:
+                entries = self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:
+                return []
+        steps = []
+        for entry in entries:
+            ref = parse_step(str(entry).rstrip("/").rsplit("/", 1)[-1])
+            if ref is not None:
+                steps.append(ref.step)
+        return sorted(set(steps))
+
+    def _has_marker(self, step: int) -> bool:
+        with translate_errors(f"reading {self.step_url(step)}"):
+            try:
+                self.fs.info(self._path(step, COMMIT_MARKER))
+                return True
+            except FileNotFoundError:
+                return False
+
+    def scan(self) -> list[StepFacts]:
+        """Every step prefix on the durable tier, committed or partial, oldest first."""
+        facts = []
+        for step in self._ls_steps():
+            if not self._has_marker(step):
+                self._manifests.pop(step, None)
+                facts.append(StepFacts(step=step, committed=False))
+                continue
+            manifest = self._cached_manifest(step)
+            facts.append(
+                StepFacts(
+                    step=step,
+                    committed=True,
+                    reason=manifest.reason if manifest else "unknown",
+                    commit_time=manifest.commit_time if manifest else None,
+                    size=manifest.total_bytes if manifest else None,
+                )
+            )
+        return facts
+
+    def committed_steps(self) -> list[int]:
+        return [f.step for f in self.scan() if f.committed]
+
+    def _cached_manifest(self, step: int) -> Manifest | None:
+        if step not in self._manifests:
+            try:
+                self._manifests[step] = self.read_manifest(step)
+            except (FileNotFoundError, LayoutError):
+                return None
+        return self._manifests[step]
+
+    def read_manifest(self, step: int) -> Manifest:
+        with translate_errors(f"reading the manifest of {self.step_url(step)}"):
+            data = self.fs.cat_file(self._path(step, MANIFEST_NAME))
+        manifest = Manifest.from_json(data)
+        if manifest.step != step:
+            raise LayoutError(
+                f"{self.step_url(step)}: manifest is for step {manifest.step}, not {step}"
+            )
+        return manifest
+
+    def _remote_files(self, step: int) -> dict[str, dict[str, Any]]:
+        """Relative path -> fsspec info of every object under a step."""
+        prefix = self._path(step)
+        with translate_errors(f"listing {self.step_url(step)}"):
+            self.fs.invalidate_cache(prefix)
+            try:
+                found = self.fs.find(prefix, detail=True)
+            except FileNotFoundError:
+                return {}
+        out = {}
+        for path, info in found.items():
+            path = str(path)
+            if info.get("type") == "directory":
+                continue
+            rel = path[len(prefix) :].lstrip("/")
+            if rel:
+                out[rel] = info
+        return out
+
+    # -- promotion --
+
+    def upload_step(
+        self,
+        step_dir: Path,
+        *,
+        step: int,
+        progress: Progress | None = None,
+        manifest: Manifest | None = None,
+    ) -> TransferResult:
+        """Upload, verify, write the manifest, then the commit marker. Idempotent."""
+        started = time.monotonic()
+        if manifest is None:
+            reason, commit_time = read_step_metadata(step_dir)
+            manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
+        existing = self._remote_files(step)
+        todo = []
+        for rel, entry in sorted(manifest.files.items()):
+            info = existing.get(rel)
+            if info is not None and self._matches(rel, entry, info, step=step):
+                continue
+            todo.append(rel)
+        total = manifest.total_bytes
+        done = total - sum(manifest.files[r].size for r in todo)
+        lock = threading.Lock()
+        if progress:
+            progress(done, total)
+
+        def put(rel: str) -> None:
+            nonlocal done
+            remote = self._path(step, rel)
+            if self._limiter:
+                self._limiter.take(manifest.files[rel].size)
+            with translate_errors(f"uploading {rel} to {self.step_url(step)}"):
+                self.fs.put_file(str(step_dir / rel), remote)
+            with lock:
+                done += manifest.files[rel].size
+                if progress:
+                    progress(done, total)
+
+        self._run_parallel(put, todo)
+        self.verify_step(step, manifest)
+        with translate_errors(f"committing {self.step_url(step)}"):
+            self.fs.pipe_file(self._path(step, MANIFEST_NAME), manifest.to_json().encode())
+            marker = step_dir / COMMIT_MARKER
+            self.fs.pipe_file(self._path(step, COMMIT_MARKER), marker.read_bytes())
+        self._manifests[step] = manifest
+        moved = sum(manifest.files[r].size for r in todo)
+        return TransferResult(
+            step=step,
+            bytes_total=total,
+            bytes_moved=moved,
+            files_total=len(manifest.files),
+            files_skipped=len(manifest.files) - len(todo),
+            seconds=time.monotonic() - started,
+        )
+
+    def _matches(self, rel: str, entry: FileEntry, info: dict[str, Any], *, step: int) -> bool:
+        if info.get("size") != entry.size:
+            return False
+        crc = _entry_crc32c(info)
+        if crc is None:
+            crc = self._read_crc32c(step, rel)
+        return crc == entry.crc32c
+
+    def _read_crc32c(self, step: int, rel: str) -> int:
+        with translate_errors(f"reading back {rel} of {self.step_url(step)}"):
+            return crc32c_of_bytes(self.fs.cat_file(self._path(step, rel)))
+
+    def verify_step(self, step: int, manifest: Manifest | None = None) -> Manifest:
+        """Check every object of a step against its manifest (server-side crc32c when given)."""
+        manifest = manifest or self.read_manifest(step)
+        remote = self._remote_files(step)
+        missing = [rel for rel in manifest.files if rel not in remote]
+        if missing:
+            raise ChecksumMismatch(
+                f"{self.step_url(step)}: {len(missing)} file(s) missing, e.g. {missing[0]}"
+            )
+
+        def check(rel: str) -> None:
+            info = remote[rel]
+            crc = _entry_crc32c(info)
+            if crc is None:
+                crc = self._read_crc32c(step, rel)
+            check_entry(
+                f"{self.step_url(step)}/{rel}",
+                manifest.files[rel],
+                size=int(info.get("size", -1)),
+                crc32c=crc,
+            )
+
+        self._run_parallel(check, sorted(manifest.files))
+        return manifest
+
+    # -- restore --
+
+    def download_step(
+        self, step: int, dest: Path, *, progress: Progress | None = None
+    ) -> TransferResult:
+        """Download a committed step into ``dest`` (which must not exist), verifying each file.
+
+        Files land in ``dest`` + ``.partial`` first; the directory is renamed into place only
+        once every file matches the manifest, so ``dest`` is either whole or absent.
+        """
+        started = time.monotonic()
+        if not self._has_marker(step):
+            raise CommitError(f"{self.step_url(step)} is not committed")
+        manifest = self.read_manifest(step)
+        partial = dest.with_name(dest.name + ".partial")
+        with translate_errors(f"preparing {partial}"):
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        total = manifest.total_bytes
+        done = 0
+        lock = threading.Lock()
+
+        def get(rel: str) -> None:
+            nonlocal done
+            local = partial / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with translate_errors(f"downloading {rel} of {self.step_url(step)}"):
+                self.fs.get_file(self._path(step, rel), str(local))
+            size, crc = crc32c_of_file(local)
+            check_entry(f"{self.step_url(step)}/{rel}", manifest.files[rel], size=size, crc32c=crc)
+            with lock:
+                done += size
+                if progress:
+                    progress(done, total)
+
+        try:
+            self._run_parallel(get, sorted(manifest.files), workers=self.concurrency)
+            with translate_errors(f"downloading the commit marker of {self.step_url(step)}"):
+                self.fs.get_file(self._path(step, COMMIT_MARKER), str(partial / COMMIT_MARKER))
+            with translate_errors(f"moving {partial} into place"):
+                os.replace(partial, dest)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return TransferResult(
+            step=step,
+            bytes_total=total,
+            bytes_moved=total,
+            files_total=len(manifest.files),
+            files_skipped=0,
+            seconds=time.monotonic() - started,
+        )
+
+    # -- deletion --
+
+    def delete_step(self, step: int) -> None:
+        """Marker first, then the manifest, then the data."""
+        self._manifests.pop(step, None)
+        for rel in (COMMIT_MARKER, MANIFEST_NAME):
+            with translate_errors(f"deleting {rel} of {self.step_url(step)}"):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self._path(step, rel))
+        with translate_errors(f"deleting {self.step_url(step)}"):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._path(step), recursive=True)
+            self.fs.invalidate_cache(self.root)
+
+    def _run_parallel(
+        self, fn: Callable[[str], None], items: list[str], *, workers: int | None = None
+    ) -> None:
+        if not items:
+            return
+        n = min(workers or self.concurrency, len(items))
+        if n == 1:
+            for item in items:
+                fn(item)
+            return
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="tiered-io") as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            errors = [f.exception() for f in futures]
+        for err in errors:
+            if err is not None:
+                raise err
+
+
+class _RateLimiter:
+    """A token bucket shared by the upload threads (bytes per second)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self, amount: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            self.tokens -= amount
+            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
