@@ -257,8 +257,11 @@ class DurableTier:
     ) -> None:
         self.url = normalize_url(url)
         self.protocol = self.url.partition("://")[0]
+        options = dict(storage_options or {})
+        if self.protocol == "file":
+            options.setdefault("auto_mkdir", True)
         with translate_errors(f"opening {self.url}"):
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         self.root = self.root.rstrip("/")
         self.concurrency = concurrency
         self._limiter = _RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None

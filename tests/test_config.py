@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiered import ConfigError, config_from_mapping, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {
+    "run_name": "r",
+    "base_output_directory": "gs://bucket/runs",
+    "local_checkpoint_directory": "/tmp/local",
+}
+
+
+def cfg(env: dict[str, str] | None = None, **over: object):
+    return config_from_mapping({**BASE, **over}, env=env or {})
+
+
+def test_defaults_follow_maxtext_and_design() -> None:
+    c = cfg()
+    assert c.durable_url == "gs://bucket/runs/r/checkpoints"
+    assert c.checkpoint_period == 5000 and c.local_checkpoint_period == 1000
+    assert c.durable_period == 5000
+    assert c.local_dir == Path("/tmp/local")
+
+
+def test_shipped_configs_load() -> None:
+    for name in ("demo.yml", "latency_network.yml", "maxtext_mtc.yml"):
+        load_config(ROOT / "configs" / name, env={})
+    c = load_config(ROOT / "configs" / "latency_network.yml", env={})
+    assert (c.local_checkpoint_period, c.durable_period) == (1000, 5000)
+    assert c.durable_url.startswith("gs://")
+
+
+def test_unknown_top_level_keys_are_ignored() -> None:
+    c = cfg(per_device_batch_size=8, steps=200000, model_name="llama3-8b")
+    assert c.run_name == "r"
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"checkpoint_period": 2500, "local_checkpoint_period": 1000},
+         "checkpoint_period (2500) is not a multiple of local_checkpoint_period (1000)"),
+        ({"checkpoint_period": 0}, "checkpoint_period must be a positive number of steps"),
+        ({"local_checkpoint_period": -5}, "local_checkpoint_period must be a positive"),
+        ({"multi_tier_checkpointing_backup_interval_steps": 3000,
+          "multi_tier_checkpointing_backup_interval_minutes": 30},
+         "both set: choose one"),
+        ({"multi_tier_checkpointing_backup_interval_steps": 1500},
+         "multi_tier_checkpointing_backup_interval_steps (1500) is not a multiple of "
+         "local_checkpoint_period"),
+        ({"local_checkpoint_directory": ""}, "local_checkpoint_directory is not set"),
+        ({"local_checkpoint_directory": "gs://b/x"}, "local_checkpoint_directory must be a local"),
+        ({"checkpoint_dir": "ftpx://host/x"}, "unsupported URL scheme 'ftpx://'"),
+        ({"base_output_directory": "", "checkpoint_dir": ""}, "checkpoint_dir is not set"),
+        ({"max_num_checkpoints_to_keep": 0}, "max_num_checkpoints_to_keep must be at least 1"),
+        ({"tiered": {"keep_period": 7000}}, "tiered.keep_period (7000) is not a multiple"),
+        ({"tiered": {"local_max_to_keep": 0}}, "tiered.local_max_to_keep"),
+        ({"tiered": {"status_address": "nope"}}, "expected HOST:PORT"),
+        ({"checkpoint_period": "often"}, "checkpoint_period"),
+        ({"tiered": ["not", "a", "mapping"]}, "tiered: must be a mapping"),
+    ],
+)
+def test_config_errors_name_the_key(over: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        cfg(**over)
+    assert message in str(info.value)
+
+
+def test_unsupported_scheme_lists_installed_protocols() -> None:
+    with pytest.raises(ConfigError, match=r"installed fsspec protocols: .*file.*gs"):
+        cfg(checkpoint_dir="ftpx://host/x")
+
+
+def test_unknown_tiered_key_suggests_nearest() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key tiered.local_max_to_kep; did you mean "
+                                          r"'local_max_to_keep'\?"):
+        cfg(tiered={"local_max_to_kep": 3})
+
+
+def test_env_overrides_file_values() -> None:
+    c = cfg(env={"TIERED_CHECKPOINT_PERIOD": "10000", "TIERED_LOCAL_MAX_TO_KEEP": "4",
+                 "TIERED_ENABLE_MULTI_TIER_CHECKPOINTING": "true", "OTHER": "x"})
+    assert c.checkpoint_period == 10000
+    assert c.tiered.local_max_to_keep == 4
+    assert c.enable_multi_tier_checkpointing is True
+
+
+def test_env_override_is_validated_too() -> None:
+    with pytest.raises(ConfigError, match="checkpoint_period"):
+        cfg(env={"TIERED_CHECKPOINT_PERIOD": "1500"})
+
+
+def test_backup_interval_steps_is_the_durable_period() -> None:
+    c = cfg(multi_tier_checkpointing_backup_interval_steps=3000)
+    assert c.durable_period == 3000
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yml"
+    p.write_text("run_name: x\ncheckpoint_period: [1, 2\nlocal: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yml: malformed YAML at line \d+"):
+        load_config(p, env={})
+
+
+def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yml", env={})
+    p = tmp_path / "list.yml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(p, env={})
+
+
+def test_plain_paths_become_file_urls(tmp_path: Path) -> None:
+    c = cfg(checkpoint_dir=str(tmp_path / "d"))
+    assert c.durable_url == f"file://{tmp_path}/d"

@@ -1,0 +1,128 @@
+"""The training API with real orbax saves of real JAX arrays on the CPU."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, subprocess_env, write_config
+from helpers import assert_trees_equal, example_state
+from tiered import CheckpointManager, DurableTier, LocalTier, promote_step
+
+
+def advance(state, n: int = 1):
+    """A cheap deterministic change to every leaf, so steps differ."""
+    return jax.tree.map(lambda x: x + n if x.dtype != np.uint32 else x ^ n, state)
+
+
+def test_round_trip_is_bit_exact(durable_url: str, tmp_path: Path) -> None:
+    _, cfg = write_config(tmp_path, durable_url)
+    state = advance(example_state(), 3)
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        assert mgr.save(5, state) is False  # not a multiple of local_checkpoint_period
+        assert mgr.save(10, state) is True
+        mgr.wait_until_finished()
+        restored = mgr.restore(example_state())
+    assert restored is not None and restored.step == 10 and restored.source == "local"
+    assert_trees_equal(restored.state, state)
+    # params, Adam moments, the step counter and the RNG key all came back
+    assert set(restored.state) == {"params", "opt_state", "step", "rng"}
+
+
+def test_fresh_node_restores_newest_durable_step(durable_url: str, tmp_path: Path) -> None:
+    _, cfg = write_config(tmp_path, durable_url)
+    states = {s: advance(example_state(), s) for s in (50, 100)}
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        for step, st in states.items():
+            mgr.save(step, st)
+        mgr.wait_until_finished()
+    local, durable = LocalTier(cfg.local_dir), DurableTier(
+        cfg.durable_url, storage_options=cfg.tiered.storage_options)
+    for step in states:
+        promote_step(local, durable, step)
+    for step in states:
+        local.delete_step(step)  # the node is gone; a new one has an empty SSD
+    assert local.committed_steps() == []
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        restored = mgr.restore(example_state())
+    assert restored is not None and (restored.step, restored.source) == (100, "durable")
+    assert_trees_equal(restored.state, states[100])
+    assert local.committed_steps() == [100]  # fetched into the local tier, verified
+
+
+def test_corrupt_durable_step_falls_back_with_warning(
+    durable_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, cfg = write_config(tmp_path, durable_url)
+    states = {s: advance(example_state(), s) for s in (50, 100)}
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        for step, st in states.items():
+            mgr.save(step, st)
+    local = LocalTier(cfg.local_dir)
+    durable = DurableTier(cfg.durable_url, storage_options=cfg.tiered.storage_options)
+    for step in states:
+        promote_step(local, durable, step)
+        local.delete_step(step)
+    manifest = durable.read_manifest(100)
+    victim = max(manifest.files, key=lambda r: manifest.files[r].size)
+    data = bytearray(durable.fs.cat_file(durable._path(100, victim)))
+    data[-3] ^= 0xFF
+    durable.fs.pipe_file(durable._path(100, victim), bytes(data))
+    with caplog.at_level(logging.WARNING), CheckpointManager(
+        cfg, install_signal_handlers=False
+    ) as mgr:
+        restored = mgr.restore(example_state())
+    assert restored is not None and restored.step == 50
+    assert_trees_equal(restored.state, states[50])
+    assert any("Step 100" in r.message and "falling back" in r.message and victim in r.message
+               for r in caplog.records)
+    assert 100 not in local.committed_steps()  # the bad copy never became a local step
+
+
+def test_no_checkpoint_anywhere_returns_none(tmp_path: Path) -> None:
+    _, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        assert mgr.restore(example_state()) is None
+        assert mgr.latest_step() is None
+
+
+def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable",
+                                    local_checkpoint_period=1000, checkpoint_period=5000)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "train.py"), "--config", str(config_path),
+         "--steps", "100000", "--step-time", "0.01"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=subprocess_env(),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("FRESH")
+    import time
+
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    stopped = [line for line in out.splitlines() if line.startswith("STOPPED")]
+    assert stopped, out
+    stop_step = int(stopped[0].split("=")[1].split()[0])
+    assert 0 < stop_step % 1000  # not a periodic step: saved only because of the signal
+    local = LocalTier(cfg.local_dir)
+    facts = {f.step: f for f in local.scan()}
+    assert facts[stop_step].committed and facts[stop_step].reason == "preemption"
+
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train.py"), "--config", str(config_path),
+         "--steps", str(stop_step + 3)],
+        capture_output=True, text=True, timeout=120, env=subprocess_env(),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"RESUMED step={stop_step} from=local" in resumed.stdout
+    assert f"DONE step={stop_step + 2}" in resumed.stdout
+    assert {f.step: f.reason for f in local.scan()}[stop_step + 2] == "final"

@@ -1,0 +1,115 @@
+"""The durable tier against real backends: a plain directory and the GCS emulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import example_state, orbax_save
+from tiered import ChecksumMismatch, DurableTier, LayoutError, LocalTier, StorageError
+from tiered.layout import COMMIT_MARKER, MANIFEST_NAME
+from tiered.manifest import build_manifest, verify_local
+
+
+def tier(url: str) -> DurableTier:
+    opts = {"token": "anon"} if url.startswith("gs://") else {}
+    return DurableTier(url, storage_options=opts, concurrency=4)
+
+
+@pytest.fixture
+def local_steps(tmp_path: Path) -> LocalTier:
+    state = example_state()
+    for step in (10, 50):
+        orbax_save(tmp_path / "local", step, state, reason="periodic")
+    return LocalTier(tmp_path / "local")
+
+
+def test_upload_commit_download_round_trip(durable_url: str, local_steps: LocalTier,
+                                           tmp_path: Path) -> None:
+    durable = tier(durable_url)
+    durable.check()
+    assert durable.committed_steps() == []
+    result = durable.upload_step(local_steps.step_dir(50), step=50)
+    assert result.files_skipped == 0 and result.bytes_total > 0
+    assert durable.committed_steps() == [50]
+    manifest = durable.verify_step(50)
+    assert manifest.reason == "periodic"
+    assert manifest == build_manifest(local_steps.step_dir(50), step=50, reason="periodic",
+                                      commit_time=manifest.commit_time)
+    dest = tmp_path / "fetched"
+    durable.download_step(50, dest)
+    verify_local(dest, manifest)
+    assert (dest / COMMIT_MARKER).read_bytes() == (local_steps.step_dir(50) / COMMIT_MARKER).read_bytes()
+
+
+def test_reupload_skips_files_already_there(durable_url: str, local_steps: LocalTier) -> None:
+    durable = tier(durable_url)
+    durable.upload_step(local_steps.step_dir(50), step=50)
+    again = durable.upload_step(local_steps.step_dir(50), step=50)
+    assert again.files_skipped == again.files_total and again.bytes_moved == 0
+
+
+def test_partial_upload_is_not_a_checkpoint_and_is_completed(durable_url: str,
+                                                             local_steps: LocalTier) -> None:
+    durable = tier(durable_url)
+    manifest = build_manifest(local_steps.step_dir(50), step=50)
+    first = sorted(manifest.files)[0]
+    durable.fs.put_file(str(local_steps.step_dir(50) / first), durable._path(50, first))
+    facts = durable.scan()
+    assert [(f.step, f.committed) for f in facts] == [(50, False)]
+    assert durable.committed_steps() == []
+    result = durable.upload_step(local_steps.step_dir(50), step=50)
+    assert result.files_skipped == 1
+    assert durable.committed_steps() == [50]
+
+
+def test_corrupt_remote_object_fails_verification(durable_url: str, local_steps: LocalTier) -> None:
+    durable = tier(durable_url)
+    durable.upload_step(local_steps.step_dir(50), step=50)
+    manifest = durable.read_manifest(50)
+    victim = max(manifest.files, key=lambda r: manifest.files[r].size)
+    data = bytearray(durable.fs.cat_file(durable._path(50, victim)))
+    data[len(data) // 2] ^= 0x01
+    durable.fs.pipe_file(durable._path(50, victim), bytes(data))
+    with pytest.raises(ChecksumMismatch, match=victim):
+        durable.verify_step(50)
+
+
+def test_delete_removes_marker_first_then_everything(durable_url: str,
+                                                     local_steps: LocalTier) -> None:
+    durable = tier(durable_url)
+    durable.upload_step(local_steps.step_dir(10), step=10)
+    durable.upload_step(local_steps.step_dir(50), step=50)
+    durable.delete_step(10)
+    assert durable.committed_steps() == [50]
+    assert [f.step for f in durable.scan()] == [50]
+    with pytest.raises(FileNotFoundError):
+        durable.fs.info(durable._path(10, MANIFEST_NAME))
+
+
+def test_symlink_out_of_step_is_refused(tmp_path: Path, local_steps: LocalTier) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    (local_steps.step_dir(50) / "leak").symlink_to(secret)
+    durable = tier(f"file://{tmp_path}/durable")
+    with pytest.raises(LayoutError, match="symlink points outside the step directory"):
+        durable.upload_step(local_steps.step_dir(50), step=50)
+    assert durable.committed_steps() == []
+
+
+def test_missing_bucket_is_a_clear_permanent_error(gcs_emulator: object) -> None:
+    durable = tier("gs://no-such-bucket-tiered/run")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-tiered' does not exist") as info:
+        durable.check()
+    assert info.value.transient is False
+
+
+def test_local_scan_ignores_tmp_and_non_step_names(tmp_path: Path, local_steps: LocalTier) -> None:
+    root = local_steps.root
+    for name in ("60.orbax-checkpoint-tmp-123", "-1", "00100", "../x".replace("/", "_"), "abc"):
+        (root / name).mkdir()
+    (root / "70").mkdir()  # uncommitted: no marker
+    facts = local_steps.scan()
+    assert [(f.step, f.committed) for f in facts] == [(10, True), (50, True), (70, False)]
+    assert local_steps.committed_steps() == [10, 50]
