@@ -193,7 +193,11 @@ class MtcProtocol:
         )
         log.info(
             "Accepted %s for job %s (node %d of %d): durable backups %s",
-            REPLICATOR_FILE, cfg.job_name, cfg.node_rank, cfg.nodes, interval,
+            REPLICATOR_FILE,
+            cfg.job_name,
+            cfg.node_rank,
+            cfg.nodes,
+            interval,
         )
         self.active = cfg
         self.pending_restore = cfg
@@ -222,8 +226,9 @@ class MtcProtocol:
         if choice is None:
             marker = self.root / restore_name(cfg.job_name, 0, node=cfg.node_rank)
             marker.touch(mode=0o644)
-            log.info("No checkpoint on either tier: told the client to start fresh (%s)",
-                     marker.name)
+            log.info(
+                "No checkpoint on either tier: told the client to start fresh (%s)", marker.name
+            )
             self.pending_restore = None
             return 0
         step, source = choice

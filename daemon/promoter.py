@@ -132,7 +132,11 @@ class Promoter:
             delay = random.uniform(0, min(self.retry_max, self.retry_initial * 2 ** (attempt - 1)))
             log.warning(
                 "Promotion of step %d failed (attempt %d/%d), retrying in %.1f s: %s",
-                step, attempt, self.attempts, delay, error,
+                step,
+                attempt,
+                self.attempts,
+                delay,
+                error,
             )
             if self._abort.wait(delay):
                 break

@@ -60,6 +60,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.lock = DaemonLock(self.local.tiered_dir)
         self.fault = fault_point_from_env()
+        self.durable.fault_hook = self.fault
         self.promoter = Promoter(
             self.local,
             self.durable,
@@ -221,9 +222,12 @@ class Daemon:
         if decided.promote and not self.promoter.busy and not self.stopping.is_set():
             nxt = decided.promote[0]
             if self.promoter.submit(nxt.step):
-                log.info("Promoting step %d (%s)%s", nxt.step, nxt.reason,
-                         f", {len(decided.promote) - 1} more due" if len(decided.promote) > 1
-                         else "")
+                log.info(
+                    "Promoting step %d (%s)%s",
+                    nxt.step,
+                    nxt.reason,
+                    f", {len(decided.promote) - 1} more due" if len(decided.promote) > 1 else "",
+                )
         prune_due = now_mono - self._last_prune >= self.cfg.tiered.prune_interval_seconds
         if decided.delete and (prune_due or pressure or self._prune_requested):
             self._prune(decided)
@@ -265,7 +269,8 @@ class Daemon:
                 log.warning(
                     "Local disk pressure: %.1f%% free, below the %.1f%% floor; keeping only the "
                     "newest and pinned local steps",
-                    free * 100, floor * 100,
+                    free * 100,
+                    floor * 100,
                 )
             else:
                 log.info("Local disk pressure over: %.1f%% free", free * 100)
@@ -322,13 +327,20 @@ class Daemon:
             kind = "permanent" if permanent else "transient"
             self._record_error(kind, f"step {step}: {error}")
             if permanent:
-                log.error("Promotion of step %d failed permanently; its local copy is kept: %s",
-                          step, error)
+                log.error(
+                    "Promotion of step %d failed permanently; its local copy is kept: %s",
+                    step,
+                    error,
+                )
                 with self._state_lock:
                     self._failed[step] = str(error)
             else:
-                log.warning("Promotion of step %d failed, will retry after %.0f s: %s",
-                            step, self.cfg.tiered.retry_max_seconds, error)
+                log.warning(
+                    "Promotion of step %d failed, will retry after %.0f s: %s",
+                    step,
+                    self.cfg.tiered.retry_max_seconds,
+                    error,
+                )
                 self._cooldown[step] = time.monotonic() + self.cfg.tiered.retry_max_seconds
         self.refresh_durable()
         self.wake.set()
@@ -364,7 +376,10 @@ class Daemon:
             self.mtc.start()
         log.info(
             "tiered daemon %d serving %s -> %s (durable every %d steps), status on http://%s",
-            os.getpid(), self.local.root, self.durable.url, self.cfg.durable_period,
+            os.getpid(),
+            self.local.root,
+            self.durable.url,
+            self.cfg.durable_period,
             self.server.address,
         )
 
@@ -404,7 +419,11 @@ class Daemon:
             saving = any(is_tmp_name(p.name) for p in self._safe_listdir())
             rows = self.rows()
             pending = [
-                r.step for r in rows if r.local and not r.durable and r.reason in PRECIOUS_REASONS
+                r.step
+                for r in rows
+                if r.local
+                and not r.durable
+                and r.reason in PRECIOUS_REASONS
                 and r.step not in self._failed
             ]
             if pending:
@@ -425,7 +444,8 @@ class Daemon:
             "Shutdown grace of %.0f s ran out. Left undone: %s%s",
             grace,
             f"upload of step {current.step} ({current.bytes_done}/{current.bytes_total} bytes); "
-            if current else "",
+            if current
+            else "",
             f"preemption/final steps not durable: {left}" if left else "no other steps",
         )
         return 1
@@ -471,8 +491,17 @@ def configure_logging(fmt: str, *, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("urllib3", "botocore", "aiobotocore", "gcsfs", "fsspec", "watchdog",
-                  "google", "asyncio", "s3fs"):
+    for noisy in (
+        "urllib3",
+        "botocore",
+        "aiobotocore",
+        "gcsfs",
+        "fsspec",
+        "watchdog",
+        "google",
+        "asyncio",
+        "s3fs",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -56,8 +56,14 @@ class GcsEmulator:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host=127.0.0.1",
-             f"--port={self.port}", "--in-memory"],
+            [
+                sys.executable,
+                str(ROOT / "tests" / "gcs_emulator.py"),
+                "start",
+                "--host=127.0.0.1",
+                f"--port={self.port}",
+                "--in-memory",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

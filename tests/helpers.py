@@ -32,6 +32,30 @@ def orbax_save(local_dir: Path, step: int, state: Any, *, reason: str = "periodi
         mgr.wait_until_finished()
 
 
+class Trainer:
+    """A long-lived orbax CheckpointManager, as a training loop holds one (its step list is
+    cached, so steps the daemon prunes meanwhile do not disturb it)."""
+
+    def __init__(self, local_dir: Path) -> None:
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.mgr = ocp.CheckpointManager(
+            str(local_dir), options=ocp.CheckpointManagerOptions(create=True)
+        )
+
+    def save(self, step: int, state: Any, *, reason: str = "periodic") -> None:
+        self.mgr.save(
+            step,
+            args=self.ocp.args.StandardSave(state),
+            custom_metadata={"tiered": {"reason": reason}},
+        )
+        self.mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mgr.close()
+
+
 def orbax_restore(directory: str, step: int, target: Any) -> Any:
     import orbax.checkpoint as ocp
 

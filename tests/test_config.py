@@ -42,16 +42,24 @@ def test_unknown_top_level_keys_are_ignored() -> None:
 @pytest.mark.parametrize(
     ("over", "message"),
     [
-        ({"checkpoint_period": 2500, "local_checkpoint_period": 1000},
-         "checkpoint_period (2500) is not a multiple of local_checkpoint_period (1000)"),
+        (
+            {"checkpoint_period": 2500, "local_checkpoint_period": 1000},
+            "checkpoint_period (2500) is not a multiple of local_checkpoint_period (1000)",
+        ),
         ({"checkpoint_period": 0}, "checkpoint_period must be a positive number of steps"),
         ({"local_checkpoint_period": -5}, "local_checkpoint_period must be a positive"),
-        ({"multi_tier_checkpointing_backup_interval_steps": 3000,
-          "multi_tier_checkpointing_backup_interval_minutes": 30},
-         "both set: choose one"),
-        ({"multi_tier_checkpointing_backup_interval_steps": 1500},
-         "multi_tier_checkpointing_backup_interval_steps (1500) is not a multiple of "
-         "local_checkpoint_period"),
+        (
+            {
+                "multi_tier_checkpointing_backup_interval_steps": 3000,
+                "multi_tier_checkpointing_backup_interval_minutes": 30,
+            },
+            "both set: choose one",
+        ),
+        (
+            {"multi_tier_checkpointing_backup_interval_steps": 1500},
+            "multi_tier_checkpointing_backup_interval_steps (1500) is not a multiple of "
+            "local_checkpoint_period",
+        ),
         ({"local_checkpoint_directory": ""}, "local_checkpoint_directory is not set"),
         ({"local_checkpoint_directory": "gs://b/x"}, "local_checkpoint_directory must be a local"),
         ({"checkpoint_dir": "ftpx://host/x"}, "unsupported URL scheme 'ftpx://'"),
@@ -76,14 +84,23 @@ def test_unsupported_scheme_lists_installed_protocols() -> None:
 
 
 def test_unknown_tiered_key_suggests_nearest() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key tiered.local_max_to_kep; did you mean "
-                                          r"'local_max_to_keep'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key tiered.local_max_to_kep; did you mean "
+        r"'local_max_to_keep'\?",
+    ):
         cfg(tiered={"local_max_to_kep": 3})
 
 
 def test_env_overrides_file_values() -> None:
-    c = cfg(env={"TIERED_CHECKPOINT_PERIOD": "10000", "TIERED_LOCAL_MAX_TO_KEEP": "4",
-                 "TIERED_ENABLE_MULTI_TIER_CHECKPOINTING": "true", "OTHER": "x"})
+    c = cfg(
+        env={
+            "TIERED_CHECKPOINT_PERIOD": "10000",
+            "TIERED_LOCAL_MAX_TO_KEEP": "4",
+            "TIERED_ENABLE_MULTI_TIER_CHECKPOINTING": "true",
+            "OTHER": "x",
+        }
+    )
     assert c.checkpoint_period == 10000
     assert c.tiered.local_max_to_keep == 4
     assert c.enable_multi_tier_checkpointing is True

@@ -11,9 +11,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, subprocess_env, write_config
 from helpers import assert_trees_equal, example_state
+
 from tiered import CheckpointManager, DurableTier, LocalTier, promote_step
 
 
@@ -43,8 +43,10 @@ def test_fresh_node_restores_newest_durable_step(durable_url: str, tmp_path: Pat
         for step, st in states.items():
             mgr.save(step, st)
         mgr.wait_until_finished()
-    local, durable = LocalTier(cfg.local_dir), DurableTier(
-        cfg.durable_url, storage_options=cfg.tiered.storage_options)
+    local, durable = (
+        LocalTier(cfg.local_dir),
+        DurableTier(cfg.durable_url, storage_options=cfg.tiered.storage_options),
+    )
     for step in states:
         promote_step(local, durable, step)
     for step in states:
@@ -75,14 +77,17 @@ def test_corrupt_durable_step_falls_back_with_warning(
     data = bytearray(durable.fs.cat_file(durable._path(100, victim)))
     data[-3] ^= 0xFF
     durable.fs.pipe_file(durable._path(100, victim), bytes(data))
-    with caplog.at_level(logging.WARNING), CheckpointManager(
-        cfg, install_signal_handlers=False
-    ) as mgr:
+    with (
+        caplog.at_level(logging.WARNING),
+        CheckpointManager(cfg, install_signal_handlers=False) as mgr,
+    ):
         restored = mgr.restore(example_state())
     assert restored is not None and restored.step == 50
     assert_trees_equal(restored.state, states[50])
-    assert any("Step 100" in r.message and "falling back" in r.message and victim in r.message
-               for r in caplog.records)
+    assert any(
+        "Step 100" in r.message and "falling back" in r.message and victim in r.message
+        for r in caplog.records
+    )
     assert 100 not in local.committed_steps()  # the bad copy never became a local step
 
 
@@ -94,12 +99,24 @@ def test_no_checkpoint_anywhere_returns_none(tmp_path: Path) -> None:
 
 
 def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
-    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable",
-                                    local_checkpoint_period=1000, checkpoint_period=5000)
+    config_path, cfg = write_config(
+        tmp_path, f"file://{tmp_path}/durable", local_checkpoint_period=1000, checkpoint_period=5000
+    )
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "train.py"), "--config", str(config_path),
-         "--steps", "100000", "--step-time", "0.01"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=subprocess_env(),
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train.py"),
+            "--config",
+            str(config_path),
+            "--steps",
+            "100000",
+            "--step-time",
+            "0.01",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=subprocess_env(),
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("FRESH")
@@ -112,15 +129,24 @@ def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
     stopped = [line for line in out.splitlines() if line.startswith("STOPPED")]
     assert stopped, out
     stop_step = int(stopped[0].split("=")[1].split()[0])
-    assert 0 < stop_step % 1000  # not a periodic step: saved only because of the signal
+    assert stop_step % 1000 > 0  # not a periodic step: saved only because of the signal
     local = LocalTier(cfg.local_dir)
     facts = {f.step: f for f in local.scan()}
     assert facts[stop_step].committed and facts[stop_step].reason == "preemption"
 
     resumed = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train.py"), "--config", str(config_path),
-         "--steps", str(stop_step + 3)],
-        capture_output=True, text=True, timeout=120, env=subprocess_env(),
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train.py"),
+            "--config",
+            str(config_path),
+            "--steps",
+            str(stop_step + 3),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"RESUMED step={stop_step} from=local" in resumed.stdout

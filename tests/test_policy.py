@@ -24,8 +24,9 @@ def ctx(**kw: object) -> PolicyContext:
 
 
 def local(*steps: int, reason: str = "periodic", t: float | None = None) -> list[StepInfo]:
-    return [StepInfo(step=s, reason=reason, local=True, commit_time=t if t else float(s))
-            for s in steps]
+    return [
+        StepInfo(step=s, reason=reason, local=True, commit_time=t if t else float(s)) for s in steps
+    ]
 
 
 def deletes(p, tier: str) -> list[int]:
@@ -66,18 +67,26 @@ def test_time_based_promotion_counts_from_the_newest_durable_step() -> None:
         # keep the newest 2; 50 is due (not durable yet) so it is pinned
         (local(10, 20, 30, 40, 50, 60, 70), {}, [10, 20, 30, 40]),
         # once 50 is durable it can go
-        ([*local(10, 20), StepInfo(step=50, local=True, durable=True), *local(60, 70)], {},
-         [10, 20, 50]),
+        (
+            [*local(10, 20), StepInfo(step=50, local=True, durable=True), *local(60, 70)],
+            {},
+            [10, 20, 50],
+        ),
         # in flight and staged steps are pinned too
         (local(10, 20, 30, 40), {"in_flight": frozenset({10}), "staged": frozenset({20})}, []),
         # failed steps keep their local copy
         (local(10, 20, 30, 40), {"failed": frozenset({20})}, [10]),
         # disk pressure: only the newest plus pins
-        ([*local(10, 20, 30, 40, 50), *local(60, 70)], {"disk_pressure": True},
-         [10, 20, 30, 40, 60]),
+        (
+            [*local(10, 20, 30, 40, 50), *local(60, 70)],
+            {"disk_pressure": True},
+            [10, 20, 30, 40, 60],
+        ),
     ],
 )
-def test_local_retention(rows: list[StepInfo], kw: dict[str, object], local_deleted: list[int]) -> None:
+def test_local_retention(
+    rows: list[StepInfo], kw: dict[str, object], local_deleted: list[int]
+) -> None:
     p = plan(rows, ctx(**kw))
     assert deletes(p, "local") == local_deleted
     for d in p.delete:
@@ -89,8 +98,11 @@ def test_local_retention(rows: list[StepInfo], kw: dict[str, object], local_dele
     [
         ([50, 100, 150, 200], {"max_num_checkpoints_to_keep": 2}, [50, 100]),
         ([50, 100, 150, 200], {}, []),
-        ([50, 100, 150, 200, 250], {"max_num_checkpoints_to_keep": 1, "keep_period": 100},
-         [50, 150]),
+        (
+            [50, 100, 150, 200, 250],
+            {"max_num_checkpoints_to_keep": 1, "keep_period": 100},
+            [50, 150],
+        ),
         ([50], {"max_num_checkpoints_to_keep": 1}, []),
     ],
 )
@@ -141,10 +153,14 @@ def test_rules_compose() -> None:
 
 def test_merge_prefers_local_facts_and_keeps_durable_reason() -> None:
     rows = merge_inventories(
-        [StepFacts(step=5, committed=True, reason="unknown", commit_time=3.0),
-         StepFacts(step=7, committed=False)],
-        [StepFacts(step=5, committed=True, reason="preemption", commit_time=2.0),
-         StepFacts(step=9, committed=False)],
+        [
+            StepFacts(step=5, committed=True, reason="unknown", commit_time=3.0),
+            StepFacts(step=7, committed=False),
+        ],
+        [
+            StepFacts(step=5, committed=True, reason="preemption", commit_time=2.0),
+            StepFacts(step=9, committed=False),
+        ],
     )
     assert [(r.step, r.local, r.durable, r.durable_partial, r.reason) for r in rows] == [
         (5, True, True, False, "preemption"),

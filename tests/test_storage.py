@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import example_state, orbax_save
+
 from tiered import ChecksumMismatch, DurableTier, LayoutError, LocalTier, StorageError
 from tiered.layout import COMMIT_MARKER, MANIFEST_NAME
 from tiered.manifest import build_manifest, verify_local
@@ -25,8 +25,9 @@ def local_steps(tmp_path: Path) -> LocalTier:
     return LocalTier(tmp_path / "local")
 
 
-def test_upload_commit_download_round_trip(durable_url: str, local_steps: LocalTier,
-                                           tmp_path: Path) -> None:
+def test_upload_commit_download_round_trip(
+    durable_url: str, local_steps: LocalTier, tmp_path: Path
+) -> None:
     durable = tier(durable_url)
     durable.check()
     assert durable.committed_steps() == []
@@ -35,12 +36,15 @@ def test_upload_commit_download_round_trip(durable_url: str, local_steps: LocalT
     assert durable.committed_steps() == [50]
     manifest = durable.verify_step(50)
     assert manifest.reason == "periodic"
-    assert manifest == build_manifest(local_steps.step_dir(50), step=50, reason="periodic",
-                                      commit_time=manifest.commit_time)
+    assert manifest == build_manifest(
+        local_steps.step_dir(50), step=50, reason="periodic", commit_time=manifest.commit_time
+    )
     dest = tmp_path / "fetched"
     durable.download_step(50, dest)
     verify_local(dest, manifest)
-    assert (dest / COMMIT_MARKER).read_bytes() == (local_steps.step_dir(50) / COMMIT_MARKER).read_bytes()
+    assert (dest / COMMIT_MARKER).read_bytes() == (
+        local_steps.step_dir(50) / COMMIT_MARKER
+    ).read_bytes()
 
 
 def test_reupload_skips_files_already_there(durable_url: str, local_steps: LocalTier) -> None:
@@ -50,8 +54,9 @@ def test_reupload_skips_files_already_there(durable_url: str, local_steps: Local
     assert again.files_skipped == again.files_total and again.bytes_moved == 0
 
 
-def test_partial_upload_is_not_a_checkpoint_and_is_completed(durable_url: str,
-                                                             local_steps: LocalTier) -> None:
+def test_partial_upload_is_not_a_checkpoint_and_is_completed(
+    durable_url: str, local_steps: LocalTier
+) -> None:
     durable = tier(durable_url)
     manifest = build_manifest(local_steps.step_dir(50), step=50)
     first = sorted(manifest.files)[0]
@@ -76,8 +81,9 @@ def test_corrupt_remote_object_fails_verification(durable_url: str, local_steps:
         durable.verify_step(50)
 
 
-def test_delete_removes_marker_first_then_everything(durable_url: str,
-                                                     local_steps: LocalTier) -> None:
+def test_delete_removes_marker_first_then_everything(
+    durable_url: str, local_steps: LocalTier
+) -> None:
     durable = tier(durable_url)
     durable.upload_step(local_steps.step_dir(10), step=10)
     durable.upload_step(local_steps.step_dir(50), step=50)

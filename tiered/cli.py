@@ -7,7 +7,6 @@ User errors (a bad config, an unreachable bucket, a step that does not exist) pr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time

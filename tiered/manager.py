@@ -173,8 +173,11 @@ class CheckpointManager:
         try:
             return self.durable.committed_steps()
         except StorageError as err:
-            log.warning("Durable tier %s unreadable, using local steps only: %s",
-                        self.config.durable_url, err)
+            log.warning(
+                "Durable tier %s unreadable, using local steps only: %s",
+                self.config.durable_url,
+                err,
+            )
             return []
 
     def _candidates(self) -> dict[int, str]:
@@ -202,12 +205,23 @@ class CheckpointManager:
                     self.fetch(s)
                 state = self._load(s, target)
             except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
-                log.warning("Step %d from the %s tier failed verification: %s; falling back to "
-                            "an older step", s, source, err)
+                log.warning(
+                    "Step %d from the %s tier failed verification: %s; falling back to "
+                    "an older step",
+                    s,
+                    source,
+                    err,
+                )
                 continue
             except Exception as err:  # orbax raises many types for unreadable data
-                log.warning("Step %d from the %s tier failed to load: %s: %s; falling back to "
-                            "an older step", s, source, type(err).__name__, err)
+                log.warning(
+                    "Step %d from the %s tier failed to load: %s: %s; falling back to "
+                    "an older step",
+                    s,
+                    source,
+                    type(err).__name__,
+                    err,
+                )
                 continue
             log.info("Restored step %d from the %s tier", s, source)
             return Restored(step=s, state=state, source=source)
@@ -240,4 +254,3 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -69,9 +69,7 @@ def apply_deletes(
     return done
 
 
-def fetch_step(
-    local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None
-) -> Path:
+def fetch_step(local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None) -> Path:
     """Download a committed durable step into ``<local>/<step>``, verified; return that path.
 
     The files land in ``.tiered/staging`` and are renamed into place only once every one of
@@ -90,9 +88,7 @@ def fetch_step(
     return dest
 
 
-def stage_step(
-    local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None
-) -> Path:
+def stage_step(local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None) -> Path:
     """Download a committed durable step into ``.tiered/staging/<step>``, verified."""
     local.staging_dir.mkdir(parents=True, exist_ok=True)
     staged = local.staging_dir / str(step)

@@ -218,16 +218,29 @@ def render_table(status: TierStatus) -> str:
     if d.get("disk_pressure"):
         lines.append("local disk pressure: keeping only the newest and pinned steps")
     lines.append("")
-    lines.append(f"{'STEP':>10}  {'LOCAL':<5}  {'DURABLE':<7}  {'STATE':<10}  {'SIZE':>9}  "
-                 f"{'AGE':>6}  REASON")
-    for s in status.steps:
+    lines.append(
+        f"{'STEP':>10}  {'LOCAL':<5}  {'DURABLE':<7}  {'STATE':<10}  {'SIZE':>9}  "
+        f"{'AGE':>6}  REASON"
+    )
+    shown = [s for s in status.steps if s.state != "pruned"]
+    for s in shown:
         lines.append(
             f"{s.step:>10}  {'yes' if 'local' in s.tiers else '-':<5}  "
             f"{'yes' if 'durable' in s.tiers else '-':<7}  {s.state:<10}  "
             f"{human_bytes(s.size_bytes):>9}  {_human_age(s.age_seconds):>6}  {s.reason}"
         )
-    if not status.steps:
+    if not shown:
         lines.append(f"{'(no checkpoints yet)':>22}")
+    pruned = d.get("recently_pruned") or []
+    if pruned:
+        by_tier = {
+            tier: ", ".join(str(p["step"]) for p in pruned if p["tier"] == tier)
+            for tier in ("local", "durable")
+        }
+        lines.append(
+            "recently pruned: "
+            + "; ".join(f"{tier} {steps}" for tier, steps in by_tier.items() if steps)
+        )
     latest = status.latest
     lines.append("")
     lines.append(

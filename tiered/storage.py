@@ -266,6 +266,8 @@ class DurableTier:
         self.concurrency = concurrency
         self._limiter = _RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None
         self._manifests: dict[int, Manifest] = {}
+        # Called with a point name ("upload-file", "commit") for fault-injection tests.
+        self.fault_hook: Callable[[str], None] = lambda point: None
 
     def __repr__(self) -> str:
         return f"DurableTier({self.url!r})"
@@ -413,6 +415,7 @@ class DurableTier:
                 self._limiter.take(manifest.files[rel].size)
             with translate_errors(f"uploading {rel} to {self.step_url(step)}"):
                 self.fs.put_file(str(step_dir / rel), remote)
+            self.fault_hook("upload-file")
             with lock:
                 done += manifest.files[rel].size
                 if progress:
@@ -422,6 +425,7 @@ class DurableTier:
         self.verify_step(step, manifest)
         with translate_errors(f"committing {self.step_url(step)}"):
             self.fs.pipe_file(self._path(step, MANIFEST_NAME), manifest.to_json().encode())
+            self.fault_hook("commit")
             marker = step_dir / COMMIT_MARKER
             self.fs.pipe_file(self._path(step, COMMIT_MARKER), marker.read_bytes())
         self._manifests[step] = manifest
@@ -532,9 +536,11 @@ class DurableTier:
         """Marker first, then the manifest, then the data."""
         self._manifests.pop(step, None)
         for rel in (COMMIT_MARKER, MANIFEST_NAME):
-            with translate_errors(f"deleting {rel} of {self.step_url(step)}"):
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm_file(self._path(step, rel))
+            with (
+                translate_errors(f"deleting {rel} of {self.step_url(step)}"),
+                contextlib.suppress(FileNotFoundError),
+            ):
+                self.fs.rm_file(self._path(step, rel))
         with translate_errors(f"deleting {self.step_url(step)}"):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._path(step), recursive=True)

@@ -1,0 +1,246 @@
+"""The real daemon in a subprocess, beside real orbax saves, on a directory and the emulator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, DaemonProc, subprocess_env, wait_for, write_config
+from helpers import Trainer, assert_trees_equal, example_state, orbax_restore, orbax_save
+
+from tiered import DurableTier, LocalTier
+from tiered.manifest import build_manifest
+
+
+def durable_of(cfg) -> DurableTier:
+    return DurableTier(cfg.durable_url, storage_options=cfg.tiered.storage_options)
+
+
+def test_promotes_exactly_the_durable_multiples_and_prunes(
+    durable_url: str, tmp_path: Path
+) -> None:
+    config_path, cfg = write_config(
+        tmp_path,
+        durable_url,
+        max_num_checkpoints_to_keep=2,
+        tiered={"local_max_to_keep": 2, "keep_period": 100},
+    )
+    daemon = DaemonProc(config_path, cfg)
+    try:
+        daemon.wait_ready()
+        state = example_state()
+        saved = {}
+        trainer = Trainer(cfg.local_dir)
+        for step in range(0, 260, 10):  # a training loop saving every local period
+            saved[step] = state
+            trainer.save(step, state)
+        trainer.close()
+        durable = durable_of(cfg)
+        # durable keeps the newest 2 multiples of 50 plus every multiple of keep_period (100)
+        expected = [0, 100, 200, 250]
+        wait_for(
+            lambda: durable.committed_steps() == expected,
+            timeout=60,
+            what=f"durable == {expected}: {daemon.log()[-2000:]}",
+        )
+        local = LocalTier(cfg.local_dir)
+        wait_for(lambda: local.committed_steps() == [240, 250], timeout=30, what="local retention")
+        for step in expected:
+            durable.verify_step(step)
+        # Plain orbax, pointed at the durable tier, restores the newest durable step bit-exact.
+        if durable_url.startswith("file://"):
+            restored = orbax_restore(durable_url[len("file://") :], 250, example_state(1))
+            assert_trees_equal(restored, saved[250])
+        code, body = daemon.get("/status")
+        status = json.loads(body)
+        assert code == 200 and status["schema"] == 1 and status["daemon"]["running"]
+        assert status["latest"] == {"local": 250, "durable": 250, "restorable": 250}
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+
+
+def test_http_endpoints(tmp_path: Path) -> None:
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    daemon = DaemonProc(config_path, cfg)
+    try:
+        daemon.wait_ready()
+        orbax_save(cfg.local_dir, 50, example_state())
+        wait_for(lambda: durable_of(cfg).committed_steps() == [50], what="promotion")
+        code, body = daemon.get("/healthz")
+        assert (code, body) == (200, b"ok\n")
+        status = json.loads(daemon.get("/status")[1])
+        assert status["daemon"]["last_promotion"]["step"] == 50
+        step50 = next(s for s in status["steps"] if s["step"] == 50)
+        assert step50["tiers"] == ["local", "durable"] and step50["state"] == "committed"
+        metrics = daemon.get("/metrics")[1].decode()
+        assert "tiered_steps_promoted_total 1.0" in metrics
+        assert "tiered_backlog_steps 0.0" in metrics
+        assert 'tiered_last_success_timestamp_seconds{tier="durable"}' in metrics
+        assert "tiered_upload_seconds_count 1.0" in metrics
+        import urllib.request
+
+        req = urllib.request.Request(f"http://{daemon.address}/status", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=5)
+        assert info.value.code == 405
+        # `tiered status` asks the running daemon
+        out = subprocess.run(
+            [sys.executable, "-m", "tiered.cli", "status", "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            cwd=ROOT,
+        )
+        assert out.returncode == 0 and "daemon   ok" in out.stdout and "committed" in out.stdout
+    finally:
+        daemon.terminate()
+
+
+def test_second_daemon_is_refused(tmp_path: Path) -> None:
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    first = DaemonProc(config_path, cfg)
+    try:
+        first.wait_ready()
+        second = subprocess.run(
+            [sys.executable, "-m", "daemon", "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert second.returncode == 2
+        assert f"another tiered daemon (pid {first.proc.pid}) already serves" in second.stderr
+    finally:
+        first.terminate()
+
+
+def test_sigterm_drain_promotes_a_fresh_preemption_step(tmp_path: Path) -> None:
+    config_path, cfg = write_config(
+        tmp_path,
+        f"file://{tmp_path}/durable",
+        tiered={"rescan_seconds": 3600, "prune_interval_seconds": 3600},
+    )
+    daemon = DaemonProc(config_path, cfg)
+    daemon.wait_ready()
+    orbax_save(cfg.local_dir, 37, example_state(), reason="preemption")
+    daemon.proc.terminate()  # at once: the drain must pick it up even if the loop has not
+    assert daemon.proc.wait(60) == 0, daemon.log()
+    assert durable_of(cfg).committed_steps() == [37]
+    assert "Drained" in daemon.log()
+
+
+def test_kill_9_mid_upload_then_restart_completes(durable_url: str, tmp_path: Path) -> None:
+    config_path, cfg = write_config(tmp_path, durable_url)
+    orbax_save(cfg.local_dir, 50, example_state())
+    local_dir = cfg.local_dir / "50"
+    manifest = build_manifest(local_dir, step=50)
+    # Crash on purpose after the first file is uploaded, the way kill -9 would.
+    crashed = DaemonProc(config_path, cfg, env={"TIERED_FAULT": "upload-file:2"})
+    assert crashed.proc.wait(60) == 137, crashed.log()
+    crashed.kill()
+    durable = durable_of(cfg)
+    assert durable.committed_steps() == []  # a partial upload is never a checkpoint
+    assert [f.committed for f in durable.scan()] == [False]
+    daemon = DaemonProc(config_path, cfg)
+    try:
+        daemon.wait_ready()
+        wait_for(lambda: durable.committed_steps() == [50], what=daemon.log())
+        assert durable.verify_step(50).files == manifest.files  # byte-for-byte the local step
+        assert "files already there" in daemon.log()
+    finally:
+        daemon.terminate()
+
+
+def test_emulator_outage_retries_keeps_local_and_catches_up(tmp_path: Path) -> None:
+    from conftest import GcsEmulator, free_port, make_bucket
+
+    emu = GcsEmulator(free_port())
+    emu.start()
+    env = {"STORAGE_EMULATOR_HOST": emu.url}
+    import os
+
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = emu.url
+    try:
+        bucket = make_bucket()
+        config_path, cfg = write_config(
+            tmp_path,
+            f"gs://{bucket}/run",
+            tiered={
+                "local_max_to_keep": 1,
+                "retry_attempts": 2,
+                "retry_max_seconds": 1,
+                "storage_options": {"token": "anon"},
+            },
+        )
+        daemon = DaemonProc(config_path, cfg, env=env)
+        try:
+            daemon.wait_ready()
+            emu.stop()
+            trainer = Trainer(cfg.local_dir)
+            for step in (50, 60, 70):
+                trainer.save(step, example_state())
+            trainer.close()
+            wait_for(
+                lambda: json.loads(daemon.get("/status")[1])["daemon"]["last_error"],
+                timeout=60,
+                what="the status to show the error",
+            )
+            status = json.loads(daemon.get("/status")[1])
+            assert status["daemon"]["health"] in ("degraded", "unhealthy")
+            # step 50 is due and not durable: it must still be local; 60 may go
+            local = LocalTier(cfg.local_dir)
+            assert 50 in local.committed_steps()
+            emu.start()
+            bucket_fs_recreated = make_bucket_named(bucket)
+            assert bucket_fs_recreated
+            durable = durable_of(cfg)
+            wait_for(lambda: durable.committed_steps() == [50], timeout=60, what=daemon.log())
+            wait_for(lambda: local.committed_steps() == [70], timeout=30, what="catch-up prune")
+        finally:
+            daemon.terminate()
+    finally:
+        emu.stop()
+        if old is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+def make_bucket_named(name: str) -> bool:
+    """The in-memory emulator forgets buckets when restarted; recreate ours."""
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(token="anon")
+    fs.invalidate_cache()
+    fs.mkdir(name)
+    return True
+
+
+def test_daemon_never_imports_jax_and_stays_small(tmp_path: Path) -> None:
+    config_path, _cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    code = (
+        "import sys\n"
+        "from tiered import load_config\n"
+        "from daemon.service import Daemon\n"
+        f"d = Daemon(load_config({str(config_path)!r}))\n"
+        "d.start(); d.cycle(force_rescan=True); d.close()\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'orbax', 'flax'))\n"
+        "print('IMPORTED', bad)\n"
+        # VmRSS, not ru_maxrss: Linux carries ru_maxrss across exec from the (big) pytest parent
+        "rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]\n"
+        "print('RSS_MB', int(rss) / 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert "IMPORTED []" in out.stdout, out.stdout + out.stderr
+    rss = float(out.stdout.split("RSS_MB")[1])
+    assert rss < 150, rss
