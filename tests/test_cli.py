@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiered import DurableTier, LocalTier
+
 from conftest import ROOT, subprocess_env, write_config
 from helpers import Trainer, example_state
-from tiered import DurableTier, LocalTier
 
 
 def tiered(*args: str) -> subprocess.CompletedProcess[str]:

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, DaemonProc, subprocess_env, wait_for, write_config
-from helpers import Trainer, assert_trees_equal, example_state, orbax_restore, orbax_save
 
 from tiered import DurableTier, LocalTier
 from tiered.manifest import build_manifest
+
+from conftest import ROOT, DaemonProc, subprocess_env, wait_for, write_config
+from helpers import Trainer, assert_trees_equal, example_state, orbax_restore, orbax_save
 
 
 def durable_of(cfg) -> DurableTier:

@@ -11,10 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env, write_config
-from helpers import assert_trees_equal, example_state
 
 from tiered import CheckpointManager, DurableTier, LocalTier, promote_step
+
+from conftest import ROOT, subprocess_env, write_config
+from helpers import assert_trees_equal, example_state
 
 
 def advance(state, n: int = 1):

@@ -14,9 +14,10 @@ from orbax.checkpoint.experimental.emergency.multi_tier_checkpointing import (
     initialization as mtc,
 )
 
+from tiered import DurableTier, LocalTier
+
 from conftest import DaemonProc, wait_for, write_config
 from helpers import Trainer, assert_trees_equal, example_state, orbax_restore
-from tiered import DurableTier, LocalTier
 
 
 def client_handshake(local: Path, *, steps: int = 50) -> None:

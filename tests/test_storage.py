@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import example_state, orbax_save
 
 from tiered import ChecksumMismatch, DurableTier, LayoutError, LocalTier, StorageError
 from tiered.layout import COMMIT_MARKER, MANIFEST_NAME
 from tiered.manifest import build_manifest, verify_local
+
+from helpers import example_state, orbax_save
 
 
 def tier(url: str) -> DurableTier:
