@@ -87,6 +87,7 @@ class Daemon:
         self._durable_facts: list[StepFacts] = []
         self._durable_refreshed = 0.0
         self._last_prune = 0.0
+        self._prune_requested = False
         self._failed: dict[int, str] = {}
         self._cooldown: dict[int, float] = {}
         self._skipped: list[int] = []
@@ -233,8 +234,6 @@ class Daemon:
             self._prune(decided)
         self._write_status_file()
         return decided
-
-    _prune_requested = False
 
     def _prune(self, decided: Plan) -> None:
         self._last_prune = time.monotonic()
@@ -428,7 +427,7 @@ class Daemon:
             ]
             if pending:
                 step = max(pending)
-                log.info("Draining: promoting %s step %d", "pending", step)
+                log.info("Draining: promoting step %d before exit", step)
                 self.promoter.submit(step)
                 continue
             if saving or time.monotonic() < settle_until:
