@@ -52,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
-        log.debug("http " + format, *args)
+        log.debug("http %s", format % args)
 
 
 class StatusServer:
@@ -68,7 +68,8 @@ class StatusServer:
     @property
     def address(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"{host}:{port}"
+        host_text = host.decode() if isinstance(host, bytes) else str(host)
+        return f"{host_text}:{port}"
 
     def start(self) -> None:
         self._thread.start()

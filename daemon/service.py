@@ -202,7 +202,7 @@ class Daemon:
         with self._state_lock:
             failed = frozenset(self._failed)
         cooling = frozenset(s for s, t in self._cooldown.items() if t > time.monotonic())
-        staged = frozenset()
+        staged: frozenset[int] = frozenset()
         if self.mtc is not None and self.mtc.pending_restore is not None:
             choice = self.mtc.choose_restore(rows)
             staged = frozenset({choice[0]}) if choice else frozenset()

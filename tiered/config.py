@@ -99,7 +99,7 @@ class TieredConfig(BaseModel):
     multi_tier_checkpointing_backup_interval_minutes: float | None = None
     multi_tier_checkpointing_backup_interval_steps: int | None = None
     max_num_checkpoints_to_keep: int | None = None
-    tiered: TieredSettings = Field(default_factory=TieredSettings)
+    tiered: TieredSettings = Field(default_factory=TieredSettings)  # type: ignore[arg-type]
 
     # -- derived values -------------------------------------------------------------------------
 
