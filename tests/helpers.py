@@ -73,3 +73,13 @@ def assert_trees_equal(a: Any, b: Any) -> None:
     for x, y in zip(la, lb, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         assert np.asarray(x).dtype == np.asarray(y).dtype
+
+
+def corrupt_largest_file(durable: Any, step: int) -> str:
+    """Flip one bit in the biggest object of a durable step; return its relative path."""
+    manifest = durable.read_manifest(step)
+    victim = max(manifest.files, key=lambda r: manifest.files[r].size)
+    data = bytearray(durable.fs.cat_file(durable._path(step, victim)))
+    data[len(data) // 2] ^= 0x01
+    durable.fs.pipe_file(durable._path(step, victim), bytes(data))
+    return str(victim)

@@ -15,7 +15,7 @@ import pytest
 from tiered import CheckpointManager, DurableTier, LocalTier, promote_step
 
 from conftest import ROOT, subprocess_env, write_config
-from helpers import assert_trees_equal, example_state
+from helpers import assert_trees_equal, corrupt_largest_file, example_state
 
 
 def advance(state, n: int = 1):
@@ -37,22 +37,24 @@ def test_round_trip_is_bit_exact(durable_url: str, tmp_path: Path) -> None:
     assert set(restored.state) == {"params", "opt_state", "step", "rng"}
 
 
-def test_fresh_node_restores_newest_durable_step(durable_url: str, tmp_path: Path) -> None:
-    _, cfg = write_config(tmp_path, durable_url)
-    states = {s: advance(example_state(), s) for s in (50, 100)}
+def only_on_durable(cfg, steps: tuple[int, ...]) -> tuple[dict, LocalTier, DurableTier]:
+    """Save real states, promote them, then lose the local copies (a fresh node's empty SSD)."""
+    states = {s: advance(example_state(), s) for s in steps}
     with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
         for step, st in states.items():
             mgr.save(step, st)
-        mgr.wait_until_finished()
-    local, durable = (
-        LocalTier(cfg.local_dir),
-        DurableTier(cfg.durable_url, storage_options=cfg.tiered.storage_options),
-    )
+    local = LocalTier(cfg.local_dir)
+    durable = DurableTier(cfg.durable_url, storage_options=cfg.tiered.storage_options)
     for step in states:
         promote_step(local, durable, step)
-    for step in states:
-        local.delete_step(step)  # the node is gone; a new one has an empty SSD
+        local.delete_step(step)
     assert local.committed_steps() == []
+    return states, local, durable
+
+
+def test_fresh_node_restores_newest_durable_step(durable_url: str, tmp_path: Path) -> None:
+    _, cfg = write_config(tmp_path, durable_url)
+    states, local, _durable = only_on_durable(cfg, (50, 100))
     with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
         restored = mgr.restore(example_state())
     assert restored is not None and (restored.step, restored.source) == (100, "durable")
@@ -64,20 +66,8 @@ def test_corrupt_durable_step_falls_back_with_warning(
     durable_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, cfg = write_config(tmp_path, durable_url)
-    states = {s: advance(example_state(), s) for s in (50, 100)}
-    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
-        for step, st in states.items():
-            mgr.save(step, st)
-    local = LocalTier(cfg.local_dir)
-    durable = DurableTier(cfg.durable_url, storage_options=cfg.tiered.storage_options)
-    for step in states:
-        promote_step(local, durable, step)
-        local.delete_step(step)
-    manifest = durable.read_manifest(100)
-    victim = max(manifest.files, key=lambda r: manifest.files[r].size)
-    data = bytearray(durable.fs.cat_file(durable._path(100, victim)))
-    data[-3] ^= 0xFF
-    durable.fs.pipe_file(durable._path(100, victim), bytes(data))
+    states, local, durable = only_on_durable(cfg, (50, 100))
+    victim = corrupt_largest_file(durable, 100)
     with (
         caplog.at_level(logging.WARNING),
         CheckpointManager(cfg, install_signal_handlers=False) as mgr,

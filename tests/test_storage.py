@@ -10,7 +10,7 @@ from tiered import ChecksumMismatch, DurableTier, LayoutError, LocalTier, Storag
 from tiered.layout import COMMIT_MARKER, MANIFEST_NAME
 from tiered.manifest import build_manifest, verify_local
 
-from helpers import example_state, orbax_save
+from helpers import corrupt_largest_file, example_state, orbax_save
 
 
 def tier(url: str) -> DurableTier:
@@ -73,11 +73,7 @@ def test_partial_upload_is_not_a_checkpoint_and_is_completed(
 def test_corrupt_remote_object_fails_verification(durable_url: str, local_steps: LocalTier) -> None:
     durable = tier(durable_url)
     durable.upload_step(local_steps.step_dir(50), step=50)
-    manifest = durable.read_manifest(50)
-    victim = max(manifest.files, key=lambda r: manifest.files[r].size)
-    data = bytearray(durable.fs.cat_file(durable._path(50, victim)))
-    data[len(data) // 2] ^= 0x01
-    durable.fs.pipe_file(durable._path(50, victim), bytes(data))
+    victim = corrupt_largest_file(durable, 50)
     with pytest.raises(ChecksumMismatch, match=victim):
         durable.verify_step(50)
 
