@@ -159,14 +159,17 @@ class MtcProtocol:
     def root(self) -> Path:
         return self.local.root
 
-    def start(self) -> None:
-        if self.jax_init_info is not None:
-            pid, coordinator = self.jax_init_info
-            _write_atomic(self.root / JAX_INIT_INFO, f"{pid}\n{coordinator}\n")
-            log.info("Wrote %s (process %d, coordinator %s)", JAX_INIT_INFO, pid, coordinator)
+    def ensure_jax_init_info(self) -> None:
+        """Write ``jax-init-info.txt`` when configured and missing (say, after a wipe)."""
+        if self.jax_init_info is None or (self.root / JAX_INIT_INFO).exists():
+            return
+        pid, coordinator = self.jax_init_info
+        _write_atomic(self.root / JAX_INIT_INFO, f"{pid}\n{coordinator}\n")
+        log.info("Wrote %s (process %d, coordinator %s)", JAX_INIT_INFO, pid, coordinator)
 
     def consume(self) -> ReplicatorConfig | None:
         """Validate and delete a new ``replicator.yaml``; return it when it is usable."""
+        self.ensure_jax_init_info()
         path = self.root / REPLICATOR_FILE
         try:
             text = path.read_text()

@@ -372,7 +372,7 @@ class Daemon:
         )
         self.server.start()
         if self.mtc is not None:
-            self.mtc.start()
+            self.mtc.ensure_jax_init_info()
         log.info(
             "tiered daemon %d serving %s -> %s (durable every %d steps), status on http://%s",
             os.getpid(),

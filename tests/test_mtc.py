@@ -1,14 +1,19 @@
-"""orbax's multi-tier protocol, with orbax's own client functions against the real daemon.
+"""orbax's multi-tier protocol against the real daemon.
 
-These drive the protocol steps of ``initialize_multi_tier_checkpointing`` (write
-replicator.yaml, wait for it to be consumed, check errors, take the .restore entry) with orbax's
-own code, without jax.distributed.
+The first test runs an unmodified orbax client end to end (``tests/mtc_client.py``:
+``initialize_multi_tier_checkpointing`` plus ``ReplicatorCheckpointManager`` in one JAX CPU
+process). The others drive single protocol steps with orbax's own client functions.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from orbax.checkpoint.experimental.emergency.multi_tier_checkpointing import (
     initialization as mtc,
@@ -16,7 +21,7 @@ from orbax.checkpoint.experimental.emergency.multi_tier_checkpointing import (
 
 from tiered import DurableTier, LocalTier
 
-from conftest import DaemonProc, wait_for, write_config
+from conftest import ROOT, DaemonProc, free_port, subprocess_env, wait_for, write_config
 from helpers import Trainer, assert_trees_equal, example_state, orbax_restore
 
 
@@ -41,38 +46,71 @@ def mtc_config(tmp_path: Path, durable_url: str):
     )
 
 
-def test_fresh_start_then_backup_every_interval_then_restores(gs_url: str, tmp_path: Path) -> None:
-    config_path, cfg = mtc_config(tmp_path, gs_url)
+def expected_w(step: int) -> list[float]:
+    """What tests/mtc_client.py saves at ``step``."""
+    return (np.arange(64, dtype=np.float32) * 0.5 + step).tolist()
+
+
+def run_client(local: Path, steps: int) -> str:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "mtc_client.py"), str(local), str(steps)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    return out.stdout
+
+
+def restored_values(stdout: str) -> tuple[int, list[float]] | None:
+    for line in stdout.splitlines():
+        if line.startswith("RESTORED"):
+            step_part, w_part = line.split(" ", 2)[1:]
+            return int(step_part.split("=")[1]), json.loads(w_part.split("=", 1)[1])
+    return None
+
+
+def test_replicator_checkpoint_manager_end_to_end(gs_url: str, tmp_path: Path) -> None:
+    config_path, cfg = write_config(
+        tmp_path,
+        gs_url,
+        enable_multi_tier_checkpointing=True,
+        checkpoint_period=1000,
+        tiered={"write_jax_init_info": True, "coordinator_address": f"127.0.0.1:{free_port()}"},
+    )
     local = cfg.local_dir
     local.mkdir(parents=True)
+    durable = DurableTier(cfg.durable_url, storage_options=cfg.tiered.storage_options)
     daemon = DaemonProc(config_path, cfg)
     try:
         daemon.wait_ready()
-        client_handshake(local)  # nothing anywhere: the empty s0 marker, consumed by the client
-        assert not list(local.glob("*.restore"))
-        state = example_state()
-        trainer = Trainer(local)
-        for step in range(10, 160, 10):
-            trainer.save(step, state)
-        trainer.close()
-        durable = DurableTier(cfg.durable_url, storage_options=cfg.tiered.storage_options)
-        # the interval from replicator.yaml (50), not checkpoint_period (1000), drives promotion
-        wait_for(lambda: durable.committed_steps() == [50, 100, 150], timeout=60, what=daemon.log())
+        assert "FRESH" in run_client(local, 120)
+        # saves every 10 steps, backup interval 50 from replicator.yaml (not checkpoint_period)
+        wait_for(lambda: durable.committed_steps() == [50, 100], timeout=60, what=daemon.log())
+        for step in (50, 100):
+            durable.verify_step(step)
+        # restart with local steps present: the newest local step, no download
+        out = run_client(local, 125)
+        restored = restored_values(out)
+        assert restored is not None and restored[0] == 110
+        assert restored[1] == expected_w(110)
+        assert "Fetched" not in daemon.log()
     finally:
         daemon.terminate()
 
-    # A fresh node: the local directory is wiped. The client is offered the newest durable step.
-    import shutil
-
+    # A fresh node: the local directory is wiped and both restart.
     shutil.rmtree(local)
     local.mkdir()
     daemon = DaemonProc(config_path, cfg)
     try:
         daemon.wait_ready()
-        client_handshake(local)
-        step_dir = local / "150"
-        assert step_dir.is_symlink() and (step_dir / "commit_success.txt").exists()
-        assert_trees_equal(orbax_restore(str(local), 150, example_state(1)), state)
+        out = run_client(local, 105)
+        restored = restored_values(out)
+        assert restored is not None and restored[0] == 100
+        assert restored[1] == expected_w(100)  # bit-exact float32 values
+        assert "Fetched step 100" in daemon.log()
     finally:
         daemon.terminate()
 

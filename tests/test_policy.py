@@ -41,7 +41,8 @@ def deletes(p, tier: str) -> list[int]:
         ([*local(40), *local(45, reason="preemption")], [45]),
         ([*local(60), *local(61, reason="final")], [61]),
         ([StepInfo(step=50, local=True, durable=True), *local(60)], []),
-        (local(0, 10), [0]),
+        (local(0, 10), []),  # step 0 is the initial state: not worth a durable copy
+        (local(0, reason="preemption"), [0]),
         ([], []),
     ],
 )

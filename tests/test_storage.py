@@ -116,3 +116,21 @@ def test_local_scan_ignores_tmp_and_non_step_names(tmp_path: Path, local_steps: 
     facts = local_steps.scan()
     assert [(f.step, f.committed) for f in facts] == [(10, True), (50, True), (70, False)]
     assert local_steps.committed_steps() == [10, 50]
+
+
+def test_symlinked_step_promotes_and_prunes_with_its_target(
+    tmp_path: Path, local_steps: LocalTier
+) -> None:
+    # The shape orbax's multi-tier client leaves after a restore: <step> -> .tiered/staging/<step>
+    staged = local_steps.staging_dir / "50"
+    staged.parent.mkdir(parents=True)
+    local_steps.step_dir(50).rename(staged)
+    local_steps.step_dir(50).symlink_to(".tiered/staging/50")
+    facts = {f.step: f for f in local_steps.scan()}
+    assert facts[50].committed and facts[50].is_link
+    durable = tier(f"file://{tmp_path}/durable")
+    durable.upload_step(local_steps.step_dir(50), step=50)
+    assert durable.committed_steps() == [50]
+    local_steps.delete_step(50)
+    assert not local_steps.step_dir(50).is_symlink() and not staged.exists()
+    assert local_steps.committed_steps() == [10]

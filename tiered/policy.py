@@ -188,7 +188,11 @@ def merge_inventories(local: Sequence[StepFacts], durable: Sequence[StepFacts]) 
 
 
 def due_steps(steps: Sequence[StepInfo], ctx: PolicyContext) -> list[int]:
-    """Committed local steps not yet durable that the promotion rules name, oldest first."""
+    """Committed local steps not yet durable that the promotion rules name, oldest first.
+
+    Step 0 is not due by the period rule: it holds the initial state, which a fresh start
+    recreates at no cost, so uploading it would only spend bandwidth.
+    """
     durable_times = [s.commit_time for s in steps if s.durable and s.commit_time is not None]
     reference = max(durable_times) if durable_times else None
     interval = ctx.backup_interval_seconds
@@ -201,7 +205,8 @@ def due_steps(steps: Sequence[StepInfo], ctx: PolicyContext) -> list[int]:
             and s.commit_time is not None
             and (reference is None or s.commit_time - reference >= interval)
         )
-        if by_time or s.step % ctx.durable_period == 0 or s.reason in PRECIOUS_REASONS:
+        periodic = s.step > 0 and s.step % ctx.durable_period == 0
+        if by_time or periodic or s.reason in PRECIOUS_REASONS:
             due.append(s.step)
             # The next time-based backup is measured from the newest step that will be durable.
             if s.commit_time is not None and (reference is None or s.commit_time > reference):

@@ -1,0 +1,83 @@
+"""A MaxText-style training process using orbax's multi-tier checkpointing, unmodified.
+
+    python tests/mtc_client.py LOCAL_DIR PERSISTENT_DIR STEPS
+
+It calls ``initialize_multi_tier_checkpointing`` (which waits for the daemon's
+``jax-init-info.txt``, writes ``replicator.yaml`` and takes the ``.restore`` entry), then trains
+with ``ReplicatorCheckpointManager``, saving locally every 10 steps with a backup every 50. The
+only concession to running as one CPU process: ``jax.distributed.initialize`` gets
+``num_processes=1``, which a real cluster supplies through its environment.
+
+Prints ``RESTORED step=N w=[...]`` or ``FRESH``, then ``DONE step=N``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+from absl import flags
+
+flags.FLAGS(sys.argv[:1])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from etils import epath  # noqa: E402
+from orbax.checkpoint.experimental.emergency.multi_tier_checkpointing import (  # noqa: E402
+    initialization,
+)
+from orbax.checkpoint.experimental.emergency.multi_tier_checkpointing import (  # noqa: E402
+    replicator_checkpoint_manager as rcm,
+)
+
+jax.distributed.initialize = functools.partial(jax.distributed.initialize, num_processes=1)
+
+
+def state_at(step: int) -> np.ndarray:
+    return np.arange(64, dtype=np.float32) * 0.5 + step
+
+
+def main() -> int:
+    local = epath.Path(sys.argv[1])
+    steps = int(sys.argv[2])
+    initialization.initialize_multi_tier_checkpointing(
+        local,
+        backup_interval_steps=50,
+        run_name="mtc-job",
+        use_mtc_process_ids=True,
+        jax_initialization_timeout_seconds=60,
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    mgr = rcm.ReplicatorCheckpointManager(
+        local,
+        options=rcm.ReplicatorCheckpointManagerOptions(save_interval_steps=10),
+        global_mesh=mesh,
+    )
+    start = 0
+    latest = mgr.latest_step()
+    if latest is not None:
+        abstract = {"w": jax.ShapeDtypeStruct((64,), jnp.float32, sharding=sharding)}
+        restored = mgr.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract))
+        )
+        w = np.asarray(restored["w"] if "w" in restored else restored["state"]["w"])
+        print(f"RESTORED step={latest} w={json.dumps(w.tolist())}", flush=True)
+        start = latest + 1
+    else:
+        print("FRESH", flush=True)
+    step = start - 1
+    for step in range(start, steps):
+        state = {"w": jax.device_put(jnp.asarray(state_at(step)), sharding)}
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
+    mgr.wait_until_finished()
+    mgr.close()
+    print(f"DONE step={step}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
