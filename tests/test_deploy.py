@@ -1,0 +1,139 @@
+"""Deployment files: every manifest validates, and the pod template matches the config."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tiered import config_from_mapping
+
+from conftest import ROOT
+
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.32"  # native sidecars (initContainer restartPolicy: Always) need 1.29+
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def all_manifests() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc["kind"] == "Job":
+        return [doc["spec"]["template"]["spec"]]
+    if doc["kind"] == "JobSet":
+        return [rj["template"]["spec"]["template"]["spec"] for rj in doc["spec"]["replicatedJobs"]]
+    return []
+
+
+@pytest.mark.parametrize("path", all_manifests(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_validates(path: Path) -> None:
+    for doc in docs(path):
+        if doc["kind"] == "JobSet":
+            # No schema ships for the JobSet CRD: validate each embedded Job template as a Job.
+            for rj in doc["spec"]["replicatedJobs"]:
+                job = {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "metadata": {"name": rj["name"]},
+                    "spec": rj["template"]["spec"],
+                }
+                kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+        elif "patch" in path.name:
+            # A kustomize patch is a partial object; it must still name a real resource kind.
+            assert doc["kind"] and doc["metadata"]["name"]
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def config_for(overlay: str | None) -> dict[str, Any]:
+    path = (K8S / "overlays" / overlay if overlay else K8S / "base") / "tiered.yml"
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("manifest", ["job.yaml", "jobset.yaml"])
+@pytest.mark.parametrize("overlay", [None, "gcs", "s3"])
+def test_pod_template_matches_config(manifest: str, overlay: str | None) -> None:
+    raw = config_for(overlay)
+    cfg = config_from_mapping(raw, env={})
+    port = int(cfg.tiered.status_address.rpartition(":")[2])
+    for spec in pod_specs(docs(K8S / "base" / manifest)[0]):
+        sidecar = next(c for c in spec["initContainers"] if c["name"] == "tiered-daemon")
+        trainer = next(c for c in spec["containers"] if c["name"] == "trainer")
+        assert sidecar["restartPolicy"] == "Always"  # a native sidecar
+        assert [p["containerPort"] for p in sidecar["ports"]] == [port]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert sidecar[probe]["httpGet"]["path"] == "/healthz"
+        config_arg = sidecar["args"][sidecar["args"].index("--config") + 1]
+        assert config_arg == trainer["args"][trainer["args"].index("--config") + 1]
+        for container in (sidecar, trainer):
+            mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+            assert config_arg.startswith(mounts["config"] + "/")
+            # both containers see the local tier at the path the config names
+            assert str(cfg.local_dir).startswith(mounts["local-ssd"] + "/")
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        # the pod's grace covers the daemon's drain
+        assert spec["terminationGracePeriodSeconds"] > cfg.tiered.shutdown_grace_seconds
+
+
+def test_overlays_point_at_their_backend() -> None:
+    assert config_for("gcs")["checkpoint_dir"].startswith("gs://")
+    assert config_for("s3")["checkpoint_dir"].startswith("s3://")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("overlay", ["gcs", "s3"])
+def test_kustomize_builds_and_validates(overlay: str) -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert {d["kind"] for d in built} == {"ServiceAccount", "ConfigMap", "NetworkPolicy", "Job"}
+    for doc in built:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    configmap = next(d for d in built if d["kind"] == "ConfigMap")
+    assert (
+        configmap["data"]["tiered.yml"] == (K8S / "overlays" / overlay / "tiered.yml").read_text()
+    )
+
+
+def test_daemon_image_is_slim_and_non_root() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    installs = re.findall(r"pip install[^\n]*", text)
+    assert installs and all("jax" not in line for line in installs)
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    trainer = (ROOT / "deploy" / "Dockerfile.trainer").read_text()
+    assert re.findall(r"^USER\s+(\S+)", trainer, re.M)[-1].split(":")[0] not in ("root", "0")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not found")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (ROOT / "deploy" / "systemd" / "tiered-daemon.service").read_text()
+    assert "Restart=on-failure" in unit and "NoNewPrivileges=yes" in unit
+    # Point ExecStart at this checkout's tiered, since systemd checks the binary exists.
+    tiered_bin = Path(sys.executable).parent / "tiered"
+    local = tmp_path / "tiered-daemon.service"
+    local.write_text(re.sub(r"ExecStart=\S+", f"ExecStart={tiered_bin}", unit))
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60
+    )
+    problems = [
+        line for line in (out.stdout + out.stderr).splitlines() if "tiered-daemon.service" in line
+    ]
+    assert out.returncode == 0 and not problems, out.stdout + out.stderr
