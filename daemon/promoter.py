@@ -11,7 +11,6 @@ or someone runs ``tiered promote``.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -53,7 +52,6 @@ class Promoter:
         retry_max: float,
         attempts: int,
         on_done: Callable[[int, TransferResult | None, BaseException | None, bool], None],
-        fault_point: Callable[[str], None],
     ) -> None:
         self.local = local
         self.durable = durable
@@ -61,7 +59,6 @@ class Promoter:
         self.retry_max = retry_max
         self.attempts = attempts
         self.on_done = on_done
-        self.fault_point = fault_point
         self.current: Upload | None = None
         self._lock = threading.Lock()
         self._abort = threading.Event()
@@ -114,7 +111,6 @@ class Promoter:
                 if self.current is not None:
                     self.current.attempt = attempt
             try:
-                self.fault_point("promote-start")
                 result = promote_step(self.local, self.durable, step, progress=self._progress)
                 error = None
                 break
@@ -143,25 +139,3 @@ class Promoter:
         with self._lock:
             self.current = None
         self.on_done(step, result, error, permanent)
-
-
-def fault_point_from_env() -> Callable[[str], None]:
-    """Crash on purpose at a named point, for fault tests: ``TIERED_FAULT=promote-start``.
-
-    ``TIERED_FAULT=name:N`` crashes on the N-th time the point is reached. The crash is
-    ``os._exit(137)``, as close to kill -9 as a process can do to itself.
-    """
-    spec = os.environ.get("TIERED_FAULT", "")
-    if not spec:
-        return lambda name: None
-    name, _, count = spec.partition(":")
-    remaining = [int(count) if count.isdigit() else 1]
-
-    def hit(point: str) -> None:
-        if point == name:
-            remaining[0] -= 1
-            if remaining[0] <= 0:
-                log.error("Fault injection: exiting at %s", point)
-                os._exit(137)
-
-    return hit

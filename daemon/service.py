@@ -28,7 +28,7 @@ from typing import Any
 from daemon.http import StatusServer
 from daemon.metrics import Metrics
 from daemon.mtc import MtcProtocol
-from daemon.promoter import Promoter, fault_point_from_env
+from daemon.promoter import Promoter
 from daemon.watcher import Watcher
 from tiered import (
     Plan,
@@ -59,8 +59,6 @@ class Daemon:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.lock = DaemonLock(self.local.tiered_dir)
-        self.fault = fault_point_from_env()
-        self.durable.fault_hook = self.fault
         self.promoter = Promoter(
             self.local,
             self.durable,
@@ -68,7 +66,6 @@ class Daemon:
             retry_max=cfg.tiered.retry_max_seconds,
             attempts=cfg.tiered.retry_attempts,
             on_done=self._promotion_done,
-            fault_point=self.fault,
         )
         self.mtc: MtcProtocol | None = None
         if cfg.speaks_mtc:
@@ -215,6 +212,7 @@ class Daemon:
             failed=failed | cooling,
         )
         decided = plan(rows, ctx)
+        self._fingerprint(decided)
         with self._state_lock:
             self._skipped = list(decided.skipped)
         self.metrics.backlog.set(len(decided.promote) + len(ctx.in_flight))
@@ -235,6 +233,15 @@ class Daemon:
         self._write_status_file()
         return decided
 
+    def _fingerprint(self, decided: Plan) -> None:
+        """Checksum newly due steps now, soon after the trainer wrote them, not at upload time."""
+        for promote in decided.promote:
+            try:
+                self.local.manifest(promote.step)
+            except (TieredError, OSError) as err:
+                # The promoter meets the same problem and reports it as the step's failure.
+                log.debug("Cannot fingerprint step %d yet: %s", promote.step, err)
+
     def _prune(self, decided: Plan) -> None:
         self._last_prune = time.monotonic()
         self._prune_requested = False
@@ -242,7 +249,6 @@ class Daemon:
         busy = self.promoter.in_flight()
         deletes = [d for d in decided.delete if not (d.tier == "local" and d.step in busy)]
         try:
-            self.fault("prune-start")
             done = apply_deletes(deletes, self.local, self.durable)
         except (StorageError, OSError) as err:
             self._record_error("prune", str(err))
@@ -359,6 +365,7 @@ class Daemon:
         os.umask(0o022)
         self.local.ensure()
         self.lock.acquire()
+        self.local.empty_trash()
         self.durable.check()
         self.watcher = Watcher(self.local.root, self.wake)
         self.watcher.start()

@@ -115,7 +115,7 @@ def test_second_daemon_is_refused(tmp_path: Path) -> None:
             timeout=60,
         )
         assert second.returncode == 2
-        assert f"another tiered daemon (pid {first.proc.pid}) already serves" in second.stderr
+        assert f"another tiered daemon (pid {first.proc.pid}) already uses" in second.stderr
     finally:
         first.terminate()
 

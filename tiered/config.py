@@ -152,6 +152,17 @@ def normalize_url(raw: str) -> str:
     return f"{scheme}://{rest.rstrip('/')}"
 
 
+def redact_url(url: str) -> str:
+    """Hide credentials embedded in a URL (``s3://key:secret@bucket`` -> ``s3://***@bucket``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return f"{scheme}://{authority}{slash}{path}"
+
+
 def _strip_file_scheme(raw: str) -> str:
     return raw[len("file://") :] if raw.startswith("file://") else raw
 

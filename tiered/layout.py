@@ -5,8 +5,11 @@ Local tier (``<local_checkpoint_directory>``):
                                      commit_success.txt
     <step>.orbax-checkpoint-tmp*     a save in progress: never read or deleted by tiered
     .tiered/daemon.lock              flock held by the one daemon of this directory
+    .tiered/trainer.lock             flock held by the one tiered.CheckpointManager writing here
     .tiered/status.json              the daemon's live state, for ``tiered status``
     .tiered/staging/<step>/          a step downloaded (or moved aside) for restore
+    .tiered/manifests/<step>.json    a step's manifest, built when the daemon first sees it
+    .tiered/trash/                   local steps being deleted (moved here in one rename)
     replicator.yaml, replicator.errors, replicator.failed, jax-init-info.txt,
     {job}-s{step}-n{node}-w{worker}.restore    orbax's multi-tier protocol files
 
@@ -31,8 +34,10 @@ CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 
 TIERED_DIR = ".tiered"
 LOCK_NAME = "daemon.lock"
+TRAINER_LOCK_NAME = "trainer.lock"
 STATUS_NAME = "status.json"
 STAGING_DIR = "staging"
+TRASH_DIR = "trash"
 
 REPLICATOR_FILE = "replicator.yaml"
 REPLICATOR_ERRORS = "replicator.errors"

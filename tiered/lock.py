@@ -1,4 +1,8 @@
-"""One daemon per local directory: an flock on ``.tiered/daemon.lock`` holding the owner's pid."""
+"""One daemon, and one trainer, per local directory: flocks in ``.tiered/`` holding owners' pids.
+
+The kernel drops an flock when its holder dies, kill -9 included, so a stale lock file never
+blocks a restart.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,11 @@ class AlreadyRunning(TieredError):
 
 
 class DaemonLock:
-    def __init__(self, tiered_dir: Path) -> None:
-        self.path = Path(tiered_dir) / LOCK_NAME
+    """The lock of one kind of owner (``what``) of a local directory."""
+
+    def __init__(self, tiered_dir: Path, *, name: str = LOCK_NAME, what: str = "tiered daemon"):
+        self.path = Path(tiered_dir) / name
+        self.what = what
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -29,9 +36,10 @@ class DaemonLock:
             os.close(fd)
             pid = self.holder()
             raise AlreadyRunning(
-                f"another tiered daemon (pid {pid if pid is not None else 'unknown'}) already "
-                f"serves {self.path.parent.parent}; only one may run per local directory"
+                f"another {self.what} (pid {pid if pid is not None else 'unknown'}) already "
+                f"uses {self.path.parent.parent}; only one may run per local directory"
             ) from None
+        os.fchmod(fd, 0o644)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

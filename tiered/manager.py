@@ -11,6 +11,7 @@ Each save carries its reason (``periodic``, ``preemption`` or ``final``) in orba
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -23,6 +24,8 @@ from typing import Any
 
 from tiered.config import TieredConfig, load_config
 from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StorageError
+from tiered.layout import TRAINER_LOCK_NAME
+from tiered.lock import DaemonLock
 from tiered.ops import fetch_step
 from tiered.storage import DurableTier, LocalTier
 
@@ -68,6 +71,11 @@ class CheckpointManager:
         cfg = self.config
         self.local = LocalTier(cfg.local_dir)
         self.local.ensure()
+        self._lock = DaemonLock(
+            self.local.tiered_dir, name=TRAINER_LOCK_NAME, what="tiered.CheckpointManager"
+        )
+        self._lock.acquire()
+        self._last_size = 0
         self._durable: DurableTier | None = None
         self._mgr = ocp.CheckpointManager(
             str(cfg.local_dir),
@@ -144,20 +152,47 @@ class CheckpointManager:
                 self._mgr.wait_until_finished()
                 self._stop = self._stop or reason == "preemption"
             return False
-        saved = bool(
-            self._mgr.save(
-                step,
-                args=self._ocp.args.StandardSave(state),
-                force=True,
-                custom_metadata={"tiered": {"reason": reason, "wall_time": time.time()}},
+        self._warn_if_nearly_full()
+        try:
+            saved = bool(
+                self._mgr.save(
+                    step,
+                    args=self._ocp.args.StandardSave(state),
+                    force=True,
+                    custom_metadata={"tiered": {"reason": reason, "wall_time": time.time()}},
+                )
             )
-        )
-        if blocking:
-            self._mgr.wait_until_finished()
-            log.info("Saved %s checkpoint at step %d to %s", reason, step, cfg.local_dir)
+            if blocking:
+                self._mgr.wait_until_finished()
+                log.info("Saved %s checkpoint at step %d to %s", reason, step, cfg.local_dir)
+        except Exception as err:
+            if _is_disk_full(err):
+                raise StorageError(
+                    f"local tier {cfg.local_dir} is full (no space left on device) while saving "
+                    f"step {step}: is the tiered daemon running, and the durable tier "
+                    "reachable, so that promoted steps can be pruned?",
+                    transient=False,
+                ) from err
+            raise
         if reason == "preemption":
             self._stop = True
         return saved
+
+    def _warn_if_nearly_full(self) -> None:
+        """Warn when the free space is below the size of the newest local step."""
+        steps = self.local.scan(with_size=True)
+        sizes = [f.size for f in steps if f.committed and f.size]
+        if not sizes:
+            return
+        free = self.local.free_bytes()
+        if free < sizes[-1] * 1.1:
+            log.warning(
+                "Local tier %s has %d MB free and the last checkpoint took %d MB: the next save "
+                "may fail. Is the daemon running and the durable tier reachable?",
+                self.local.root,
+                free // 10**6,
+                sizes[-1] // 10**6,
+            )
 
     def wait_until_finished(self) -> None:
         self._mgr.wait_until_finished()
@@ -175,7 +210,7 @@ class CheckpointManager:
         except StorageError as err:
             log.warning(
                 "Durable tier %s unreadable, using local steps only: %s",
-                self.config.durable_url,
+                self.durable.url,
                 err,
             )
             return []
@@ -248,9 +283,24 @@ class CheckpointManager:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+        self._lock.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """Whether ENOSPC is anywhere in an exception's chain (orbax wraps the OS error)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tiered import faults
 from tiered.config import TieredConfig
 from tiered.layout import COMMIT_MARKER
 from tiered.policy import Delete, StepInfo, merge_inventories
@@ -41,7 +42,11 @@ def promote_step(
     local: LocalTier, durable: DurableTier, step: int, *, progress: Progress | None = None
 ) -> TransferResult:
     """Upload, verify and commit one committed local step; log one line."""
-    result = durable.upload_step(local.step_dir(step), step=step, progress=progress)
+    manifest = local.manifest(step)
+    faults.hit("after-manifest")
+    result = durable.upload_step(
+        local.step_dir(step), step=step, progress=progress, manifest=manifest
+    )
     log.info(
         "Promoted step %d to %s (%s in %.1f s, %.0f MB/s%s)",
         step,

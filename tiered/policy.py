@@ -200,10 +200,16 @@ def due_steps(steps: Sequence[StepInfo], ctx: PolicyContext) -> list[int]:
     for s in steps:
         if not s.local or s.durable:
             continue
+        # A newer step committed "before" the newest durable one means the clock jumped back:
+        # back it up rather than wait for the clock to catch up.
         by_time = (
             interval is not None
             and s.commit_time is not None
-            and (reference is None or s.commit_time - reference >= interval)
+            and (
+                reference is None
+                or s.commit_time - reference >= interval
+                or s.commit_time < reference
+            )
         )
         periodic = s.step > 0 and s.step % ctx.durable_period == 0
         if by_time or periodic or s.reason in PRECIOUS_REASONS:

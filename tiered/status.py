@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tiered.config import TieredConfig
+from tiered.config import TieredConfig, redact_url
 from tiered.ops import human_bytes, open_tiers
 from tiered.policy import StepFacts, context_for, due_steps, merge_inventories
 
@@ -140,7 +140,7 @@ def build_status(
         generated_at=now,
         run_name=cfg.run_name,
         local_dir=str(cfg.local_dir),
-        durable_url=cfg.durable_url,
+        durable_url=redact_url(cfg.durable_url),
         durable_period=cfg.durable_period,
         local_period=cfg.local_checkpoint_period,
         steps=steps,

@@ -30,7 +30,8 @@ from typing import Any
 
 import fsspec
 
-from tiered.config import normalize_url
+from tiered import faults
+from tiered.config import normalize_url, redact_url
 from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StorageError
 from tiered.layout import (
     CHECKPOINT_METADATA,
@@ -38,6 +39,7 @@ from tiered.layout import (
     MANIFEST_NAME,
     STAGING_DIR,
     TIERED_DIR,
+    TRASH_DIR,
     is_tmp_name,
     parse_step,
     step_name,
@@ -211,19 +213,65 @@ class LocalTier:
             self._size_cache[key] = total
         return self._size_cache[key]
 
+    def manifest_path(self, step: int) -> Path:
+        return self.tiered_dir / "manifests" / f"{step_name(step)}.json"
+
+    def manifest(self, step: int) -> Manifest:
+        """The step's manifest, built once when first asked for and kept in ``.tiered/manifests``.
+
+        Keeping it means bytes that change on disk after the first look (a bit flip, a stray
+        writer) are caught by verification instead of being uploaded under a fresh checksum. A
+        manifest older than the step's commit marker belongs to an earlier save of the same
+        step number and is rebuilt.
+        """
+        step_dir = self.step_dir(step)
+        path = self.manifest_path(step)
+        with contextlib.suppress(FileNotFoundError, LayoutError):
+            if path.stat().st_mtime_ns >= (step_dir / COMMIT_MARKER).stat().st_mtime_ns:
+                cached = Manifest.from_json(path.read_text())
+                if cached.step == step:
+                    return cached
+        reason, commit_time = read_step_metadata(step_dir)
+        manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
+        with translate_errors(f"writing {path}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(manifest.to_json())
+            os.replace(tmp, path)
+        return manifest
+
+    @property
+    def trash_dir(self) -> Path:
+        return self.tiered_dir / TRASH_DIR
+
     def delete_step(self, step: int) -> None:
-        """Marker first, then the rest. A symlinked step loses its link and its staged target."""
+        """Take the step out of the namespace in one rename, then delete it at leisure.
+
+        The rename into ``.tiered/trash`` is atomic, so a crash at any point leaves either the
+        whole committed step or none of it under ``<step>``; ``empty_trash`` finishes the job
+        later. A symlinked step (restored through orbax's protocol) loses its link and its
+        staged target.
+        """
         path = self.step_dir(step)
         with translate_errors(f"deleting local step {step}"):
+            self.trash_dir.mkdir(parents=True, exist_ok=True)
+            trashed = self.trash_dir / f"{step_name(step)}-{time.time_ns()}"
             if path.is_symlink():
                 target = path.resolve()
                 path.unlink()
-                if target.is_relative_to(self.staging_dir.resolve()):
-                    shutil.rmtree(target, ignore_errors=False)
-                return
-            with contextlib.suppress(FileNotFoundError):
-                (path / COMMIT_MARKER).unlink()
-            shutil.rmtree(path)
+                if target.is_relative_to(self.staging_dir.resolve()) and target.exists():
+                    os.replace(target, trashed)
+            else:
+                os.replace(path, trashed)
+            self.manifest_path(step).unlink(missing_ok=True)
+            faults.hit("prune-local")
+            self.empty_trash()
+
+    def empty_trash(self) -> None:
+        """Remove what earlier deletions moved aside (after a crash, too)."""
+        with contextlib.suppress(FileNotFoundError):
+            for entry in self.trash_dir.iterdir():
+                shutil.rmtree(entry, ignore_errors=True)
 
     def free_fraction(self) -> float:
         usage = shutil.disk_usage(self.root)
@@ -255,19 +303,18 @@ class DurableTier:
         concurrency: int = 8,
         bandwidth_mbps: float | None = None,
     ) -> None:
-        self.url = normalize_url(url)
-        self.protocol = self.url.partition("://")[0]
+        raw_url = normalize_url(url)
+        self.url = redact_url(raw_url)  # for messages and status; never holds credentials
+        self.protocol = raw_url.partition("://")[0]
         options = dict(storage_options or {})
         if self.protocol == "file":
             options.setdefault("auto_mkdir", True)
         with translate_errors(f"opening {self.url}"):
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+            self.fs, self.root = fsspec.core.url_to_fs(raw_url, **options)
         self.root = self.root.rstrip("/")
         self.concurrency = concurrency
         self._limiter = _RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None
         self._manifests: dict[int, Manifest] = {}
-        # Called with a point name ("upload-file", "commit") for fault-injection tests.
-        self.fault_hook: Callable[[str], None] = lambda point: None
 
     def __repr__(self) -> str:
         return f"DurableTier({self.url!r})"
@@ -415,7 +462,7 @@ class DurableTier:
                 self._limiter.take(manifest.files[rel].size)
             with translate_errors(f"uploading {rel} to {self.step_url(step)}"):
                 self.fs.put_file(str(step_dir / rel), remote)
-            self.fault_hook("upload-file")
+            faults.hit("upload-file")
             with lock:
                 done += manifest.files[rel].size
                 if progress:
@@ -425,7 +472,7 @@ class DurableTier:
         self.verify_step(step, manifest)
         with translate_errors(f"committing {self.step_url(step)}"):
             self.fs.pipe_file(self._path(step, MANIFEST_NAME), manifest.to_json().encode())
-            self.fault_hook("commit")
+            faults.hit("commit")
             marker = step_dir / COMMIT_MARKER
             self.fs.pipe_file(self._path(step, COMMIT_MARKER), marker.read_bytes())
         self._manifests[step] = manifest
@@ -541,6 +588,7 @@ class DurableTier:
                 contextlib.suppress(FileNotFoundError),
             ):
                 self.fs.rm_file(self._path(step, rel))
+        faults.hit("prune-durable")
         with translate_errors(f"deleting {self.step_url(step)}"):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._path(step), recursive=True)
