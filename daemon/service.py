@@ -14,6 +14,7 @@ writes); plan with ``tiered.policy``; hand the next promotion to the promoter; a
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -22,7 +23,6 @@ import sys
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 from daemon.http import StatusServer
@@ -422,7 +422,7 @@ class Daemon:
             self.promoter.wait(max(0.0, min(1.0, deadline - time.monotonic())))
             if self.promoter.busy:
                 continue
-            saving = any(is_tmp_name(p.name) for p in self._safe_listdir())
+            saving = self._save_in_progress()
             rows = self.rows()
             pending = [
                 r.step
@@ -456,11 +456,24 @@ class Daemon:
         )
         return 1
 
-    def _safe_listdir(self) -> list[Path]:
+    def _save_in_progress(self, *, quiet_seconds: float = 5.0) -> bool:
+        """Whether the trainer is writing a save now: a tmp directory written to recently.
+
+        A tmp directory left by a trainer killed mid-save stays forever; it must not hold the
+        drain until the grace period runs out.
+        """
         try:
-            return list(self.local.root.iterdir())
+            tmps = [p for p in self.local.root.iterdir() if is_tmp_name(p.name)]
         except OSError:
-            return []
+            return False
+        cutoff = time.time() - quiet_seconds
+        for tmp in tmps:
+            for dirpath, _dirs, files in os.walk(tmp):
+                for name in [".", *files]:
+                    with contextlib.suppress(OSError):
+                        if os.stat(os.path.join(dirpath, name)).st_mtime > cutoff:
+                            return True
+        return False
 
     def stop(self) -> None:
         self.stopping.set()
@@ -522,6 +535,8 @@ def run_daemon(cfg: TieredConfig, *, log_format: str = "text") -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # `kill -USR1 <pid>` prints every thread's stack: stuck work is visible without a debugger.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return daemon.run()
     except TieredError as err:

@@ -202,7 +202,8 @@ class DaemonProc:
             return err.code, err.read()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def terminate(self, timeout: float = 60) -> int:
@@ -228,3 +229,47 @@ def wait_for(predicate: Any, *, timeout: float = 30, interval: float = 0.1, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's S3 server on a free port; yields its endpoint URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+S3_KEY = "AKIATIEREDTESTKEY"
+S3_SECRET = "tiered-test-secret-do-not-log"
+
+
+def s3_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+    ).create_bucket(Bucket=name)
+    return name
+
+
+def s3_storage_options(endpoint: str) -> dict[str, Any]:
+    return {
+        "key": S3_KEY,
+        "secret": S3_SECRET,
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }

@@ -70,6 +70,7 @@ def test_unknown_top_level_keys_are_ignored() -> None:
         ({"tiered": {"status_address": "nope"}}, "expected HOST:PORT"),
         ({"checkpoint_period": "often"}, "checkpoint_period"),
         ({"tiered": ["not", "a", "mapping"]}, "tiered: must be a mapping"),
+        ({"multi_tier_checkpointing_backup_interval_minutes": float("nan")}, "a finite number"),
     ],
 )
 def test_config_errors_name_the_key(over: dict[str, object], message: str) -> None:

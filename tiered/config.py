@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -202,6 +203,11 @@ def _check_consistency(cfg: TieredConfig) -> None:
     if steps is not None and steps < 0:
         raise ConfigError(
             f"multi_tier_checkpointing_backup_interval_steps must be positive, got {steps}"
+        )
+    if minutes is not None and not math.isfinite(minutes):
+        raise ConfigError(
+            f"multi_tier_checkpointing_backup_interval_minutes must be a finite number, got "
+            f"{minutes}"
         )
     if minutes is not None and minutes < 0:
         raise ConfigError(

@@ -11,12 +11,14 @@ Each save carries its reason (``periodic``, ``preemption`` or ``final``) in orba
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -153,7 +155,7 @@ class CheckpointManager:
                 self._stop = self._stop or reason == "preemption"
             return False
         self._warn_if_nearly_full()
-        try:
+        with self._disk_full_is_clear():
             saved = bool(
                 self._mgr.save(
                     step,
@@ -165,15 +167,6 @@ class CheckpointManager:
             if blocking:
                 self._mgr.wait_until_finished()
                 log.info("Saved %s checkpoint at step %d to %s", reason, step, cfg.local_dir)
-        except Exception as err:
-            if _is_disk_full(err):
-                raise StorageError(
-                    f"local tier {cfg.local_dir} is full (no space left on device) while saving "
-                    f"step {step}: is the tiered daemon running, and the durable tier "
-                    "reachable, so that promoted steps can be pruned?",
-                    transient=False,
-                ) from err
-            raise
         if reason == "preemption":
             self._stop = True
         return saved
@@ -194,8 +187,24 @@ class CheckpointManager:
                 sizes[-1] // 10**6,
             )
 
+    @contextlib.contextmanager
+    def _disk_full_is_clear(self) -> Iterator[None]:
+        """Turn orbax's wrapped ENOSPC (raised now or by an earlier async save) into one line."""
+        try:
+            yield
+        except Exception as err:
+            if _is_disk_full(err):
+                raise StorageError(
+                    f"local tier {self.config.local_dir} is full (no space left on device): is "
+                    "the tiered daemon running, and the durable tier reachable, so that promoted "
+                    "steps can be pruned?",
+                    transient=False,
+                ) from err
+            raise
+
     def wait_until_finished(self) -> None:
-        self._mgr.wait_until_finished()
+        with self._disk_full_is_clear():
+            self._mgr.wait_until_finished()
 
     # -- restoring --
 

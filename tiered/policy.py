@@ -215,7 +215,7 @@ def due_steps(steps: Sequence[StepInfo], ctx: PolicyContext) -> list[int]:
         if by_time or periodic or s.reason in PRECIOUS_REASONS:
             due.append(s.step)
             # The next time-based backup is measured from the newest step that will be durable.
-            if s.commit_time is not None and (reference is None or s.commit_time > reference):
+            if s.commit_time is not None:
                 reference = s.commit_time
     return due
 
