@@ -86,3 +86,16 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     out = tiered("promote", "70", "--config", str(config_path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "step 70 is not a committed step" in out.stderr
+
+
+def test_wait_settled_waits_for_preemption_steps(tmp_path: Path) -> None:
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    trainer = Trainer(cfg.local_dir)
+    trainer.save(37, example_state(), reason="preemption")
+    trainer.close()
+    c = str(config_path)
+    busy = tiered("status", "--no-daemon", "--wait-settled", "1", "--config", c)
+    assert busy.returncode == 1 and "still busy" in busy.stderr
+    assert tiered("promote", "37", "--config", c).returncode == 0
+    settled = tiered("status", "--no-daemon", "--wait-settled", "1", "--config", c)
+    assert settled.returncode == 0, settled.stderr

@@ -83,8 +83,11 @@ def test_pod_template_matches_config(manifest: str, overlay: str | None) -> None
             # both containers see the local tier at the path the config names
             assert str(cfg.local_dir).startswith(mounts["local-ssd"] + "/")
         assert spec["securityContext"]["runAsNonRoot"] is True
-        # the pod's grace covers the daemon's drain
-        assert spec["terminationGracePeriodSeconds"] > cfg.tiered.shutdown_grace_seconds
+        # the preStop wait plus the daemon's drain fit in the pod's grace period
+        command = sidecar["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["tiered", "status"] and config_arg in command
+        wait = float(command[command.index("--wait-settled") + 1])
+        assert wait + cfg.tiered.shutdown_grace_seconds < spec["terminationGracePeriodSeconds"]
 
 
 def test_overlays_point_at_their_backend() -> None:

@@ -17,7 +17,7 @@ from tiered.config import TieredConfig, load_config
 from tiered.errors import ChecksumMismatch, TieredError
 from tiered.ops import apply_deletes, fetch_step, human_bytes, open_tiers, promote_step, snapshot
 from tiered.policy import context_for, plan
-from tiered.status import collect_status, render_table
+from tiered.status import collect_status, is_settled, render_table
 
 log = logging.getLogger("tiered")
 
@@ -45,7 +45,19 @@ def _progress_bar(label: str) -> Any:
 
 def cmd_status(cfg: TieredConfig, args: argparse.Namespace) -> int:
     status = collect_status(cfg, ask_daemon=not args.no_daemon)
+    if args.wait_settled is not None:
+        deadline = time.monotonic() + args.wait_settled
+        while not is_settled(status) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            status = collect_status(cfg, ask_daemon=not args.no_daemon)
     print(status.to_json() if args.json else render_table(status))
+    if args.wait_settled is not None and not is_settled(status):
+        print(
+            f"tiered: still busy after {args.wait_settled:.0f} s (an upload, or a preemption or "
+            "final checkpoint not yet durable)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -132,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", "show both tiers, each step's state, and the daemon's health")
     p.add_argument("--json", action="store_true", help="print the JSON form (docs/status.md)")
     p.add_argument("--no-daemon", action="store_true", help="read the tiers, do not ask the daemon")
+    p.add_argument(
+        "--wait-settled",
+        type=float,
+        metavar="SECONDS",
+        default=None,
+        help="first wait (up to SECONDS) until no upload is running and every preemption or "
+        "final checkpoint is durable; exit 1 if that does not happen (for preStop hooks)",
+    )
     p.set_defaults(func=cmd_status)
     p = add("promote", "upload, verify and commit one local step to the durable tier now")
     p.add_argument("step", type=int)

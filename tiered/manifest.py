@@ -15,6 +15,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,12 +152,16 @@ def build_manifest(
     """Checksum every file of a committed local step."""
     if not (step_dir / COMMIT_MARKER).is_file():
         raise LayoutError(f"{step_dir}: no {COMMIT_MARKER}, so the step is not committed")
-    files: dict[str, FileEntry] = {}
-    for rel, full in iter_step_files(step_dir):
-        if is_marker_or_manifest(rel):
-            continue
-        size, crc = crc32c_of_file(full)
-        files[rel] = FileEntry(size=size, crc32c=crc)
+    todo = [
+        (rel, full) for rel, full in iter_step_files(step_dir) if not is_marker_or_manifest(rel)
+    ]
+    # Reading and checksumming release the GIL, so a few threads keep the disk busy.
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(todo)))) as pool:
+        sums = list(pool.map(lambda item: crc32c_of_file(item[1]), todo))
+    files = {
+        rel: FileEntry(size=size, crc32c=crc)
+        for (rel, _), (size, crc) in zip(todo, sums, strict=True)
+    }
     return Manifest(step=step, files=files, reason=reason, commit_time=commit_time)
 
 

@@ -149,6 +149,17 @@ def build_status(
     )
 
 
+def is_settled(status: TierStatus) -> bool:
+    """Whether the daemon owes nothing urgent: no upload in progress, and no preemption or final
+    checkpoint still waiting to become durable. A pod's preStop hook waits for this."""
+    if status.daemon.get("current_upload"):
+        return False
+    return not any(
+        s.state in ("due", "uploading") and s.reason in ("preemption", "final")
+        for s in status.steps
+    )
+
+
 def status_from_dict(data: dict[str, Any]) -> TierStatus:
     return TierStatus(
         **{k: v for k, v in data.items() if k != "steps"},

@@ -1,0 +1,90 @@
+"""``python -m bench [SCENARIO ...]``: run benchmarks, write bench/results/*.json, and regenerate
+docs/benchmarks.md (tables and PNG plots) from every result present.
+
+Scenarios: stall, promote, restore, interference, footprint, physical (default: all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+
+from bench import report, scenarios
+from bench.common import gcs_emulator, save_result
+
+ALL = ["stall", "promote", "restore", "interference", "footprint", "physical"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("scenarios", nargs="*", choices=[*ALL, []], default=[])
+    p.add_argument("--size-mb", type=int, default=1024, help="state size (random float32)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--stall-size-mb",
+        type=int,
+        default=256,
+        help="state size for the stall scenario; its orbax-direct baselines write through "
+        "tensorstore, which the emulator fails under GiB-sized writes (bench/NOTES.md)",
+    )
+    p.add_argument("--steps", type=int, default=60, help="training steps per stall run")
+    p.add_argument("--local-period", type=int, default=10)
+    p.add_argument("--step-ms", type=float, default=200.0, help="compute per training step")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the docs")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    chosen = args.scenarios or ALL
+    if not args.report_only:
+        work = scenarios.workdir()
+        try:
+            with gcs_emulator():
+                for name in chosen:
+                    print(f"== {name}", flush=True)
+                    result = run(name, args, work)
+                    path = save_result(name, result)
+                    print(f"   wrote {path}", flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    out = report.write()
+    print(f"regenerated {out}")
+    return 0
+
+
+def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-untyped-def]
+    if name == "stall":
+        return scenarios.training_stall(
+            size_mb=args.stall_size_mb,
+            reps=args.reps,
+            steps=args.steps,
+            local_period=args.local_period,
+            step_ms=args.step_ms,
+            work=work,
+        )
+    if name == "promote":
+        return {
+            backend: scenarios.promotion_throughput(
+                size_mb=args.size_mb,
+                reps=args.reps,
+                backend=backend,
+                work=work,
+                latency=backend == "gs",
+            )
+            for backend in ("gs", "file")
+        }
+    if name == "restore":
+        return scenarios.fresh_node_restore(size_mb=args.size_mb, reps=args.reps, work=work)
+    if name == "interference":
+        return scenarios.interference(
+            size_mb=args.size_mb, reps=args.reps, step_ms=args.step_ms, work=work
+        )
+    if name == "footprint":
+        return scenarios.footprint(work=work)
+    if name == "physical":
+        return scenarios.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
+    raise SystemExit(f"unknown scenario {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+"""The six scenarios. Each returns a JSON-able dict with raw samples, medians and ratios."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    config_mapping,
+    daemon,
+    drop_bucket,
+    gcs_emulator,
+    median,
+    new_bucket,
+    proc_cpu_seconds,
+    proc_rss_mb,
+    random_state,
+    state_bytes,
+    write_config,
+)
+
+
+def _compute_step(target_ms: float) -> Callable[[], None]:
+    """A jitted matmul chain calibrated to take about ``target_ms`` on this machine."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((256, 256), jnp.float32) / 256
+
+    @jax.jit
+    def one(a: jax.Array) -> jax.Array:
+        for _ in range(8):
+            a = jnp.tanh(a @ a)
+        return a
+
+    one(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        one(x).block_until_ready()
+    per = (time.perf_counter() - t0) / 20
+    reps = max(1, round(target_ms / 1000 / per))
+
+    def step() -> None:
+        a = x
+        for _ in range(reps):
+            a = one(a)
+        a.block_until_ready()
+
+    return step
+
+
+# -- 1. training stall ---------------------------------------------------------------------------
+
+
+def training_stall(
+    *, size_mb: int, reps: int, steps: int, local_period: int, step_ms: float, work: Path
+) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    import tiered
+
+    durable_period = 5 * local_period
+    state = random_state(size_mb)
+    compute = _compute_step(step_ms)
+    setups = [
+        "none",
+        "orbax_durable_every_local",
+        "orbax_durable_every_durable",
+        "orbax_local_async",
+        "tiered",
+    ]
+    samples: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
+
+    def run(setup: str, rep: int) -> dict[str, float]:
+        base = work / f"stall-{setup}-{rep}"
+        blocking: list[float] = []
+        bucket = new_bucket()
+
+        def loop(save: Callable[[int], None] | None, finish: Callable[[], None]) -> float:
+            t0 = time.perf_counter()
+            for step in range(1, steps + 1):
+                compute()
+                if save is not None:
+                    s0 = time.perf_counter()
+                    save(step)
+                    blocking.append(time.perf_counter() - s0)
+            finish()
+            return time.perf_counter() - t0
+
+        if setup == "none":
+            wall = loop(None, lambda: None)
+        elif setup.startswith("orbax"):
+            if setup == "orbax_local_async":
+                directory, period = str(base / "local"), local_period
+            else:
+                directory = f"gs://{bucket}/orbax"
+                period = local_period if setup == "orbax_durable_every_local" else durable_period
+            mgr = ocp.CheckpointManager(
+                directory,
+                options=ocp.CheckpointManagerOptions(
+                    save_interval_steps=period, enable_async_checkpointing=True, create=True
+                ),
+            )
+            wall = loop(
+                lambda s: mgr.save(s, args=ocp.args.StandardSave(state)), mgr.wait_until_finished
+            )
+            mgr.close()
+        else:
+            cfg = write_config(
+                base.with_suffix(".yml"),
+                config_mapping(
+                    base / "local",
+                    f"gs://{bucket}/tiered",
+                    checkpoint_period=durable_period,
+                    local_checkpoint_period=local_period,
+                    tiered={"local_max_to_keep": 2},
+                ),
+            )
+            base.mkdir(parents=True, exist_ok=True)
+            with daemon(cfg):
+                mgr = tiered.CheckpointManager(cfg, install_signal_handlers=False)
+                wall = loop(lambda s: mgr.save(s, state), mgr.wait_until_finished)
+                mgr.close()
+        shutil.rmtree(base, ignore_errors=True)
+        drop_bucket(bucket)
+        saves = [b for b in blocking if b > 0.001] or [0.0]
+        return {
+            "wall_s": wall,
+            "save_block_median_s": median(saves),
+            "save_block_total_s": sum(blocking),
+            "saves": len(saves),
+        }
+
+    failures: list[str] = []
+    for rep in range(reps):
+        for setup in setups:  # interleaved: every setup once per round
+            # A fresh emulator per run: under GiB-scale tensorstore writes it degrades over
+            # time (bench/NOTES.md), and one run must not inherit another's state.
+            try:
+                with gcs_emulator():
+                    samples[setup].append(run(setup, rep))
+            except Exception as err:  # a baseline failing on the emulator is recorded, not fatal
+                failures.append(f"{setup} round {rep}: {type(err).__name__}: {str(err)[:200]}")
+    walls = {s: median([x["wall_s"] for x in samples[s]]) for s in setups}
+    overhead = {s: walls[s] - walls["none"] for s in setups}
+    risk = {
+        "none": steps,
+        "orbax_durable_every_local": local_period,
+        "orbax_durable_every_durable": durable_period,
+        "orbax_local_async": local_period,
+        "tiered": local_period,
+    }
+    return {
+        "params": {
+            "size_mb": size_mb,
+            "bytes": state_bytes(state),
+            "steps": steps,
+            "local_period": local_period,
+            "durable_period": durable_period,
+            "step_ms": step_ms,
+            "reps": reps,
+        },
+        "samples": samples,
+        "median_wall_s": walls,
+        "overhead_s": overhead,
+        "median_save_block_s": {
+            s: median([x["save_block_median_s"] for x in samples[s]]) for s in setups
+        },
+        "steps_at_risk_on_crash": risk,
+        "failed_runs": failures,
+        "ratios": {
+            "tiered_vs_orbax_local_async_overhead": _ratio(
+                overhead["tiered"], overhead["orbax_local_async"]
+            ),
+            "orbax_every_local_vs_tiered_overhead": _ratio(
+                overhead["orbax_durable_every_local"], overhead["tiered"]
+            ),
+        },
+        "bars": {
+            "tiered within 1.1x of orbax local async (overhead)": 1.1,
+            "orbax every local period to durable at least 5x tiered (overhead)": 5.0,
+        },
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    floor = 0.05  # seconds: below this an overhead is noise, and a ratio of noise means nothing
+    return max(a, floor) / max(b, floor)
+
+
+# -- 2. promotion throughput ----------------------------------------------------------------------
+
+
+def promotion_throughput(
+    *, size_mb: int, reps: int, backend: str, work: Path, latency: bool = True
+) -> dict[str, Any]:
+    import fsspec
+
+    from bench.common import save_state_locally
+    from tiered import DurableTier
+
+    local = work / f"promote-local-{backend}"
+    step_dir = save_state_locally(local, 100, random_state(size_mb))
+    total = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
+    if backend == "gs":
+        root = f"gs://{new_bucket()}"
+        opts: dict[str, Any] = {"token": "anon"}
+    else:
+        root = f"file://{work}/promote-durable"
+        opts = {}
+    fs, _ = fsspec.core.url_to_fs(root, **opts)
+    raw, ours = [], []
+    for rep in range(reps):
+        target = f"{root}/raw-{rep}/100".partition("://")[2]
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        t0 = time.perf_counter()
+        fs.put(str(step_dir), target, recursive=True)
+        raw.append(total / 1e6 / (time.perf_counter() - t0))
+        tier = DurableTier(f"{root}/tiered-{rep}", storage_options=opts)
+        t0 = time.perf_counter()
+        tier.upload_step(step_dir, step=100)  # manifest, upload, verify, commit
+        ours.append(total / 1e6 / (time.perf_counter() - t0))
+    latencies = detection_latency(work=work, reps=max(5, reps)) if latency else []
+    return {
+        "params": {"size_mb": size_mb, "bytes": total, "backend": backend, "reps": reps},
+        "raw_put_mb_s": raw,
+        "tiered_mb_s": ours,
+        "median": {"raw_put_mb_s": median(raw), "tiered_mb_s": median(ours)},
+        "ratios": {"tiered_vs_raw_throughput": median(ours) / median(raw)},
+        "detection_latency_s": latencies,
+        "median_detection_latency_s": median(latencies),
+        "bars": {
+            "tiered at least 0.9x raw put (checksums included)": 0.9,
+            "median detection-to-upload latency under 1 s": 1.0,
+        },
+    }
+
+
+def detection_latency(*, work: Path, reps: int) -> list[float]:
+    """From orbax's commit (its rename into place) to the daemon starting the upload."""
+    from bench.common import save_state_locally
+
+    local = work / "latency-local"
+    cfg = write_config(
+        work / "latency.yml",
+        config_mapping(
+            local,
+            f"file://{work}/latency-durable",
+            checkpoint_period=10,
+            local_checkpoint_period=10,
+            tiered={"rescan_seconds": 30, "local_max_to_keep": 100},
+        ),
+    )
+    state = random_state(1)
+    out = []
+    with daemon(cfg):
+        for i in range(reps):
+            step = 10 * (i + 1)
+            save_state_locally(local, step, state)
+            time.sleep(1.0)
+        time.sleep(1.0)
+    log = cfg.with_suffix(".daemon.log").read_text()
+    for i in range(reps):
+        step = 10 * (i + 1)
+        meta = json.loads((local / str(step) / "_CHECKPOINT_METADATA").read_text())
+        committed = meta["commit_timestamp_nsecs"] / 1e9
+        m = re.search(rf"^(\S+ \S+) INFO daemon: Promoting step {step} ", log, re.M)
+        if m:
+            started = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append(max(0.0, started - committed))
+    shutil.rmtree(local, ignore_errors=True)
+    return out
+
+
+# -- 3. fresh-node restore ------------------------------------------------------------------------
+
+
+def fresh_node_restore(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    import tiered
+    from bench.common import save_state_locally
+    from tiered import DurableTier, LocalTier
+
+    state = random_state(size_mb)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    bucket = new_bucket()
+    durable_url = f"gs://{bucket}/run"
+    seed_local = work / "restore-seed"
+    step_dir = save_state_locally(seed_local, 500, state)
+    DurableTier(durable_url, storage_options={"token": "anon"}).upload_step(step_dir, step=500)
+    shutil.rmtree(seed_local)
+    direct, ours = [], []
+    for rep in range(reps):
+        t0 = time.perf_counter()
+        with ocp.CheckpointManager(durable_url) as mgr:
+            restored = mgr.restore(500, args=ocp.args.StandardRestore(abstract))
+        jax.block_until_ready(restored)
+        direct.append(time.perf_counter() - t0)
+        local = work / f"restore-node-{rep}"
+        cfg = tiered.config_from_mapping(
+            config_mapping(local, durable_url, checkpoint_period=500, local_checkpoint_period=500),
+            env={},
+        )
+        t0 = time.perf_counter()
+        with tiered.CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+            result = mgr.restore(abstract)
+        assert result is not None and result.step == 500
+        jax.block_until_ready(result.state)
+        ours.append(time.perf_counter() - t0)
+        assert LocalTier(local).committed_steps() == [500]
+        shutil.rmtree(local)
+    return {
+        "params": {"size_mb": size_mb, "bytes": state_bytes(state), "reps": reps},
+        "orbax_direct_s": direct,
+        "tiered_s": ours,
+        "median": {"orbax_direct_s": median(direct), "tiered_s": median(ours)},
+        "ratios": {"tiered_vs_orbax_direct_time": median(ours) / median(direct)},
+        "bars": {"tiered at most 1.2x orbax restoring straight from the durable tier": 1.2},
+    }
+
+
+# -- 4. interference ------------------------------------------------------------------------------
+
+
+def interference(*, size_mb: int, reps: int, step_ms: float, work: Path) -> dict[str, Any]:
+    from bench.common import save_state_locally
+
+    compute = _compute_step(step_ms)
+    local = work / "interfere-local"
+    save_state_locally(local, 100, random_state(size_mb))
+    results: dict[str, dict[str, list[float]]] = {}
+    for label, cap in (("uncapped", None), ("capped_400mbps", 400.0)):
+        idle, busy = [], []
+        for rep in range(reps):
+            for _ in range(20):
+                t0 = time.perf_counter()
+                compute()
+                idle.append(time.perf_counter() - t0)
+            cfg = write_config(
+                work / f"interfere-{label}-{rep}.yml",
+                config_mapping(
+                    local,
+                    f"file://{work}/interfere-durable-{label}-{rep}",
+                    checkpoint_period=100,
+                    local_checkpoint_period=100,
+                    tiered={
+                        "local_max_to_keep": 10,
+                        **({"upload_bandwidth_mbps": cap} if cap else {}),
+                    },
+                ),
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tiered.cli", "promote", "100", "--config", str(cfg)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            # wait for the upload to be under way (the CLI's start-up is not the upload)
+            marker = work / f"interfere-durable-{label}-{rep}" / "100"
+            while proc.poll() is None and not marker.exists():
+                time.sleep(0.01)
+            while proc.poll() is None:
+                t0 = time.perf_counter()
+                compute()
+                busy.append(time.perf_counter() - t0)
+            shutil.rmtree(work / f"interfere-durable-{label}-{rep}", ignore_errors=True)
+        results[label] = {"idle_step_s": idle, "busy_step_s": busy}
+    summary = {
+        label: {
+            "median_idle_s": median(r["idle_step_s"]),
+            "median_busy_s": median(r["busy_step_s"]),
+            "slowdown": median(r["busy_step_s"]) / median(r["idle_step_s"]),
+            "busy_samples": len(r["busy_step_s"]),
+        }
+        for label, r in results.items()
+    }
+    return {
+        "params": {"size_mb": size_mb, "step_ms": step_ms, "reps": reps},
+        "samples": results,
+        "summary": summary,
+        "bars": {"step time while uploading at most 1.05x idle": 1.05},
+    }
+
+
+# -- 5. daemon footprint --------------------------------------------------------------------------
+
+
+def footprint(
+    *, work: Path, steps: int = 50, files: int = 1000, seconds: float = 30.0
+) -> dict[str, Any]:
+    local = work / "footprint-local"
+    for i in range(steps):
+        step_dir = local / str(i * 10 + 1)  # not multiples of the durable period: nothing due
+        (step_dir / "d").mkdir(parents=True)
+        for j in range(files):
+            (step_dir / "d" / f"f{j}").write_bytes(b"x" * 512)
+        (step_dir / "commit_success.txt").write_text("ok")
+    cfg = write_config(
+        work / "footprint.yml",
+        config_mapping(
+            local,
+            f"file://{work}/footprint-durable",
+            checkpoint_period=10_000,
+            local_checkpoint_period=10,
+            tiered={"local_max_to_keep": steps + 10, "rescan_seconds": 30},
+        ),
+    )
+    with daemon(cfg) as proc:
+        time.sleep(5)  # settle: first scan, imports
+        c0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)
+        cpu = (proc_cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
+        rss = proc_rss_mb(proc.pid)
+    shutil.rmtree(local, ignore_errors=True)
+    return {
+        "params": {"steps": steps, "files_per_step": files, "seconds": seconds},
+        "idle_cpu_percent": cpu * 100,
+        "rss_mb": rss,
+        "bars": {"idle CPU under 1%": 1.0, "RSS under 150 MB": 150.0},
+    }
+
+
+# -- 6. the physical limit ------------------------------------------------------------------------
+
+
+def physical_limit(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]:
+    from bench.common import save_state_locally
+
+    state = random_state(size_mb)
+    nbytes = state_bytes(state)
+    dd, orbax = [], []
+    target = work / "dd.bin"
+    count = max(1, size_mb // 64)
+    for rep in range(reps):
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                "dd",
+                "if=/dev/urandom",
+                f"of={target}.src",
+                "bs=64M",
+                f"count={count}",
+                "status=none",
+            ],
+            check=True,
+        ) if rep == 0 else None
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                "dd",
+                f"if={target}.src",
+                f"of={target}",
+                "bs=64M",
+                f"count={count}",
+                "oflag=direct",
+                "conv=fsync",
+                "status=none",
+            ],
+            check=True,
+        )
+        dd.append(count * 64 * 2**20 / 1e6 / (time.perf_counter() - t0))
+        local = work / f"phys-{rep}"
+        t0 = time.perf_counter()
+        save_state_locally(local, 1, state)
+        subprocess.run(["sync"], check=True)
+        orbax.append(nbytes / 1e6 / (time.perf_counter() - t0))
+        shutil.rmtree(local)
+    target.unlink(missing_ok=True)
+    Path(f"{target}.src").unlink(missing_ok=True)
+    return {
+        "params": {"size_mb": size_mb, "reps": reps},
+        "dd_direct_write_mb_s": dd,
+        "orbax_local_save_mb_s": orbax,
+        "median": {"dd_direct_write_mb_s": median(dd), "orbax_local_save_mb_s": median(orbax)},
+        "ratios": {"local_save_fraction_of_disk": median(orbax) / median(dd)},
+    }
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="tiered-bench-", dir="/var/tmp"))
