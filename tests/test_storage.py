@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,19 @@ def test_symlinked_step_promotes_and_prunes_with_its_target(
     local_steps.delete_step(50)
     assert not local_steps.step_dir(50).is_symlink() and not staged.exists()
     assert local_steps.committed_steps() == [10]
+
+
+def test_large_objects_download_in_ranges_and_verify(tmp_path: Path, gs_url: str) -> None:
+    step_dir = tmp_path / "local" / "50"
+    step_dir.mkdir(parents=True)
+    (step_dir / "big.bin").write_bytes(os.urandom(70 * 1024 * 1024 + 3))  # > the range cutoff
+    (step_dir / "commit_success.txt").write_text("ok")
+    durable = tier(gs_url)
+    durable.upload_step(step_dir, step=50)
+    durable.download_step(50, tmp_path / "back")
+    assert (tmp_path / "back" / "big.bin").read_bytes() == (step_dir / "big.bin").read_bytes()
+    data = durable.fs.cat_file(durable._path(50, "big.bin"))
+    durable.fs.pipe_file(durable._path(50, "big.bin"), data[: len(data) - 1000])
+    with pytest.raises(ChecksumMismatch):
+        durable.download_step(50, tmp_path / "back2")
+    assert not (tmp_path / "back2").exists()
