@@ -476,3 +476,18 @@ def test_clock_jumps_do_not_stall_time_based_promotion() -> None:
         StepInfo(step=110, local=True, commit_time=10**7),
     ]  # a jump forward
     assert due_steps(forward, ctx) == [110]
+
+
+def test_two_trainers_on_one_directory_are_refused(tmp_path: Path) -> None:
+    from tiered import TieredError
+
+    _, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    with (
+        CheckpointManager(cfg, install_signal_handlers=False),
+        pytest.raises(
+            TieredError, match=rf"another tiered.CheckpointManager \(pid {os.getpid()}\)"
+        ),
+    ):
+        CheckpointManager(cfg, install_signal_handlers=False)
+    with CheckpointManager(cfg, install_signal_handlers=False):
+        pass  # released on close: the next trainer gets it
