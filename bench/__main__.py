@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name in chosen:
                     print(f"== {name}", flush=True)
                     result = run(name, args, work)
-                    path = save_result(name, result)
+                    # With the state on a GPU, the stall includes the device-to-host copy:
+                    # its results get their own file and table.
+                    device = result.get("params", {}).get("device", "cpu")
+                    path = save_result(name if device == "cpu" else f"{name}-{device}", result)
                     print(f"   wrote {path}", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)

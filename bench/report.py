@@ -174,6 +174,7 @@ def _physical(r: dict[str, Any]) -> list[str]:
 
 SECTIONS = [
     ("stall", "1. Training stall", _stall),
+    ("stall-gpu", "1b. Training stall, state on the GPU (device-to-host copy included)", _stall),
     ("promote", "2. Promotion throughput", _promote),
     ("restore", "3. Fresh-node restore", _restore),
     ("interference", "4. Interference with training", _interference),
@@ -199,7 +200,12 @@ def write() -> Path:
         lines.append("")
         r = results.get(key)
         if r is None:
-            lines += ["Not run yet: `python -m bench " + key + "`.", ""]
+            hint = (
+                "needs a GPU: run `python -m bench stall` on a machine with one"
+                if key.endswith("-gpu")
+                else f"`python -m bench {key}`"
+            )
+            lines += [f"Not run yet: {hint}.", ""]
             continue
         lines.append(
             f"Command: `{r['command']}` on {r['machine']['cpus']} CPUs, {r['machine']['date']}."

@@ -64,6 +64,7 @@ def _compute_step(target_ms: float) -> Callable[[], None]:
 def training_stall(
     *, size_mb: int, reps: int, steps: int, local_period: int, step_ms: float, work: Path
 ) -> dict[str, Any]:
+    import jax
     import orbax.checkpoint as ocp
 
     import tiered
@@ -161,6 +162,7 @@ def training_stall(
     }
     return {
         "params": {
+            "device": jax.devices()[0].platform,
             "size_mb": size_mb,
             "bytes": state_bytes(state),
             "steps": steps,
