@@ -89,21 +89,22 @@ def test_no_checkpoint_anywhere_returns_none(tmp_path: Path) -> None:
         assert mgr.latest_step() is None
 
 
+def train_command(config_path: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "examples" / "train.py"),
+        "--config",
+        str(config_path),
+        *args,
+    ]
+
+
 def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
     config_path, cfg = write_config(
         tmp_path, f"file://{tmp_path}/durable", local_checkpoint_period=1000, checkpoint_period=5000
     )
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "train.py"),
-            "--config",
-            str(config_path),
-            "--steps",
-            "100000",
-            "--step-time",
-            "0.01",
-        ],
+        train_command(config_path, "--steps", "100000", "--step-time", "0.01"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -126,14 +127,7 @@ def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
     assert facts[stop_step].committed and facts[stop_step].reason == "preemption"
 
     resumed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "train.py"),
-            "--config",
-            str(config_path),
-            "--steps",
-            str(stop_step + 3),
-        ],
+        train_command(config_path, "--steps", str(stop_step + 3)),
         capture_output=True,
         text=True,
         timeout=120,
