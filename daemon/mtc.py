@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from tiered import DurableTier, LocalTier, StepInfo, TieredError, stage_step
+from tiered.coord import Rendezvous
 from tiered.layout import (
     JAX_INIT_INFO,
     REPLICATOR_ERRORS,
@@ -115,10 +116,6 @@ def parse_replicator_yaml(text: str, *, local_period: int) -> ReplicatorConfig:
                 f"backup-interval-steps {steps} is not a multiple of local_checkpoint_period "
                 f"{local_period}: only steps saved locally can be backed up"
             )
-    if nodes > 1:
-        warnings.append(
-            f"nodes={nodes}: this daemon uploads node {rank}'s files; run one daemon per node"
-        )
     return ReplicatorConfig(
         job_name=job.strip(),
         node_rank=rank,
@@ -147,11 +144,16 @@ class MtcProtocol:
         *,
         local_period: int,
         jax_init_info: tuple[int, str] | None,
+        configured_nodes: int = 1,
+        agreement_timeout: float = 600.0,
     ) -> None:
         self.local = local
         self.durable = durable
         self.local_period = local_period
         self.jax_init_info = jax_init_info
+        self.configured_nodes = configured_nodes
+        self.agreement_timeout = agreement_timeout
+        self.last_decision_epoch: int | None = None
         self.active: ReplicatorConfig | None = None
         self.pending_restore: ReplicatorConfig | None = None
 
@@ -188,6 +190,20 @@ class MtcProtocol:
             )
             for w in cfg.warnings:
                 log.warning("%s: %s", REPLICATOR_FILE, w)
+        if self.configured_nodes > 1 and (
+            cfg.nodes != self.configured_nodes or cfg.node_rank != self.durable.node_rank
+        ):
+            reason = (
+                f"{REPLICATOR_FILE} says node {cfg.node_rank} of {cfg.nodes}, but this daemon is "
+                f"configured as node {self.durable.node_rank} of {self.configured_nodes} "
+                "(tiered.node_rank / tiered.num_nodes)"
+            )
+            log.error("Rejected %s: %s", REPLICATOR_FILE, reason)
+            _write_atomic(self.root / REPLICATOR_FAILED, f"tiered: {reason}\n")
+            path.unlink(missing_ok=True)
+            return None
+        # The client knows the job's shape; the daemon follows it.
+        self.durable.set_topology(cfg.node_rank, cfg.nodes)
         path.unlink(missing_ok=True)
         interval = (
             f"every {cfg.backup_interval_steps} steps"
@@ -218,14 +234,44 @@ class MtcProtocol:
         durable = [r.step for r in rows if r.durable]
         return (max(durable), "durable") if durable else None
 
-    def expose_restore(self, rows: list[StepInfo]) -> int:
-        """Answer the pending restore request; return the step offered (0 for none)."""
+    def expose_restore(self, rows: list[StepInfo], *, should_stop: Any = None) -> int:
+        """Answer the pending restore request; return the step offered (0 for none).
+
+        With several nodes, every node's daemon first agrees on the step through the durable
+        tier (``tiered.coord``); a node that does not hold it locally downloads only its part,
+        and local steps newer than it are set aside, since the other nodes lack them.
+        """
         cfg = self.pending_restore
         assert cfg is not None
         for entry in self.root.iterdir():
             if entry.name.endswith(RESTORE_SUFFIX) and parse_restore(entry.name) is not None:
                 entry.unlink()
-        choice = self.choose_restore(rows)
+        if self.durable.multi_node:
+            local_steps = [r.step for r in rows if r.local]
+            decision = Rendezvous(self.durable).agree(
+                local_steps, timeout=self.agreement_timeout, should_stop=should_stop
+            )
+            self.last_decision_epoch = decision.epoch
+            newer_steps = [s for s in local_steps if decision.step is None or s > decision.step]
+            for newer in sorted(newer_steps):
+                log.warning(
+                    "Setting aside local step %d: the nodes agreed on %s, and not every node "
+                    "holds %d",
+                    newer,
+                    f"step {decision.step}" if decision.step is not None else "a fresh start",
+                    newer,
+                )
+                self.local.delete_step(newer)
+            choice = (
+                None
+                if decision.step is None
+                else (
+                    decision.step,
+                    "local" if self.durable.node_rank in decision.holders else "durable",
+                )
+            )
+        else:
+            choice = self.choose_restore(rows)
         if choice is None:
             marker = self.root / restore_name(cfg.job_name, 0, node=cfg.node_rank)
             marker.touch(mode=0o644)

@@ -40,10 +40,12 @@ from tiered import (
     TransferResult,
     apply_deletes,
     build_status,
+    commit_parts,
     context_for,
     open_tiers,
     plan,
 )
+from tiered.coord import Rendezvous
 from tiered.layout import STATUS_NAME, is_tmp_name
 from tiered.lock import DaemonLock
 from tiered.policy import PRECIOUS_REASONS, merge_inventories
@@ -70,7 +72,12 @@ class Daemon:
         self.mtc: MtcProtocol | None = None
         if cfg.speaks_mtc:
             init = (
-                (cfg.tiered.process_id, cfg.tiered.coordinator_address)
+                (
+                    cfg.tiered.process_id
+                    if cfg.tiered.process_id is not None
+                    else cfg.tiered.node_rank,
+                    cfg.tiered.coordinator_address,
+                )
                 if cfg.tiered.write_jax_init_info and cfg.tiered.coordinator_address
                 else None
             )
@@ -79,6 +86,8 @@ class Daemon:
                 self.durable,
                 local_period=cfg.local_checkpoint_period,
                 jax_init_info=init,
+                configured_nodes=cfg.tiered.num_nodes,
+                agreement_timeout=cfg.tiered.restore_agreement_timeout_seconds,
             )
         self._state_lock = threading.RLock()
         self._durable_facts: list[StepFacts] = []
@@ -94,6 +103,12 @@ class Daemon:
         self._failing_since: float | None = None
         self._last_promotion: dict[str, Any] | None = None
         self._disk_pressure = False
+        # Multi-node: steps whose part this node uploaded, by the epoch it carries; what node 0
+        # still waits for; steps given up on; and the current restore epoch.
+        self._parts: dict[int, int] = {}
+        self._missing: dict[int, list[int]] = {}
+        self._abandoned: set[int] = set()
+        self._epoch = 0
         self._started = time.time()
         self.server: StatusServer | None = None
         self.watcher: Watcher | None = None
@@ -147,6 +162,20 @@ class Daemon:
                 "recently_pruned": list(self._pruned),
                 "disk_pressure": self._disk_pressure,
                 "mtc_job": self.mtc.active.job_name if self.mtc and self.mtc.active else None,
+                "node": (
+                    {
+                        "rank": self.durable.node_rank,
+                        "nodes": self.durable.num_nodes,
+                        "epoch": self._epoch,
+                        "committing": {
+                            str(step): {"missing": self._missing.get(step)}
+                            for step in sorted(self._parts)
+                        },
+                        "abandoned": sorted(self._abandoned),
+                    }
+                    if self.durable.multi_node
+                    else None
+                ),
             }
 
     def status_json(self) -> str:
@@ -170,6 +199,12 @@ class Daemon:
             self._record_error("list", str(err))
             log.warning("Cannot list the durable tier: %s", err)
             return
+        if self.durable.multi_node:
+            try:
+                self._epoch = Rendezvous(self.durable).current_epoch()
+            except (StorageError, TieredError) as err:
+                self._record_error("list", str(err))
+                log.warning("Cannot read the restore epoch: %s", err)
         with self._state_lock:
             self._durable_facts = facts
             self._durable_refreshed = time.monotonic()
@@ -195,6 +230,8 @@ class Daemon:
         if self.mtc is not None:
             self._mtc_cycle()
         rows = self.rows()
+        if self.durable.multi_node:
+            rows = self._parts_cycle(rows)
         pressure = self._check_disk()
         with self._state_lock:
             failed = frozenset(self._failed)
@@ -207,9 +244,11 @@ class Daemon:
             self.cfg,
             now=time.time(),
             disk_pressure=pressure,
-            in_flight=self.promoter.in_flight(),
+            # A part waiting for node 0's commit is neither uploaded again nor pruned.
+            in_flight=self.promoter.in_flight() | frozenset(self._parts),
             staged=staged,
             failed=failed | cooling,
+            abandoned=frozenset(self._abandoned),
         )
         decided = plan(rows, ctx)
         self._fingerprint(decided)
@@ -233,6 +272,54 @@ class Daemon:
         self._write_status_file()
         return decided
 
+    def _parts_cycle(self, rows: list[StepInfo]) -> list[StepInfo]:
+        """Multi-node bookkeeping: node 0 commits steps whose parts are all in; every node
+        forgets parts that are committed or stale, and gives up on steps that can never commit.
+        Returns the rows again when a commit changed them."""
+        durable = {r.step for r in rows if r.durable}
+        local = {r.step for r in rows if r.local}
+        newest_durable = max(durable, default=-1)
+        committed_now = False
+        for step, epoch in sorted(self._parts.items()):
+            if step in durable or step not in local or epoch != self._epoch:
+                # Committed; or gone; or uploaded before a restart: upload it again if still due.
+                self._parts.pop(step)
+                self._missing.pop(step, None)
+                continue
+            if self.durable.node_rank == 0:
+                try:
+                    missing = commit_parts(self.local, self.durable, step, epoch=epoch)
+                except (TieredError, OSError) as err:
+                    self._record_error("commit", f"step {step}: {err}")
+                    log.warning("Cannot commit step %d: %s", step, err)
+                    continue
+                if not missing:
+                    self._parts.pop(step)
+                    self._missing.pop(step, None)
+                    committed_now = True
+                    continue
+                if missing != self._missing.get(step):
+                    log.info("Step %d: waiting for the parts of nodes %s", step, missing)
+                self._missing[step] = missing
+            if step < newest_durable:
+                log.warning(
+                    "Giving up on step %d: it was never committed (%s), and the newer step %d "
+                    "is durable",
+                    step,
+                    f"nodes {self._missing[step]} never uploaded their part"
+                    if step in self._missing
+                    else "node 0 never committed it",
+                    newest_durable,
+                )
+                self._parts.pop(step)
+                self._missing.pop(step, None)
+                self._abandoned.add(step)
+        if committed_now:
+            self.refresh_durable()
+            self._prune_requested = True
+            return self.rows()
+        return rows
+
     def _fingerprint(self, decided: Plan) -> None:
         """Checksum newly due steps now, soon after the trainer wrote them, not at upload time."""
         for promote in decided.promote:
@@ -248,6 +335,9 @@ class Daemon:
         # Never delete what started uploading since the plan was made.
         busy = self.promoter.in_flight()
         deletes = [d for d in decided.delete if not (d.tier == "local" and d.step in busy)]
+        if self.durable.node_rank != 0:
+            # One writer prunes the durable tier: node 0, the committer.
+            deletes = [d for d in deletes if d.tier == "local"]
         try:
             done = apply_deletes(deletes, self.local, self.durable)
         except (StorageError, OSError) as err:
@@ -297,8 +387,12 @@ class Daemon:
         choice = self.mtc.choose_restore(rows)
         if choice is not None and choice[0] in self.promoter.in_flight():
             return  # wait: the step's files must not move while they upload
+        if self.durable.multi_node and self.promoter.busy:
+            return  # the agreed step is not known yet: let the upload finish first
         try:
-            self.mtc.expose_restore(rows)
+            self.mtc.expose_restore(rows, should_stop=self.stopping.is_set)
+            if self.mtc.last_decision_epoch is not None:
+                self._epoch = self.mtc.last_decision_epoch
         except (TieredError, OSError) as err:
             log.error("Restore negotiation failed: %s", err)
             self._record_error("restore", str(err))
@@ -312,6 +406,9 @@ class Daemon:
         error: BaseException | None,
         permanent: bool,
     ) -> None:
+        if result is not None and not result.committed:
+            self._parts[step] = result.epoch
+            self.wake.set()
         if result is not None:
             self.metrics.promoted.inc()
             self.metrics.bytes_uploaded.inc(result.bytes_moved)
@@ -399,7 +496,8 @@ class Daemon:
             self.cycle(force_rescan=True)
             tick = min(self.cfg.tiered.rescan_seconds, self.cfg.tiered.prune_interval_seconds, 5.0)
             while not self.stopping.is_set():
-                self.wake.wait(tick)
+                # Node 0 polls for the other nodes' parts every second while a commit waits.
+                self.wake.wait(1.0 if self._parts and self.durable.node_rank == 0 else tick)
                 self.wake.clear()
                 if self.stopping.is_set():
                     break
@@ -432,6 +530,15 @@ class Daemon:
                 and r.reason in PRECIOUS_REASONS
                 and r.step not in self._failed
             ]
+            if pending and self.durable.multi_node:
+                rows = self._parts_cycle(rows)
+                durable = {r.step for r in rows if r.durable}
+                uploaded = [p for p in pending if p in self._parts]
+                pending = [p for p in pending if p not in self._parts and p not in durable]
+                if not pending and uploaded and self.durable.node_rank == 0:
+                    # Node 0 commits: it waits for the other nodes' parts of these steps.
+                    time.sleep(0.5)
+                    continue
             if pending:
                 step = max(pending)
                 log.info("Draining: promoting step %d before exit", step)

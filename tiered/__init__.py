@@ -19,7 +19,15 @@ from tiered.errors import (
 )
 from tiered.layout import StepRef, parse_step
 from tiered.manifest import Manifest, build_manifest
-from tiered.ops import apply_deletes, fetch_step, open_tiers, promote_step, snapshot, stage_step
+from tiered.ops import (
+    apply_deletes,
+    commit_parts,
+    fetch_step,
+    open_tiers,
+    promote_step,
+    snapshot,
+    stage_step,
+)
 from tiered.policy import Plan, PolicyContext, StepFacts, StepInfo, context_for, plan
 from tiered.status import TierStatus, build_status, collect_status, render_table
 from tiered.storage import DurableTier, LocalTier, TransferResult
@@ -53,6 +61,7 @@ __all__ = [
     "build_manifest",
     "build_status",
     "collect_status",
+    "commit_parts",
     "config_from_mapping",
     "context_for",
     "fetch_step",

@@ -68,9 +68,10 @@ class TieredSettings(BaseModel):
     mtc_protocol: bool | None = None
     write_jax_init_info: bool = False
     coordinator_address: str | None = None
-    process_id: int = Field(0, ge=0)
+    process_id: int | None = Field(None, ge=0)
     node_rank: int = Field(0, ge=0)
     num_nodes: int = Field(1, ge=1)
+    restore_agreement_timeout_seconds: float = Field(600.0, gt=0)
     log_format: Literal["text", "json"] = "text"
 
     @field_validator("status_address")

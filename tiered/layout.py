@@ -13,10 +13,21 @@ Local tier (``<local_checkpoint_directory>``):
     replicator.yaml, replicator.errors, replicator.failed, jax-init-info.txt,
     {job}-s{step}-n{node}-w{worker}.restore    orbax's multi-tier protocol files
 
-Durable tier (``<checkpoint_dir>``):
+Durable tier (``<checkpoint_dir>``), one node:
     <step>/...                       the local step's files
     <step>/tiered-manifest.json      size and crc32c of every file
     <step>/commit_success.txt        written last; without it the step is a partial upload
+
+Durable tier, N > 1 nodes (one daemon per node, node rank 0 commits):
+    <step>/node-<r>/...              node r's local step files
+    <step>/tiered-parts/<r>.json     node r's part marker: its manifest, written once its files
+                                     are uploaded and verified
+    <step>/tiered-manifest.json      every node's files (``node-<r>/...``), written by node 0
+    <step>/commit_success.txt        written by node 0 once all N parts are verified; created
+                                     with a precondition (if-none-match) where the backend has one
+    .tiered/restore/request-<r>.json node r's restore request: its nonce and local steps
+    .tiered/restore/decision.json    node 0's answer: the step every node restores, and the epoch
+                                     that new part markers must carry
 
 A step name is a canonical decimal integer: no sign, no leading zeros, below 2**63. Anything
 else (``-1``, ``00100``, ``../x``) is not a step and is left alone.
@@ -44,6 +55,11 @@ REPLICATOR_ERRORS = "replicator.errors"
 REPLICATOR_FAILED = "replicator.failed"
 JAX_INIT_INFO = "jax-init-info.txt"
 RESTORE_SUFFIX = ".restore"
+
+PARTS_DIR = "tiered-parts"
+NODE_DIR_PREFIX = "node-"
+RESTORE_COORD_DIR = f"{TIERED_DIR}/restore"
+DECISION_NAME = "decision.json"
 
 MAX_STEP = 2**63 - 1
 
@@ -118,3 +134,17 @@ def staging_path(step: int) -> str:
 def is_marker_or_manifest(relpath: str) -> bool:
     """Files the manifest does not list: the top-level commit marker and the manifest itself."""
     return relpath in (COMMIT_MARKER, MANIFEST_NAME)
+
+
+def node_dir(rank: int) -> str:
+    """The durable sub-directory holding node ``rank``'s files of a multi-node step."""
+    return f"{NODE_DIR_PREFIX}{rank}"
+
+
+def part_marker(rank: int) -> str:
+    """Path of node ``rank``'s part marker, relative to a durable step."""
+    return f"{PARTS_DIR}/{rank}.json"
+
+
+def restore_request_name(rank: int) -> str:
+    return f"request-{rank}.json"

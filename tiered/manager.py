@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Any
 
 from tiered.config import TieredConfig, load_config
-from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StorageError
+from tiered.errors import ChecksumMismatch, CommitError, ConfigError, LayoutError, StorageError
 from tiered.layout import TRAINER_LOCK_NAME
 from tiered.lock import DaemonLock
 from tiered.ops import fetch_step
@@ -79,7 +79,75 @@ class CheckpointManager:
         self._lock.acquire()
         self._last_size = 0
         self._durable: DurableTier | None = None
-        self._mgr = ocp.CheckpointManager(
+        self._multi = self._check_topology()
+        if self._multi:
+            self._mgr = self._per_node_manager()
+        else:
+            self._mgr = ocp.CheckpointManager(
+                str(cfg.local_dir),
+                options=ocp.CheckpointManagerOptions(
+                    save_interval_steps=cfg.local_checkpoint_period,
+                    max_to_keep=None,
+                    enable_async_checkpointing=cfg.async_checkpointing,
+                    create=True,
+                    cleanup_tmp_directories=True,
+                ),
+            )
+        self._signal: int | None = None
+        self._stop = False
+        self._previous_handlers: dict[int, Any] = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _check_topology(self) -> bool:
+        """Whether this is one process of a multi-process JAX job, checked against the config."""
+        import jax
+
+        cfg = self.config.tiered
+        procs, index = jax.process_count(), jax.process_index()
+        if procs == 1 and cfg.num_nodes == 1:
+            return False
+        if cfg.num_nodes != procs or cfg.node_rank != index:
+            self._lock.release()
+            raise ConfigError(
+                f"JAX runs {procs} processes and this is process {index}, but the config says "
+                f"tiered.num_nodes: {cfg.num_nodes} and tiered.node_rank: {cfg.node_rank}. Set "
+                "both (TIERED_NUM_NODES, TIERED_NODE_RANK) for the trainer and for this node's "
+                "daemon, so that each node uploads only its own files."
+            )
+        return True
+
+    def _per_node_manager(self) -> Any:
+        """An orbax manager whose local directory holds this process's shards only.
+
+        As in orbax's own local checkpoints for multi-tier checkpointing: every process writes
+        its own metadata and commit marker (``primary_host=None``) and every shard it holds,
+        replicated or not (``replica_id=None``), so each node's directory restores on its own.
+        """
+        import jax
+
+        ocp = self._ocp
+        cfg = self.config
+        mp = ocp.options.MultiprocessingOptions(primary_host=None)
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (
+                jax.Array,
+                ocp.type_handlers.ArrayHandler(
+                    primary_host=None, replica_id=None, use_replica_parallel=False
+                ),
+            )
+        )
+        handler = ocp.PyTreeCheckpointHandler(
+            use_ocdbt=True,
+            use_zarr3=True,
+            multiprocessing_options=mp,
+            type_handler_registry=registry,
+        )
+        handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        handlers.add(None, ocp.args.PyTreeSave, handler)
+        handlers.add(None, ocp.args.PyTreeRestore, handler)
+        return ocp.CheckpointManager(
             str(cfg.local_dir),
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=cfg.local_checkpoint_period,
@@ -87,14 +155,11 @@ class CheckpointManager:
                 enable_async_checkpointing=cfg.async_checkpointing,
                 create=True,
                 cleanup_tmp_directories=True,
+                multiprocessing_options=mp,
+                enable_per_process_directory_creation=True,
             ),
+            handler_registry=handlers,
         )
-        self._signal: int | None = None
-        self._stop = False
-        self._previous_handlers: dict[int, Any] = {}
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     # -- signals --
 
@@ -126,6 +191,8 @@ class CheckpointManager:
                 self.config.durable_url,
                 storage_options=self.config.tiered.storage_options,
                 concurrency=self.config.tiered.download_concurrency,
+                node_rank=self.config.tiered.node_rank,
+                num_nodes=self.config.tiered.num_nodes,
             )
         return self._durable
 
@@ -156,13 +223,16 @@ class CheckpointManager:
             return False
         self._warn_if_nearly_full()
         with self._disk_full_is_clear():
+            meta: dict[str, Any] = {"reason": reason, "wall_time": time.time()}
+            if self._multi:
+                meta.update(node=cfg.tiered.node_rank, nodes=cfg.tiered.num_nodes)
+            args = (
+                self._ocp.args.PyTreeSave(state)
+                if self._multi
+                else self._ocp.args.StandardSave(state)
+            )
             saved = bool(
-                self._mgr.save(
-                    step,
-                    args=self._ocp.args.StandardSave(state),
-                    force=True,
-                    custom_metadata={"tiered": {"reason": reason, "wall_time": time.time()}},
-                )
+                self._mgr.save(step, args=args, force=True, custom_metadata={"tiered": meta})
             )
             if blocking:
                 self._mgr.wait_until_finished()
@@ -238,6 +308,8 @@ class CheckpointManager:
         older one is tried. Returns None when there is no checkpoint anywhere.
         """
         self._mgr.wait_until_finished()
+        if self._multi and step is None:
+            return self._restore_agreed(target)
         candidates = self._candidates()
         order = [step] if step is not None else sorted(candidates, reverse=True)
         if step is not None and step not in candidates:
@@ -273,12 +345,54 @@ class CheckpointManager:
             log.warning("No checkpoint could be restored (tried steps %s)", order)
         return None
 
+    def _restore_agreed(self, target: Any) -> Restored | None:
+        """Multi-process restore: every process restores the one step the nodes agree on.
+
+        The agreement goes through the durable tier (``tiered.coord``): the newest step every
+        node holds locally, or the newest durable one when that is newer. A node without it
+        downloads only its own part. Local steps newer than it are set aside: the other nodes
+        lack them, so they are not a checkpoint of this run any more.
+        """
+        from tiered.coord import Rendezvous
+
+        local_steps = self.local.committed_steps()
+        decision = Rendezvous(self.durable).agree(
+            local_steps, timeout=self.config.tiered.restore_agreement_timeout_seconds
+        )
+        for newer in [s for s in local_steps if decision.step is None or s > decision.step]:
+            log.warning("Setting aside local step %d: the nodes agreed on %s", newer, decision.step)
+            self.local.delete_step(newer)
+        self._mgr.reload()
+        if decision.step is None:
+            log.info("No checkpoint every node can restore: starting fresh")
+            return None
+        source = "local" if self.config.tiered.node_rank in decision.holders else "durable"
+        if source == "durable":
+            self.fetch(decision.step)
+        state = self._load(decision.step, target)
+        log.info(
+            "Restored step %d from the %s tier (agreed by all %d nodes, epoch %d)",
+            decision.step,
+            source,
+            self.config.tiered.num_nodes,
+            decision.epoch,
+        )
+        return Restored(step=decision.step, state=state, source=source)
+
     def fetch(self, step: int, *, progress: Any = None) -> Path:
         """Download a durable step into the local tier, verified, and return its directory."""
         return fetch_step(self.local, self.durable, step, progress=progress)
 
     def _load(self, step: int, target: Any) -> Any:
         self._mgr.reload()
+        if self._multi:
+            ocp = self._ocp
+            restore_args = (
+                ocp.checkpoint_utils.construct_restore_args(target) if target is not None else None
+            )
+            return self._mgr.restore(
+                step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+            )
         args = self._ocp.args.StandardRestore(target) if target is not None else None
         if args is None:
             return self._mgr.restore(step)

@@ -40,18 +40,28 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     reason: str = "unknown"
     commit_time: float | None = None
+    # Multi-node steps: how many nodes wrote the step; for a part marker, which node wrote it,
+    # under which restore epoch, on which host.
+    nodes: int = 1
+    node: int | None = None
+    epoch: int = 0
+    host: str | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(e.size for e in self.files.values())
 
     def to_json(self) -> str:
+        extra: dict[str, object] = {}
+        if self.nodes != 1 or self.node is not None:
+            extra = {"nodes": self.nodes, "node": self.node, "epoch": self.epoch, "host": self.host}
         return json.dumps(
             {
                 "version": MANIFEST_VERSION,
                 "step": self.step,
                 "reason": self.reason,
                 "commit_time": self.commit_time,
+                **extra,
                 "files": {
                     p: {"size": e.size, "crc32c": crc32c_b64(e.crc32c)}
                     for p, e in sorted(self.files.items())
@@ -74,6 +84,10 @@ class Manifest:
                 files=files,
                 reason=str(data.get("reason", "unknown")),
                 commit_time=float(commit_time) if commit_time is not None else None,
+                nodes=int(data.get("nodes", 1)),
+                node=int(data["node"]) if data.get("node") is not None else None,
+                epoch=int(data.get("epoch", 0)),
+                host=str(data["host"]) if data.get("host") is not None else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise LayoutError(f"malformed manifest: {err}") from None

@@ -11,11 +11,13 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tiered import faults
 from tiered.config import TieredConfig
+from tiered.coord import Rendezvous
 from tiered.layout import COMMIT_MARKER
 from tiered.policy import Delete, StepInfo, merge_inventories
 from tiered.storage import DurableTier, LocalTier, Progress, TransferResult
@@ -29,6 +31,8 @@ def open_tiers(cfg: TieredConfig) -> tuple[LocalTier, DurableTier]:
         storage_options=cfg.tiered.storage_options,
         concurrency=cfg.tiered.upload_concurrency,
         bandwidth_mbps=cfg.tiered.upload_bandwidth_mbps,
+        node_rank=cfg.tiered.node_rank,
+        num_nodes=cfg.tiered.num_nodes,
     )
     return LocalTier(cfg.local_dir), durable
 
@@ -41,12 +45,34 @@ def snapshot(local: LocalTier, durable: DurableTier, *, with_size: bool = False)
 def promote_step(
     local: LocalTier, durable: DurableTier, step: int, *, progress: Progress | None = None
 ) -> TransferResult:
-    """Upload, verify and commit one committed local step; log one line."""
+    """Upload, verify and commit one committed local step; log one line.
+
+    With several nodes this uploads this node's part under the current restore epoch; node 0
+    then tries to commit at once (the last node to finish usually makes that succeed).
+    """
     manifest = local.manifest(step)
     faults.hit("after-manifest")
+    epoch = 0
+    if durable.multi_node:
+        epoch = Rendezvous(durable).current_epoch()
     result = durable.upload_step(
-        local.step_dir(step), step=step, progress=progress, manifest=manifest
+        local.step_dir(step), step=step, progress=progress, manifest=manifest, epoch=epoch
     )
+    if durable.multi_node:
+        result = replace(result, epoch=epoch, committed=False)
+        log.info(
+            "Uploaded node %d's part of step %d to %s (%s in %.1f s, %.0f MB/s)",
+            durable.node_rank,
+            step,
+            durable.step_url(step),
+            human_bytes(result.bytes_total),
+            result.seconds,
+            result.mb_per_s,
+        )
+        if durable.node_rank == 0:
+            missing = commit_parts(local, durable, step, epoch=epoch)
+            result = replace(result, committed=not missing)
+        return result
     log.info(
         "Promoted step %d to %s (%s in %.1f s, %.0f MB/s%s)",
         step,
@@ -57,6 +83,24 @@ def promote_step(
         f", {result.files_skipped} files already there" if result.files_skipped else "",
     )
     return result
+
+
+def commit_parts(local: LocalTier, durable: DurableTier, step: int, *, epoch: int) -> list[int]:
+    """Node 0: commit a multi-node step if every part is in; return the nodes still missing."""
+    marker = local.step_dir(step) / COMMIT_MARKER
+    try:
+        data = marker.read_bytes()
+    except FileNotFoundError:
+        data = f"Committed by tiered node 0 of {durable.num_nodes}\n".encode()
+    missing = durable.commit_parts(step, epoch=epoch, marker=data)
+    if not missing:
+        log.info(
+            "Committed step %d at %s: all %d nodes' parts are verified",
+            step,
+            durable.step_url(step),
+            durable.num_nodes,
+        )
+    return missing
 
 
 def apply_deletes(

@@ -128,6 +128,9 @@ class PolicyContext:
     in_flight: frozenset[int] = frozenset()
     staged: frozenset[int] = frozenset()
     failed: frozenset[int] = frozenset()
+    abandoned: frozenset[int] = frozenset()
+    """Multi-node steps this node gave up on: never committed (a node's part never came), and a
+    newer step is durable. They are neither promoted again nor pinned."""
 
     def __post_init__(self) -> None:
         if self.durable_period <= 0:
@@ -198,7 +201,7 @@ def due_steps(steps: Sequence[StepInfo], ctx: PolicyContext) -> list[int]:
     interval = ctx.backup_interval_seconds
     due = []
     for s in steps:
-        if not s.local or s.durable:
+        if not s.local or s.durable or s.step in ctx.abandoned:
             continue
         # A newer step committed "before" the newest durable one means the clock jumped back:
         # back it up rather than wait for the clock to catch up.
@@ -314,6 +317,7 @@ def context_for(
     in_flight: frozenset[int] = frozenset(),
     staged: frozenset[int] = frozenset(),
     failed: frozenset[int] = frozenset(),
+    abandoned: frozenset[int] = frozenset(),
 ) -> PolicyContext:
     """The policy context a config implies, plus the live facts the caller knows."""
     return PolicyContext(
@@ -328,4 +332,5 @@ def context_for(
         in_flight=in_flight,
         staged=staged,
         failed=failed,
+        abandoned=abandoned,
     )

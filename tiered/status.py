@@ -71,6 +71,11 @@ def _step_state(
         return "failed"
     if durable:
         return "committed"
+    node = live.get("node") or {}
+    if str(step) in (node.get("committing") or {}):
+        return "committing"
+    if step in (node.get("abandoned") or []):
+        return "abandoned"
     if step in due:
         return "due"
     if step in (live.get("skipped") or []):
@@ -217,6 +222,20 @@ def render_table(status: TierStatus) -> str:
         if d.get("throughput_mb_s"):
             daemon_line += f"  last upload {d['throughput_mb_s']:.0f} MB/s"
     lines.append(daemon_line)
+    node = d.get("node")
+    if node:
+        line = f"node     {node['rank']} of {node['nodes']}  (restore epoch {node['epoch']})"
+        waiting = {
+            step: info.get("missing")
+            for step, info in (node.get("committing") or {}).items()
+            if info.get("missing")
+        }
+        if waiting:
+            line += "  " + "; ".join(
+                f"step {step} waits for nodes {', '.join(map(str, missing))}"
+                for step, missing in waiting.items()
+            )
+        lines.append(line)
     current = d.get("current_upload")
     if current:
         lines.append(

@@ -20,11 +20,13 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,14 @@ from tiered.layout import (
     CHECKPOINT_METADATA,
     COMMIT_MARKER,
     MANIFEST_NAME,
+    PARTS_DIR,
     STAGING_DIR,
     TIERED_DIR,
     TRASH_DIR,
     is_tmp_name,
+    node_dir,
     parse_step,
+    part_marker,
     step_name,
 )
 from tiered.manifest import (
@@ -71,6 +76,9 @@ class TransferResult:
     files_total: int
     files_skipped: int
     seconds: float
+    epoch: int = 0
+    committed: bool = True
+    """False for a multi-node part that is uploaded but not yet committed by node 0."""
 
     @property
     def mb_per_s(self) -> float:
@@ -302,6 +310,8 @@ class DurableTier:
         storage_options: dict[str, Any] | None = None,
         concurrency: int = 8,
         bandwidth_mbps: float | None = None,
+        node_rank: int = 0,
+        num_nodes: int = 1,
     ) -> None:
         raw_url = normalize_url(url)
         self.url = redact_url(raw_url)  # for messages and status; never holds credentials
@@ -315,6 +325,24 @@ class DurableTier:
         self.concurrency = concurrency
         self._limiter = _RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None
         self._manifests: dict[int, Manifest] = {}
+        self.node_rank = 0
+        self.num_nodes = 1
+        self.set_topology(node_rank, num_nodes)
+
+    def set_topology(self, node_rank: int, num_nodes: int) -> None:
+        """Which node this process is, of how many (one daemon per node when ``num_nodes > 1``)."""
+        if num_nodes < 1 or not 0 <= node_rank < num_nodes:
+            raise ValueError(f"node rank {node_rank} must be in 0..{num_nodes - 1}")
+        self.node_rank = node_rank
+        self.num_nodes = num_nodes
+
+    @property
+    def multi_node(self) -> bool:
+        return self.num_nodes > 1
+
+    def _node_prefix(self) -> str:
+        """Where this node's files go inside a step: ``node-<r>/`` when there are several."""
+        return f"{node_dir(self.node_rank)}/" if self.multi_node else ""
 
     def __repr__(self) -> str:
         return f"DurableTier({self.url!r})"
@@ -408,9 +436,9 @@ class DurableTier:
             )
         return manifest
 
-    def _remote_files(self, step: int) -> dict[str, dict[str, Any]]:
-        """Relative path -> fsspec info of every object under a step."""
-        prefix = self._path(step)
+    def _remote_files(self, step: int, *, under: str = "") -> dict[str, dict[str, Any]]:
+        """Relative path -> fsspec info of every object under a step (or its ``under`` folder)."""
+        prefix = self._path(step, under.rstrip("/")) if under else self._path(step)
         with translate_errors(f"listing {self.step_url(step)}"):
             self.fs.invalidate_cache(prefix)
             try:
@@ -436,17 +464,24 @@ class DurableTier:
         step: int,
         progress: Progress | None = None,
         manifest: Manifest | None = None,
+        epoch: int = 0,
     ) -> TransferResult:
-        """Upload, verify, write the manifest, then the commit marker. Idempotent."""
+        """Upload, verify, write the manifest, then the commit marker. Idempotent.
+
+        With several nodes this node's files go under ``node-<r>/`` and end with its part
+        marker (carrying ``epoch``) instead: node 0 commits the step once every part is there
+        (``commit_parts``).
+        """
         started = time.monotonic()
         if manifest is None:
             reason, commit_time = read_step_metadata(step_dir)
             manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
-        existing = self._remote_files(step)
+        under = self._node_prefix()
+        existing = self._remote_files(step, under=under)
         todo = []
         for rel, entry in sorted(manifest.files.items()):
             info = existing.get(rel)
-            if info is not None and self._matches(rel, entry, info, step=step):
+            if info is not None and self._matches(under + rel, entry, info, step=step):
                 continue
             todo.append(rel)
         total = manifest.total_bytes
@@ -457,7 +492,7 @@ class DurableTier:
 
         def put(rel: str) -> None:
             nonlocal done
-            remote = self._path(step, rel)
+            remote = self._path(step, under + rel)
             if self._limiter:
                 self._limiter.take(manifest.files[rel].size)
             with translate_errors(f"uploading {rel} to {self.step_url(step)}"):
@@ -477,13 +512,26 @@ class DurableTier:
         self._run_parallel(put, todo)
         # On file:// the copy above checksummed every byte it wrote; reading it back would read
         # the page cache, which proves nothing more, so only sizes are checked again here.
-        self.verify_step(step, manifest, read_back=self.protocol != "file")
-        with translate_errors(f"committing {self.step_url(step)}"):
-            self.fs.pipe_file(self._path(step, MANIFEST_NAME), manifest.to_json().encode())
-            faults.hit("commit")
-            marker = step_dir / COMMIT_MARKER
-            self.fs.pipe_file(self._path(step, COMMIT_MARKER), marker.read_bytes())
-        self._manifests[step] = manifest
+        self._verify_files(step, manifest, under=under, read_back=self.protocol != "file")
+        if self.multi_node:
+            part = replace(
+                manifest,
+                node=self.node_rank,
+                nodes=self.num_nodes,
+                epoch=epoch,
+                host=socket.gethostname(),
+            )
+            with translate_errors(f"writing node {self.node_rank}'s part of {self.step_url(step)}"):
+                self.fs.pipe_file(
+                    self._path(step, part_marker(self.node_rank)), part.to_json().encode()
+                )
+        else:
+            with translate_errors(f"committing {self.step_url(step)}"):
+                self.fs.pipe_file(self._path(step, MANIFEST_NAME), manifest.to_json().encode())
+                faults.hit("commit")
+                marker = step_dir / COMMIT_MARKER
+                self.fs.pipe_file(self._path(step, COMMIT_MARKER), marker.read_bytes())
+            self._manifests[step] = manifest
         moved = sum(manifest.files[r].size for r in todo)
         return TransferResult(
             step=step,
@@ -515,27 +563,163 @@ class DurableTier:
         by reading the object back, unless ``read_back`` is False.
         """
         manifest = manifest or self.read_manifest(step)
-        remote = self._remote_files(step)
+        self._verify_files(step, manifest, read_back=read_back)
+        return manifest
+
+    def _verify_files(
+        self, step: int, manifest: Manifest, *, under: str = "", read_back: bool = True
+    ) -> None:
+        remote = self._remote_files(step, under=under)
         missing = [rel for rel in manifest.files if rel not in remote]
         if missing:
             raise ChecksumMismatch(
-                f"{self.step_url(step)}: {len(missing)} file(s) missing, e.g. {missing[0]}"
+                f"{self.step_url(step)}: {len(missing)} file(s) missing, e.g. {under}{missing[0]}"
             )
 
         def check(rel: str) -> None:
             info = remote[rel]
             crc = _entry_crc32c(info)
             if crc is None and read_back:
-                crc = self._read_crc32c(step, rel)
+                crc = self._read_crc32c(step, under + rel)
             check_entry(
-                f"{self.step_url(step)}/{rel}",
+                f"{self.step_url(step)}/{under}{rel}",
                 manifest.files[rel],
                 size=int(info.get("size", -1)),
                 crc32c=crc,
             )
 
         self._run_parallel(check, sorted(manifest.files))
-        return manifest
+
+    # -- multi-node commit --
+
+    def part_ranks(self, step: int) -> list[int]:
+        """Nodes whose part marker of a multi-node step exists (one listing, no reads)."""
+        folder = self._path(step, PARTS_DIR)
+        with translate_errors(f"listing the parts of {self.step_url(step)}"):
+            self.fs.invalidate_cache(folder)
+            try:
+                names = [str(p).rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+            except FileNotFoundError:
+                return []
+        return sorted(
+            int(n.removesuffix(".json"))
+            for n in names
+            if n.endswith(".json") and n.removesuffix(".json").isdigit()
+        )
+
+    def read_parts(self, step: int) -> dict[int, Manifest]:
+        """node rank -> part marker, for every part of a multi-node step written so far."""
+        return {rank: self.read_part(step, rank) for rank in self.part_ranks(step)}
+
+    def read_part(self, step: int, rank: int) -> Manifest:
+        where = f"{self.step_url(step)}/{part_marker(rank)}"
+        with translate_errors(f"reading {where}"):
+            data = self.fs.cat_file(self._path(step, part_marker(rank)))
+        part = Manifest.from_json(data)
+        if part.step != step or part.node != rank:
+            raise LayoutError(f"{where}: holds step {part.step} node {part.node}")
+        return part
+
+    def commit_parts(self, step: int, *, epoch: int, marker: bytes) -> list[int]:
+        """Commit a multi-node step once every node's part is there; return the missing ranks.
+
+        Only node 0 calls this, so two committers never race; the marker is still created with a
+        precondition (GCS ``ifGenerationMatch=0``, S3 ``If-None-Match``, an exclusive link on
+        ``file://``) where the backend has one. A part from another restore epoch is stale (the
+        run restarted from an older step since) and counts as missing.
+        """
+        if self._has_marker(step):
+            return []
+        listed = self.part_ranks(step)
+        if len(listed) < self.num_nodes:
+            # Read one part (a single small GET) so a job-shape mismatch shows up at once.
+            sample = {listed[-1]: self.read_part(step, listed[-1])} if listed else {}
+            self._check_part_shapes(step, sample)
+            return [r for r in range(self.num_nodes) if r not in listed]
+        parts = self.read_parts(step)
+        self._check_part_shapes(step, parts)
+        fresh = {r: p for r, p in parts.items() if p.epoch == epoch}
+        missing = [r for r in range(self.num_nodes) if r not in fresh]
+        if missing:
+            return missing
+        files = {
+            f"{node_dir(r)}/{rel}": entry
+            for r, part in sorted(fresh.items())
+            for rel, entry in part.files.items()
+        }
+        reasons = {p.reason for p in fresh.values()}
+        reason = next((r for r in ("preemption", "final") if r in reasons), fresh[0].reason)
+        times = [p.commit_time for p in fresh.values() if p.commit_time is not None]
+        merged = Manifest(
+            step=step,
+            files=files,
+            reason=reason,
+            commit_time=max(times) if times else None,
+            nodes=self.num_nodes,
+            epoch=epoch,
+        )
+        # Each node read its own objects back before writing its part; here every object is
+        # checked once more for presence and size (and crc32c where listings carry it).
+        self._verify_files(step, merged, read_back=False)
+        with translate_errors(f"committing {self.step_url(step)}"):
+            self.fs.pipe_file(self._path(step, MANIFEST_NAME), merged.to_json().encode())
+            faults.hit("commit")
+            if not self.create_exclusive(self._path(step, COMMIT_MARKER), marker):
+                log.warning(
+                    "%s was already committed by another writer; kept its marker",
+                    self.step_url(step),
+                )
+        self._manifests[step] = merged
+        return []
+
+    def _check_part_shapes(self, step: int, parts: dict[int, Manifest]) -> None:
+        for rank, part in parts.items():
+            if part.nodes != self.num_nodes or rank >= self.num_nodes:
+                raise CommitError(
+                    f"{self.step_url(step)}: node {rank}'s part was written by a job of "
+                    f"{part.nodes} nodes, but this job has {self.num_nodes}: is tiered.num_nodes "
+                    "the same on every node?"
+                )
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create an object only if it does not exist; False when it already did."""
+        if self.protocol == "file":
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    # -- small coordination objects (paths relative to the tier's root) --
+
+    def read_text(self, rel: str) -> str | None:
+        """A small object's text, or None when it does not exist."""
+        with translate_errors(f"reading {self.url}/{rel}"):
+            try:
+                return self.fs.cat_file(f"{self.root}/{rel}").decode()
+            except FileNotFoundError:
+                return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        with translate_errors(f"writing {self.url}/{rel}"):
+            self.fs.pipe_file(f"{self.root}/{rel}", text.encode())
+
+    def delete_file(self, rel: str) -> None:
+        with translate_errors(f"deleting {self.url}/{rel}"), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(f"{self.root}/{rel}")
 
     # -- restore --
 
@@ -550,7 +734,7 @@ class DurableTier:
         started = time.monotonic()
         if not self._has_marker(step):
             raise CommitError(f"{self.step_url(step)} is not committed")
-        manifest = self.read_manifest(step)
+        manifest, under = self._restore_manifest(step)
         partial = dest.with_name(dest.name + ".partial")
         with translate_errors(f"preparing {partial}"):
             if partial.exists():
@@ -566,10 +750,11 @@ class DurableTier:
             local.parent.mkdir(parents=True, exist_ok=True)
             with translate_errors(f"downloading {rel} of {self.step_url(step)}"):
                 size_expected = manifest.files[rel].size
+                remote = self._path(step, under + rel)
                 if self.protocol != "file" and size_expected > _RANGED_MIN_BYTES:
-                    self._get_ranged(self._path(step, rel), local, size_expected)
+                    self._get_ranged(remote, local, size_expected)
                 else:
-                    self.fs.get_file(self._path(step, rel), str(local))
+                    self.fs.get_file(remote, str(local))
             size, crc = crc32c_of_file(local)
             check_entry(f"{self.step_url(step)}/{rel}", manifest.files[rel], size=size, crc32c=crc)
             with lock:
@@ -594,6 +779,30 @@ class DurableTier:
             files_skipped=0,
             seconds=time.monotonic() - started,
         )
+
+    def _restore_manifest(self, step: int) -> tuple[Manifest, str]:
+        """What this node downloads of a step: (its files, the folder they are in)."""
+        if not self.multi_node:
+            manifest = self.read_manifest(step)
+            if manifest.nodes != 1:
+                raise CommitError(
+                    f"{self.step_url(step)} was written by {manifest.nodes} nodes; restore it "
+                    f"with tiered.num_nodes: {manifest.nodes} and each node's tiered.node_rank"
+                )
+            return manifest, ""
+        try:
+            part = self.read_part(step, self.node_rank)
+        except FileNotFoundError:
+            raise CommitError(
+                f"{self.step_url(step)} has no part for node {self.node_rank}: it was written by "
+                f"a job with a different number of nodes than this one ({self.num_nodes})"
+            ) from None
+        if part.nodes != self.num_nodes:
+            raise CommitError(
+                f"{self.step_url(step)} was written by {part.nodes} nodes, but this job has "
+                f"{self.num_nodes}"
+            )
+        return part, self._node_prefix()
 
     def _get_ranged(self, remote: str, local: Path, size: int) -> None:
         """Download one large object as parallel byte ranges: a single stream per object

@@ -1,0 +1,187 @@
+"""Several nodes, one durable tier: part markers, the single committer, restore agreement.
+
+Each "node" here is its own ``DurableTier`` (its own rank) and its own local directory, against
+real storage: a plain directory, the GCS emulator, and moto's S3 server. The end-to-end runs
+with real JAX processes and one daemon per node are in ``test_multiprocess.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from tiered import CommitError, DurableTier
+from tiered.coord import Rendezvous, choose_step
+from tiered.layout import COMMIT_MARKER
+
+from conftest import make_bucket, s3_bucket, s3_storage_options
+
+
+@pytest.fixture(params=["file", "gs", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
+    """(durable URL, storage options) on each real backend."""
+    if request.param == "file":
+        return f"file://{tmp_path}/durable", {}
+    if request.param == "gs":
+        request.getfixturevalue("gcs_emulator")
+        return f"gs://{make_bucket()}/run", {"token": "anon"}
+    endpoint = request.getfixturevalue("moto_server")
+    return f"s3://{s3_bucket(endpoint)}/run", s3_storage_options(endpoint)
+
+
+def tiers(backend: tuple[str, dict], nodes: int) -> list[DurableTier]:
+    url, options = backend
+    return [
+        DurableTier(url, storage_options=options, node_rank=r, num_nodes=nodes)
+        for r in range(nodes)
+    ]
+
+
+def local_step(root: Path, rank: int, step: int, *, salt: str = "") -> Path:
+    """A committed local step of one node: its own shard file plus shared-name metadata."""
+    d = root / f"node{rank}" / str(step)
+    (d / "state" / f"ocdbt.process_{rank}").mkdir(parents=True)
+    (d / "state" / f"ocdbt.process_{rank}" / "shard").write_bytes(
+        os.urandom(1000 + rank) + salt.encode()
+    )
+    (d / "state" / "_METADATA").write_text(f'{{"node": {rank}, "salt": "{salt}"}}')
+    (d / COMMIT_MARKER).write_text("committed")
+    return d
+
+
+def files_of(d: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(d).as_posix(): p.read_bytes()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != COMMIT_MARKER
+    }
+
+
+def test_step_commits_only_when_every_part_is_verified(
+    backend: tuple[str, dict], tmp_path: Path
+) -> None:
+    nodes = tiers(backend, 3)
+    dirs = [local_step(tmp_path, r, 50) for r in range(3)]
+
+    nodes[1].upload_step(dirs[1], step=50)
+    assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == [0, 2]
+    nodes[0].upload_step(dirs[0], step=50)
+    assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == [2]
+    scan = nodes[0].scan()
+    assert [(f.step, f.committed) for f in scan] == [(50, False)], "a partial step is no checkpoint"
+
+    nodes[2].upload_step(dirs[2], step=50)
+    assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == []
+    for node in nodes:
+        assert node.committed_steps() == [50]
+    manifest = nodes[0].verify_step(50)
+    assert manifest.nodes == 3
+    assert sorted({p.split("/")[0] for p in manifest.files}) == ["node-0", "node-1", "node-2"]
+
+    # Each node downloads exactly its own files, byte for byte, and nothing of the others'.
+    for rank, node in enumerate(nodes):
+        dest = tmp_path / f"restored{rank}"
+        node.download_step(50, dest)
+        assert files_of(dest) == files_of(dirs[rank])
+        assert (dest / COMMIT_MARKER).exists()
+
+
+def test_a_part_from_before_a_restart_is_never_committed(
+    backend: tuple[str, dict], tmp_path: Path
+) -> None:
+    nodes = tiers(backend, 2)
+    old = local_step(tmp_path / "old", 1, 100, salt="old")
+    nodes[1].upload_step(old, step=100, epoch=0)
+    # The run restarts (epoch 1) and saves step 100 again, with other bytes.
+    new = [local_step(tmp_path / "new", r, 100, salt="new") for r in range(2)]
+    nodes[0].upload_step(new[0], step=100, epoch=1)
+    assert nodes[0].commit_parts(100, epoch=1, marker=b"ok") == [1]
+    assert nodes[0].committed_steps() == []
+
+    nodes[1].upload_step(new[1], step=100, epoch=1)
+    assert nodes[0].commit_parts(100, epoch=1, marker=b"ok") == []
+    dest = tmp_path / "restored"
+    nodes[1].download_step(100, dest)
+    assert files_of(dest) == files_of(new[1])
+
+
+def test_commit_marker_is_created_only_once(backend: tuple[str, dict], tmp_path: Path) -> None:
+    """The second guard: a create-only write. GCS's emulator ignores preconditions (a real
+    bucket honours ``ifGenerationMatch=0``), so there only the single committer protects."""
+    url, _ = backend
+    (node,) = tiers(backend, 1)
+    path = f"{node.root}/guard/marker"
+    assert node.create_exclusive(path, b"first")
+    second = node.create_exclusive(path, b"second")
+    if url.startswith("gs://"):
+        pytest.skip("gcp-storage-emulator ignores ifGenerationMatch")
+    assert second is False
+    assert node.fs.cat_file(path) == b"first"
+
+
+def test_shape_mismatches_are_refused_by_name(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/durable"
+    two = [DurableTier(url, node_rank=r, num_nodes=2) for r in range(2)]
+    for r in range(2):
+        two[r].upload_step(local_step(tmp_path, r, 10), step=10)
+    three = DurableTier(url, node_rank=0, num_nodes=3)
+    with pytest.raises(CommitError, match="job of 2 nodes, but this job has 3"):
+        three.commit_parts(10, epoch=0, marker=b"ok")
+    assert two[0].commit_parts(10, epoch=0, marker=b"ok") == []
+    single = DurableTier(url)
+    with pytest.raises(CommitError, match="written by 2 nodes"):
+        single.download_step(10, tmp_path / "x")
+    with pytest.raises(CommitError, match="written by 2 nodes, but this job has 3"):
+        DurableTier(url, node_rank=1, num_nodes=3).download_step(10, tmp_path / "y")
+
+
+def test_choose_step_takes_the_newest_step_every_node_holds() -> None:
+    assert choose_step({0: [10, 20, 30], 1: [10, 20], 2: [20, 30]}, []) == 20
+    # The durable tier is newer than anything all nodes share (node 1 was replaced).
+    assert choose_step({0: [10, 20, 30], 1: [], 2: [20, 30]}, [10, 25]) == 25
+    assert choose_step({0: [40], 1: [40]}, [30]) == 40
+    assert choose_step({0: [], 1: [5]}, []) is None
+
+
+def agree_all(nodes: list[DurableTier], local: dict[int, list[int]]) -> dict:
+    out: dict = {}
+
+    def run(rank: int) -> None:
+        out[rank] = Rendezvous(nodes[rank], poll_seconds=0.05).agree(local[rank], timeout=30)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in reversed(range(len(nodes)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_restore_agreement_rounds(backend: tuple[str, dict], tmp_path: Path) -> None:
+    nodes = tiers(backend, 3)
+    first = agree_all(nodes, {0: [10, 20, 30], 1: [10, 20], 2: [10, 20, 30]})
+    assert {d.step for d in first.values()} == {20}
+    assert {d.epoch for d in first.values()} == {1}
+    assert first[0].holders == frozenset({0, 1, 2})
+
+    # Step 30 becomes durable; node 1 is then replaced by an empty machine.
+    for r in range(3):
+        nodes[r].upload_step(local_step(tmp_path, r, 30), step=30, epoch=1)
+    assert nodes[0].commit_parts(30, epoch=1, marker=b"ok") == []
+    second = agree_all(nodes, {0: [20, 30], 1: [], 2: [20, 30]})
+    assert {d.step for d in second.values()} == {30}
+    assert {d.epoch for d in second.values()} == {2}
+    assert second[1].holders == frozenset({0, 2}), "node 1 downloads; 0 and 2 use their copy"
+    assert Rendezvous(nodes[2]).current_epoch() == 2
+
+
+def test_a_node_that_never_asks_holds_the_agreement(tmp_path: Path) -> None:
+    from tiered import StorageError
+
+    url = f"file://{tmp_path}/durable"
+    node0 = DurableTier(url, node_rank=0, num_nodes=2)
+    with pytest.raises(StorageError, match=r"nodes \[1\] have not asked to restore"):
+        Rendezvous(node0, poll_seconds=0.05).agree([10], timeout=0.5)
