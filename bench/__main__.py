@@ -1,7 +1,7 @@
 """``python -m bench [SCENARIO ...]``: run benchmarks, write bench/results/*.json, and regenerate
 docs/benchmarks.md (tables and PNG plots) from every result present.
 
-Scenarios: stall, promote, restore, interference, footprint, physical (default: all).
+Scenarios: stall, promote, restore, interference, footprint, physical, scaling (default: all).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from bench import report, scenarios
 from bench.common import gcs_emulator, save_result
 
-ALL = ["stall", "promote", "restore", "interference", "footprint", "physical"]
+ALL = ["stall", "promote", "restore", "interference", "footprint", "physical", "scaling"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="training steps per stall run")
     p.add_argument("--local-period", type=int, default=10)
     p.add_argument("--step-ms", type=float, default=200.0, help="compute per training step")
+    p.add_argument(
+        "--per-node-mb", type=int, default=128, help="state per process for the scaling scenario"
+    )
     p.add_argument("--report-only", action="store_true", help="only regenerate the docs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -84,6 +87,8 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
         )
     if name == "footprint":
         return scenarios.footprint(work=work)
+    if name == "scaling":
+        return scenarios.scaling(per_node_mb=args.per_node_mb, reps=min(args.reps, 2), work=work)
     if name == "physical":
         return scenarios.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
     raise SystemExit(f"unknown scenario {name}")

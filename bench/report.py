@@ -172,6 +172,33 @@ def _physical(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _scaling(r: dict[str, Any]) -> list[str]:
+    p = r["params"]
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    rows = [
+        f"Weak scaling: each process holds {p['per_node_mb']} MB of random float32 (its rows of "
+        "one sharded array), saves step 50 into its own local directory, and its own daemon "
+        "uploads that node's part; node 0 commits. Then the last node is replaced by an empty "
+        f"one and every process restores. All processes, daemons and the emulator share this "
+        f"machine's {r['machine']['cpus']} cores; {p['reps']} rounds, medians.",
+        "",
+        "| processes | state (MB) | restore agreement, fresh start (s) | local save (s) | "
+        "one node's part upload (s) | last local commit to durable commit (s) | "
+        "restore, replaced node (s) | restore, other nodes (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, m in r["median"].items():
+        rows.append(
+            f"| {n} | {m['state_mb']} | {f(m['agree_fresh_s'])} | {f(m['local_save_s'])} | "
+            f"{f(m['part_upload_s'])} | {f(m['save_to_durable_s'])} | "
+            f"{f(m['restore_replaced_s'])} | {f(m['restore_others_s'])} |"
+        )
+    return rows
+
+
 SECTIONS = [
     ("stall", "1. Training stall", _stall),
     ("stall-gpu", "1b. Training stall, state on the GPU (device-to-host copy included)", _stall),
@@ -180,6 +207,7 @@ SECTIONS = [
     ("interference", "4. Interference with training", _interference),
     ("footprint", "5. Daemon footprint", _footprint),
     ("physical", "6. The physical limit", _physical),
+    ("scaling", "7. Several processes: per-node parts, one commit", _scaling),
 ]
 
 

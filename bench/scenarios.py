@@ -1,4 +1,4 @@
-"""The six scenarios. Each returns a JSON-able dict with raw samples, medians and ratios."""
+"""The scenarios. Each returns a JSON-able dict with raw samples, medians and ratios."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from bench.common import (
     config_mapping,
     daemon,
     drop_bucket,
+    free_port,
     gcs_emulator,
     median,
     new_bucket,
@@ -490,3 +491,160 @@ def physical_limit(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]:
 
 def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="tiered-bench-", dir="/var/tmp"))
+
+
+# -- 7. scaling across processes ------------------------------------------------------------------
+
+
+def _run_job(
+    config: Path,
+    env_for: Callable[[int], dict[str, str]],
+    nodes: int,
+    *,
+    per_node_mb: int,
+    step: int,
+) -> list[dict[str, Any]]:
+    """One multi-process JAX job (``bench/mp_job.py``); one JSON result per process."""
+    import os
+
+    from bench.common import ROOT
+
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.mp_job",
+                str(config),
+                str(r),
+                str(nodes),
+                str(port),
+                str(per_node_mb),
+                str(step),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", **env_for(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(nodes)
+    ]
+    results = []
+    for r, p in enumerate(procs):
+        out, err = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(f"process {r} of {nodes} failed:\n{err[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def scaling(
+    *, per_node_mb: int, reps: int, work: Path, counts: tuple[int, ...] = (1, 2, 4)
+) -> dict[str, Any]:
+    """Weak scaling: N processes, each with its own local directory, daemon and part of the
+    state. Measures the local save, each node's part upload, the time from the last local
+    commit to the durable commit, and a restore where one node was replaced (empty disk)."""
+    import contextlib
+    import urllib.request
+
+    from tiered import DurableTier
+
+    runs: dict[str, list[dict[str, Any]]] = {str(n): [] for n in counts}
+    for rep in range(reps):
+        for n in counts:
+            bucket = new_bucket()
+            url = f"gs://{bucket}/run"
+            base = work / f"scale-{n}-{rep}"
+            locals_ = [base / f"node{r}" for r in range(n)]
+            status = [f"127.0.0.1:{free_port()}" for _ in range(n)]
+            mapping = config_mapping(
+                base / "unused",
+                url,
+                checkpoint_period=50,
+                local_checkpoint_period=50,
+                tiered={"rescan_seconds": 1, "local_max_to_keep": 2},
+            )
+            base.mkdir(parents=True)
+            config = write_config(base / "config.yml", mapping)
+
+            def env_for(
+                r: int, n: int = n, locals_: list[Path] = locals_, status: list[str] = status
+            ) -> dict[str, str]:
+                return {
+                    "TIERED_NODE_RANK": str(r),
+                    "TIERED_NUM_NODES": str(n),
+                    "TIERED_LOCAL_CHECKPOINT_DIRECTORY": str(locals_[r]),
+                    "TIERED_STATUS_ADDRESS": status[r],
+                }
+
+            durable = DurableTier(url, storage_options={"token": "anon"})
+
+            def wait_committed(step: int, durable: DurableTier = durable, n: int = n) -> float:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    durable.fs.invalidate_cache()
+                    if step in durable.committed_steps():
+                        return time.time()
+                    time.sleep(0.05)
+                raise RuntimeError(f"step {step} never committed with {n} nodes")
+
+            def last_promotion(r: int, status: list[str] = status) -> dict[str, Any]:
+                with urllib.request.urlopen(f"http://{status[r]}/status", timeout=5) as resp:
+                    return json.loads(resp.read())["daemon"]["last_promotion"] or {}
+
+            row: dict[str, Any] = {"nodes": n}
+            with contextlib.ExitStack() as stack:
+                for r in range(n):
+                    locals_[r].mkdir(parents=True)
+                    stack.enter_context(
+                        daemon(write_config(base / f"config{r}.yml", mapping), env=env_for(r))
+                    )
+                first = _run_job(config, env_for, n, per_node_mb=per_node_mb, step=50)
+                committed_at = wait_committed(50)
+                row["agree_fresh_s"] = max(x["restore_s"] for x in first)
+                row["local_save_s"] = max(x["save_s"] for x in first)
+                row["save_to_durable_s"] = committed_at - max(x["saved_at"] for x in first)
+                parts = [last_promotion(r) for r in range(n)]
+                row["part_upload_s"] = [p.get("seconds") for p in parts]
+                row["part_bytes"] = [p.get("bytes") for p in parts]
+            # The last node is replaced by an empty machine; every process restores.
+            shutil.rmtree(locals_[-1])
+            with contextlib.ExitStack() as stack:
+                for r in range(n):
+                    locals_[r].mkdir(parents=True, exist_ok=True)
+                    stack.enter_context(
+                        daemon(write_config(base / f"config{r}.yml", mapping), env=env_for(r))
+                    )
+                second = _run_job(config, env_for, n, per_node_mb=per_node_mb, step=100)
+            assert all(x["restored"] == 50 for x in second), second
+            row["restore_replaced_s"] = second[-1]["restore_s"]
+            row["restore_others_s"] = max(x["restore_s"] for x in second[:-1]) if n > 1 else None
+            row["sources"] = [x["source"] for x in second]
+            runs[str(n)].append(row)
+            drop_bucket(bucket)
+            shutil.rmtree(base, ignore_errors=True)
+            print(f"   {n} node(s), rep {rep}: {row}", flush=True)
+
+    def med(n: int, key: str) -> float | None:
+        values = [r[key] for r in runs[str(n)] if r.get(key) is not None]
+        return median(values) if values else None
+
+    summary = {
+        str(n): {
+            "state_mb": per_node_mb * n,
+            "agree_fresh_s": med(n, "agree_fresh_s"),
+            "local_save_s": med(n, "local_save_s"),
+            "part_upload_s": median([s for r in runs[str(n)] for s in r["part_upload_s"] if s]),
+            "save_to_durable_s": med(n, "save_to_durable_s"),
+            "restore_replaced_s": med(n, "restore_replaced_s"),
+            "restore_others_s": med(n, "restore_others_s"),
+        }
+        for n in counts
+    }
+    return {
+        "params": {"per_node_mb": per_node_mb, "reps": reps, "counts": list(counts)},
+        "runs": runs,
+        "median": summary,
+    }

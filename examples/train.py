@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -83,7 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--step-time", type=float, default=0.0, help="extra seconds per step")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one process of a multi-host job: jax.distributed.initialize with the process "
+        "count and id from TIERED_NUM_NODES / TIERED_NODE_RANK and the coordinator from "
+        "JAX_COORDINATOR_ADDRESS",
+    )
     args = parser.parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize(
+            num_processes=int(os.environ.get("TIERED_NUM_NODES", "1")),
+            process_id=int(os.environ.get("TIERED_NODE_RANK", "0")),
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
 

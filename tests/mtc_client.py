@@ -1,14 +1,16 @@
 """A MaxText-style training process using orbax's multi-tier checkpointing, unmodified.
 
-    python tests/mtc_client.py LOCAL_DIR PERSISTENT_DIR STEPS
+    python tests/mtc_client.py LOCAL_DIR STEPS [NPROCS]
 
 It calls ``initialize_multi_tier_checkpointing`` (which waits for the daemon's
 ``jax-init-info.txt``, writes ``replicator.yaml`` and takes the ``.restore`` entry), then trains
 with ``ReplicatorCheckpointManager``, saving locally every 10 steps with a backup every 50. The
-only concession to running as one CPU process: ``jax.distributed.initialize`` gets
-``num_processes=1``, which a real cluster supplies through its environment.
+state is one float32 vector of 64 values, sharded over the NPROCS processes (default 1). The
+only concession to running on CPUs of one machine: ``jax.distributed.initialize`` gets
+``num_processes`` (a real cluster supplies it through its environment) and the CPU collectives
+are gloo.
 
-Prints ``RESTORED step=N w=[...]`` or ``FRESH``, then ``DONE step=N``.
+Prints ``RESTORED step=N w=[...]`` (this process's shard) or ``FRESH``, then ``DONE step=N``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from orbax.checkpoint.experimental.emergency.multi_tier_checkpointing import (  
     replicator_checkpoint_manager as rcm,
 )
 
-jax.distributed.initialize = functools.partial(jax.distributed.initialize, num_processes=1)
+NPROCS = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize = functools.partial(jax.distributed.initialize, num_processes=NPROCS)
 
 
 def state_at(step: int) -> np.ndarray:
@@ -51,7 +55,7 @@ def main() -> int:
         jax_initialization_timeout_seconds=60,
     )
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     mgr = rcm.ReplicatorCheckpointManager(
         local,
         options=rcm.ReplicatorCheckpointManagerOptions(save_interval_steps=10),
@@ -64,14 +68,19 @@ def main() -> int:
         restored = mgr.restore(
             latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract))
         )
-        w = np.asarray(restored["w"] if "w" in restored else restored["state"]["w"])
-        print(f"RESTORED step={latest} w={json.dumps(w.tolist())}", flush=True)
+        w = restored["w"] if "w" in restored else restored["state"]["w"]
+        (shard,) = w.addressable_shards
+        lo = shard.index[0].start or 0
+        print(f"SHARD {lo}", flush=True)
+        print(f"RESTORED step={latest} w={json.dumps(np.asarray(shard.data).tolist())}", flush=True)
         start = latest + 1
     else:
         print("FRESH", flush=True)
     step = start - 1
     for step in range(start, steps):
-        state = {"w": jax.device_put(jnp.asarray(state_at(step)), sharding)}
+        full = state_at(step)
+        w = jax.make_array_from_callback(full.shape, sharding, lambda i, full=full: full[i])
+        state = {"w": w}
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
     mgr.wait_until_finished()
     mgr.close()

@@ -140,3 +140,21 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         line for line in (out.stdout + out.stderr).splitlines() if "tiered-daemon.service" in line
     ]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def test_jobset_gives_every_host_the_same_shape() -> None:
+    """Each host's daemon and trainer agree on its rank, and the node count is the host count:
+    a mismatch would mix nodes' files or make the trainer refuse to start."""
+    jobset = docs(K8S / "base" / "jobset.yaml")[0]
+    job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    spec = job["template"]["spec"]
+    sidecar = next(c for c in spec["initContainers"] if c["name"] == "tiered-daemon")
+    trainer = next(c for c in spec["containers"] if c["name"] == "trainer")
+    envs = [{e["name"]: e for e in c["env"]} for c in (sidecar, trainer)]
+    for env in envs:
+        assert int(env["TIERED_NUM_NODES"]["value"]) == job["parallelism"] == job["completions"]
+        assert (
+            "job-completion-index" in env["TIERED_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+        )
+    assert envs[0]["TIERED_NODE_RANK"] == envs[1]["TIERED_NODE_RANK"]
+    assert "--distributed" in trainer["args"]

@@ -185,3 +185,56 @@ def test_a_node_that_never_asks_holds_the_agreement(tmp_path: Path) -> None:
     node0 = DurableTier(url, node_rank=0, num_nodes=2)
     with pytest.raises(StorageError, match=r"nodes \[1\] have not asked to restore"):
         Rendezvous(node0, poll_seconds=0.05).agree([10], timeout=0.5)
+
+
+def test_status_shows_what_node_0_waits_for(tmp_path: Path) -> None:
+    from tiered import StepFacts, build_status, config_from_mapping, render_table
+
+    cfg = config_from_mapping(
+        {
+            "checkpoint_dir": f"file://{tmp_path}/d",
+            "local_checkpoint_directory": str(tmp_path / "l"),
+            "local_checkpoint_period": 10,
+            "checkpoint_period": 50,
+            "tiered": {"num_nodes": 4},
+        },
+        env={},
+    )
+    live = {
+        "running": True,
+        "health": "ok",
+        "node": {
+            "rank": 0,
+            "nodes": 4,
+            "epoch": 3,
+            "committing": {"100": {"missing": [2, 3]}},
+            "abandoned": [50],
+        },
+    }
+    local = [StepFacts(step=s, committed=True) for s in (50, 100)]
+    durable = [StepFacts(step=s, committed=False) for s in (50, 100)]
+    status = build_status(cfg, local=local, durable=durable, live=live, now=0.0)
+    assert {s.step: s.state for s in status.steps} == {50: "abandoned", 100: "committing"}
+    text = render_table(status)
+    assert "node     0 of 4  (restore epoch 3)  step 100 waits for nodes 2, 3" in text
+
+
+def test_trainer_refuses_a_node_count_jax_does_not_have(tmp_path: Path) -> None:
+    import tiered
+    from tiered import ConfigError, config_from_mapping
+
+    mapping = {
+        "checkpoint_dir": f"file://{tmp_path}/d",
+        "local_checkpoint_directory": str(tmp_path / "l"),
+        "tiered": {"num_nodes": 2, "node_rank": 1},
+    }
+    with pytest.raises(ConfigError, match=r"JAX runs 1 processes .* tiered.num_nodes: 2"):
+        tiered.CheckpointManager(
+            config_from_mapping(mapping, env={}), install_signal_handlers=False
+        )
+    # The refused manager let go of the directory.
+    del mapping["tiered"]
+    with tiered.CheckpointManager(
+        config_from_mapping(mapping, env={}), install_signal_handlers=False
+    ):
+        pass

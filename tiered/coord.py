@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from tiered.errors import CommitError, StorageError
@@ -64,7 +64,9 @@ class Decision:
         )
 
 
-def choose_step(local_steps: dict[int, Iterable[int]], durable_steps: Iterable[int]) -> int | None:
+def choose_step(
+    local_steps: Mapping[int, Iterable[int]], durable_steps: Iterable[int]
+) -> int | None:
     """The newest step every node holds locally, or the newest durable one when that is newer."""
     sets = [set(steps) for steps in local_steps.values()]
     common = set.intersection(*sets) if sets else set()
@@ -74,11 +76,15 @@ def choose_step(local_steps: dict[int, Iterable[int]], durable_steps: Iterable[i
 class Rendezvous:
     """One node's side of the restore agreement."""
 
-    def __init__(self, durable: DurableTier, *, poll_seconds: float = 0.25) -> None:
+    def __init__(self, durable: DurableTier, *, poll_seconds: float | None = None) -> None:
         self.durable = durable
         self.rank = durable.node_rank
         self.nodes = durable.num_nodes
-        self.poll_seconds = poll_seconds
+        # Every waiting node reads decision.json once per poll: keep the total near 200 reads
+        # a second however many nodes there are.
+        self.poll_seconds = (
+            poll_seconds if poll_seconds is not None else max(0.25, self.nodes / 200)
+        )
 
     def _decision(self) -> Decision | None:
         text = self.durable.read_text(f"{RESTORE_COORD_DIR}/{DECISION_NAME}")
@@ -109,18 +115,11 @@ class Rendezvous:
         assert self.rank == 0, "only node 0 decides"
         previous = self._decision()
         answered = set(previous.nonces.values()) if previous else set()
-        requests: dict[int, dict] = {}
-        for rank in range(self.nodes):
-            text = self.durable.read_text(f"{RESTORE_COORD_DIR}/{restore_request_name(rank)}")
-            if text is None:
-                return None
-            try:
-                request = json.loads(text)
-            except ValueError:
-                return None  # being written
-            if request.get("nonce") in answered:
-                return None
-            requests[rank] = request
+        requests = self._requests()
+        if len(requests) < self.nodes or any(
+            "nonce" not in req or req["nonce"] in answered for req in requests.values()
+        ):
+            return None
         local = {r: [int(s) for s in req.get("local", [])] for r, req in requests.items()}
         step = choose_step(local, self.durable.committed_steps())
         decision = Decision(
@@ -175,17 +174,31 @@ class Rendezvous:
                 )
             time.sleep(self.poll_seconds)
 
+    def _requests(self, *, all_or_none: bool = True) -> dict[int, dict]:
+        """Every node's current request: one listing, then the files read in parallel (at a
+        thousand nodes that is a thousand small GETs, so only once all of them are there)."""
+        names = self.durable.list_names(RESTORE_COORD_DIR)
+        ranks = [r for r in range(self.nodes) if restore_request_name(r) in names]
+        if all_or_none and len(ranks) < self.nodes:
+            return {r: {} for r in ranks}
+        texts = self.durable.read_texts(
+            [f"{RESTORE_COORD_DIR}/{restore_request_name(r)}" for r in ranks]
+        )
+        out = {}
+        for rank, text in zip(ranks, texts, strict=True):
+            try:
+                out[rank] = json.loads(text) if text else {}
+            except ValueError:
+                out[rank] = {}  # being written
+        return out
+
     def missing_requests(self) -> list[int]:
         """Nodes whose newest request node 0 has already answered (or that never asked)."""
         previous = self._decision()
         answered = set(previous.nonces.values()) if previous else set()
-        missing = []
-        for rank in range(self.nodes):
-            text = self.durable.read_text(f"{RESTORE_COORD_DIR}/{restore_request_name(rank)}")
-            try:
-                nonce = json.loads(text)["nonce"] if text else None
-            except (ValueError, KeyError):
-                nonce = None
-            if nonce is None or nonce in answered:
-                missing.append(rank)
-        return missing
+        requests = self._requests(all_or_none=False)
+        return [
+            r
+            for r in range(self.nodes)
+            if r not in requests or requests[r].get("nonce") in (answered | {None})
+        ]

@@ -713,6 +713,28 @@ class DurableTier:
             except FileNotFoundError:
                 return None
 
+    def read_texts(self, rels: list[str]) -> list[str | None]:
+        """Several small objects at once (None for each one that does not exist)."""
+        out: dict[str, str | None] = {}
+
+        def read(rel: str) -> None:
+            out[rel] = self.read_text(rel)
+
+        self._run_parallel(read, rels)
+        return [out[rel] for rel in rels]
+
+    def list_names(self, rel: str) -> set[str]:
+        """Names directly under a folder (empty when it does not exist)."""
+        folder = f"{self.root}/{rel}"
+        with translate_errors(f"listing {self.url}/{rel}"):
+            self.fs.invalidate_cache(folder)
+            try:
+                return {
+                    str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)
+                }
+            except FileNotFoundError:
+                return set()
+
     def write_text(self, rel: str, text: str) -> None:
         with translate_errors(f"writing {self.url}/{rel}"):
             self.fs.pipe_file(f"{self.root}/{rel}", text.encode())

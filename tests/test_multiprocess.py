@@ -1,0 +1,276 @@
+"""Multi-process JAX jobs on this machine: N processes, N local directories, N daemons.
+
+``jax.distributed`` runs on the CPU with a local coordinator; each process saves with orbax into
+its own local directory (what per-node SSDs are), each node's daemon uploads that node's part,
+and node 0 commits. Both clients are covered: ``tiered.CheckpointManager``
+(``tests/mp_trainer.py``) and orbax's unmodified ``ReplicatorCheckpointManager``
+(``tests/mtc_client.py``). The durable tier is the GCS emulator.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tiered import DurableTier, LocalTier, config_from_mapping
+from tiered.layout import COMMIT_MARKER, node_dir
+
+from conftest import ROOT, DaemonProc, config_dict, free_port, subprocess_env, wait_for
+
+
+class Cluster:
+    """N nodes on one machine: one config file, per-node settings from the environment."""
+
+    def __init__(self, tmp_path: Path, durable_url: str, nodes: int, **overrides: Any) -> None:
+        import yaml
+
+        self.nodes = nodes
+        self.tmp_path = tmp_path
+        self.data = config_dict(tmp_path, durable_url, **overrides)
+        self.config_path = tmp_path / "config.yml"
+        self.config_path.write_text(yaml.safe_dump(self.data))
+        self.local = [tmp_path / f"node{r}" for r in range(nodes)]
+        self.status = [f"127.0.0.1:{free_port()}" for _ in range(nodes)]
+        self.daemons: list[DaemonProc | None] = [None] * nodes
+        self.cfg = [config_from_mapping(self.data, env=self.env(r)) for r in range(nodes)]
+        self.durable = DurableTier(
+            durable_url, storage_options=self.data["tiered"].get("storage_options")
+        )
+
+    def env(self, rank: int) -> dict[str, str]:
+        return {
+            "TIERED_NODE_RANK": str(rank),
+            "TIERED_NUM_NODES": str(self.nodes),
+            "TIERED_LOCAL_CHECKPOINT_DIRECTORY": str(self.local[rank]),
+            "TIERED_STATUS_ADDRESS": self.status[rank],
+        }
+
+    def start_daemon(self, rank: int, *, ready: bool = True, **env: str) -> DaemonProc:
+        self.local[rank].mkdir(parents=True, exist_ok=True)
+        daemon = DaemonProc(self.config_path, self.cfg[rank], env={**self.env(rank), **env})
+        self.daemons[rank] = daemon
+        if ready:
+            daemon.wait_ready()
+        return daemon
+
+    def start_daemons(self) -> None:
+        for rank in range(self.nodes):
+            self.start_daemon(rank)
+
+    def stop_daemons(self) -> None:
+        for d in self.daemons:
+            if d is not None:
+                d.terminate()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- daemon {r} ---\n{d.log()[-3000:]}" for r, d in enumerate(self.daemons) if d
+        )
+
+    def run(self, argv_for: Any, *, timeout: float = 240) -> list[str]:
+        """Run one process per node at once; return their stdouts (all must succeed)."""
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *argv_for(rank)],
+                cwd=ROOT,
+                env={**subprocess_env(), **self.env(rank)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(self.nodes)
+        ]
+        outs = []
+        for rank, proc in enumerate(procs):
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                raise AssertionError(f"process {rank} timed out\n{self.logs()}") from None
+            assert proc.returncode == 0, f"process {rank}:\n{out}\n{err[-4000:]}\n{self.logs()}"
+            outs.append(out)
+        return outs
+
+    def native(self, steps: int) -> list[str]:
+        port = free_port()
+        return self.run(
+            lambda r: [
+                str(ROOT / "tests" / "mp_trainer.py"),
+                str(self.config_path),
+                str(r),
+                str(self.nodes),
+                str(port),
+                str(steps),
+            ]
+        )
+
+    def mtc(self, steps: int) -> list[str]:
+        return self.run(
+            lambda r: [
+                str(ROOT / "tests" / "mtc_client.py"),
+                str(self.local[r]),
+                str(steps),
+                str(self.nodes),
+            ]
+        )
+
+    def wait_committed(self, steps: list[int], timeout: float = 90) -> None:
+        wait_for(
+            lambda: self.durable_committed() == steps,
+            timeout=timeout,
+            what=f"durable steps {steps}\n{self.logs()}",
+        )
+
+    def durable_committed(self) -> list[int]:
+        self.durable.fs.invalidate_cache()
+        return self.durable.committed_steps()
+
+
+def restored_lines(outs: list[str]) -> list[dict[str, str]]:
+    found = []
+    for out in outs:
+        line = next((ln for ln in out.splitlines() if ln.startswith("RESTORED")), None)
+        assert line is not None, out
+        found.append(dict(re.findall(r"(\w+)=(\[.*\]|\S+)", line)))
+    return found
+
+
+def node_files(step_dir: Path) -> set[str]:
+    return {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) -> None:
+    cluster = Cluster(tmp_path, gs_url, nodes, tiered={"local_max_to_keep": 2})
+    cluster.start_daemons()
+    try:
+        outs = cluster.native(steps=51)
+        assert all("FRESH" in out for out in outs)
+        cluster.wait_committed([50])
+        manifest = cluster.durable.verify_step(50)
+        assert manifest.nodes == nodes
+        # Every node's part holds its own process's shards, and only those.
+        for rank in range(nodes):
+            mine = [p for p in manifest.files if p.startswith(f"{node_dir(rank)}/")]
+            assert any(f"ocdbt.process_{rank}/" in p for p in mine)
+            others = [f"ocdbt.process_{o}/" for o in range(nodes) if o != rank]
+            assert not any(o in p for p in mine for o in others)
+        # Local retention on every node keeps the newest two steps once 50 is durable.
+        for rank in range(nodes):
+            wait_for(
+                lambda rank=rank: LocalTier(cluster.local[rank]).committed_steps() == [40, 50],
+                timeout=30,
+                what=f"node {rank} local retention\n{cluster.logs()}",
+            )
+
+        # Node 1 is replaced by an empty machine; the others keep their SSDs.
+        cluster.daemons[1].terminate()
+        shutil.rmtree(cluster.local[1])
+        cluster.start_daemon(1)
+        outs = cluster.native(steps=55)
+        restored = restored_lines(outs)
+        assert [r["step"] for r in restored] == ["50"] * nodes, "every process restores one step"
+        assert all(r["ok"] == "True" for r in restored), restored
+        assert [r["source"] for r in restored] == [
+            "durable" if rank == 1 else "local" for rank in range(nodes)
+        ]
+        # Node 1 fetched its own part only.
+        fetched = node_files(cluster.local[1] / "50")
+        assert any("ocdbt.process_1/" in f for f in fetched)
+        assert not any("ocdbt.process_0/" in f for f in fetched)
+        assert COMMIT_MARKER in fetched
+    finally:
+        cluster.stop_daemons()
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_replicator_checkpoint_manager_across_processes(
+    gs_url: str, tmp_path: Path, nodes: int
+) -> None:
+    coordinator = f"127.0.0.1:{free_port()}"
+    cluster = Cluster(
+        tmp_path,
+        gs_url,
+        nodes,
+        enable_multi_tier_checkpointing=True,
+        checkpoint_period=1000,
+        tiered={"write_jax_init_info": True, "coordinator_address": coordinator},
+    )
+    cluster.start_daemons()
+    try:
+        outs = cluster.mtc(steps=55)
+        assert all("FRESH" in out for out in outs)
+        # replicator.yaml's backup interval (50) drives promotion, on every node.
+        cluster.wait_committed([50])
+        assert cluster.durable.verify_step(50).nodes == nodes
+
+        # Every node restarts with its SSD intact except node 1's. Node 1 holds nothing, so the
+        # nodes agree on the newest durable step, 50: node 1 downloads its part, the others
+        # offer their local copy.
+        cluster.daemons[1].terminate()
+        shutil.rmtree(cluster.local[1])
+        cluster.start_daemon(1)
+        outs = cluster.mtc(steps=60)
+        restored = restored_lines(outs)
+        assert [r["step"] for r in restored] == ["50"] * nodes
+        for rank, out in enumerate(outs):
+            shard = next(ln for ln in out.splitlines() if ln.startswith("SHARD"))
+            lo = int(shard.split()[1])
+            width = 64 // nodes
+            want = [i * 0.5 + 50 for i in range(lo, lo + width)]
+            assert json.loads(restored[rank]["w"]) == want, f"node {rank}"
+        assert "Fetched step 50" in cluster.daemons[1].log()
+        for rank in (0, *range(2, nodes)):
+            assert "Fetched" not in cluster.daemons[rank].log()
+    finally:
+        cluster.stop_daemons()
+
+
+def test_a_node_lost_mid_promotion_never_commits_part_of_a_step(
+    gs_url: str, tmp_path: Path
+) -> None:
+    cluster = Cluster(tmp_path, gs_url, 2, tiered={"local_max_to_keep": 2})
+    # Training first (saves 0..100 every 10 steps on both nodes), then the daemons.
+    assert all("FRESH" in out for out in cluster.native(steps=101))
+    node0 = cluster.start_daemon(0)
+    # Node 1's daemon dies after uploading two files of its part of step 50.
+    node1 = cluster.start_daemon(1, ready=False, TIERED_FAULT="upload-file:2")
+    try:
+        assert node1.proc.wait(60) == 137
+
+        def waiting() -> dict[str, Any]:
+            status = json.loads(node0.get("/status")[1])
+            return status["daemon"]["node"]["committing"]
+
+        wait_for(
+            lambda: waiting() == {"50": {"missing": [1]}, "100": {"missing": [1]}},
+            timeout=60,
+            what=f"node 0 waiting on node 1\n{cluster.logs()}",
+        )
+        scan = {f.step: f.committed for f in cluster.durable.scan()}
+        assert scan == {50: False, 100: False}, "nothing is committed without node 1's part"
+        assert cluster.durable.part_ranks(50) == [0]
+
+        # Node 1 comes back, but its copy of step 50 is gone with it: 50 can never complete.
+        shutil.rmtree(cluster.local[1] / "50")
+        node1 = cluster.start_daemon(1)
+        cluster.wait_committed([100])
+        cluster.durable.verify_step(100)
+        # Node 0 gives up on 50, prunes it locally, and removes its partial upload.
+        wait_for(
+            lambda: {f.step for f in cluster.durable.scan()} == {100},
+            timeout=60,
+            what=f"the partial step 50 removed\n{cluster.logs()}",
+        )
+        assert "Giving up on step 50" in node0.log()
+        assert LocalTier(cluster.local[0]).committed_steps() == [90, 100]
+    finally:
+        cluster.stop_daemons()
