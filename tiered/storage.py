@@ -419,9 +419,15 @@ class DurableTier:
         return [f.step for f in self.scan() if f.committed]
 
     def _cached_manifest(self, step: int) -> Manifest | None:
+        """What the status needs of a committed step (reason, time, size). With several nodes
+        that is this node's own part marker: the merged manifest lists every node's files, and
+        a thousand nodes each reading it would move a thousand times its size."""
         if step not in self._manifests:
             try:
-                self._manifests[step] = self.read_manifest(step)
+                if self.multi_node:
+                    self._manifests[step] = self.read_part(step, self.node_rank)
+                else:
+                    self._manifests[step] = self.read_manifest(step)
             except (FileNotFoundError, LayoutError):
                 return None
         return self._manifests[step]
@@ -669,7 +675,7 @@ class DurableTier:
                     "%s was already committed by another writer; kept its marker",
                     self.step_url(step),
                 )
-        self._manifests[step] = merged
+        self._manifests[step] = fresh[self.node_rank]
         return []
 
     def _check_part_shapes(self, step: int, parts: dict[int, Manifest]) -> None:
