@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tiered import CheckpointManager, DurableTier, LocalTier, promote_step
+from tiered import CheckpointManager, DurableTier, LocalTier, config_from_mapping, promote_step
 
 from conftest import ROOT, subprocess_env, write_config
 from helpers import assert_trees_equal, corrupt_largest_file, example_state
@@ -137,3 +137,29 @@ def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
     assert f"RESUMED step={stop_step} from=local" in resumed.stdout
     assert f"DONE step={stop_step + 2}" in resumed.stdout
     assert {f.step: f.reason for f in local.scan()}[stop_step + 2] == "final"
+
+
+def test_local_compression_can_be_turned_off(tmp_path: Path) -> None:
+    """tiered.local_compression: false writes raw bytes (less CPU per save, more bytes)."""
+    import jax.numpy as jnp
+
+    zeros = {"w": jnp.zeros((1024, 1024), jnp.float32)}  # 4 MB that compresses to almost nothing
+    sizes = {}
+    for compress in (False, True):
+        cfg = config_from_mapping(
+            {
+                "checkpoint_dir": f"file://{tmp_path}/durable-{compress}",
+                "local_checkpoint_directory": str(tmp_path / f"local-{compress}"),
+                "tiered": {"local_compression": compress},
+            },
+            env={},
+        )
+        with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+            mgr.save(0, zeros, force=True)
+            mgr.wait_until_finished()
+            restored = mgr.restore(zeros)
+        assert restored is not None and float(restored.state["w"].sum()) == 0.0
+        step = tmp_path / f"local-{compress}" / "0"
+        sizes[compress] = sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
+    assert sizes[False] >= 4 * 2**20
+    assert sizes[True] < 2**20

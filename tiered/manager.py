@@ -80,19 +80,7 @@ class CheckpointManager:
         self._last_size = 0
         self._durable: DurableTier | None = None
         self._multi = self._check_topology()
-        if self._multi:
-            self._mgr = self._per_node_manager()
-        else:
-            self._mgr = ocp.CheckpointManager(
-                str(cfg.local_dir),
-                options=ocp.CheckpointManagerOptions(
-                    save_interval_steps=cfg.local_checkpoint_period,
-                    max_to_keep=None,
-                    enable_async_checkpointing=cfg.async_checkpointing,
-                    create=True,
-                    cleanup_tmp_directories=True,
-                ),
-            )
+        self._mgr = self._make_manager()
         self._signal: int | None = None
         self._stop = False
         self._previous_handlers: dict[int, Any] = {}
@@ -118,31 +106,41 @@ class CheckpointManager:
             )
         return True
 
-    def _per_node_manager(self) -> Any:
-        """An orbax manager whose local directory holds this process's shards only.
+    def _make_manager(self) -> Any:
+        """The orbax manager for the local tier.
 
-        As in orbax's own local checkpoints for multi-tier checkpointing: every process writes
-        its own metadata and commit marker (``primary_host=None``) and every shard it holds,
-        replicated or not (``replica_id=None``), so each node's directory restores on its own.
+        ``tiered.local_compression`` (on by default, as in orbax) can turn zstd off: every local
+        save costs host CPU, and over high-entropy weights zstd saves only a few percent of the
+        bytes (docs/configuration.md has the numbers).
+
+        With several processes each local directory holds this process's shards only, as in
+        orbax's own local checkpoints for multi-tier checkpointing: every process writes its own
+        metadata and commit marker (``primary_host=None``) and every shard it holds, replicated
+        or not (``replica_id=None``), so each node's directory restores on its own.
         """
         import jax
 
         ocp = self._ocp
         cfg = self.config
-        mp = ocp.options.MultiprocessingOptions(primary_host=None)
-        registry = ocp.type_handlers.create_type_handler_registry(
-            (
-                jax.Array,
-                ocp.type_handlers.ArrayHandler(
-                    primary_host=None, replica_id=None, use_replica_parallel=False
-                ),
+        kwargs: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        if self._multi:
+            mp = ocp.options.MultiprocessingOptions(primary_host=None)
+            kwargs["multiprocessing_options"] = mp
+            kwargs["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(
+                (
+                    jax.Array,
+                    ocp.type_handlers.ArrayHandler(
+                        primary_host=None, replica_id=None, use_replica_parallel=False
+                    ),
+                )
             )
-        )
+            options = {"multiprocessing_options": mp, "enable_per_process_directory_creation": True}
         handler = ocp.PyTreeCheckpointHandler(
             use_ocdbt=True,
             use_zarr3=True,
-            multiprocessing_options=mp,
-            type_handler_registry=registry,
+            use_compression=cfg.tiered.local_compression,
+            **kwargs,
         )
         handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
         handlers.add(None, ocp.args.PyTreeSave, handler)
@@ -155,8 +153,7 @@ class CheckpointManager:
                 enable_async_checkpointing=cfg.async_checkpointing,
                 create=True,
                 cleanup_tmp_directories=True,
-                multiprocessing_options=mp,
-                enable_per_process_directory_creation=True,
+                **options,
             ),
             handler_registry=handlers,
         )
@@ -226,13 +223,13 @@ class CheckpointManager:
             meta: dict[str, Any] = {"reason": reason, "wall_time": time.time()}
             if self._multi:
                 meta.update(node=cfg.tiered.node_rank, nodes=cfg.tiered.num_nodes)
-            args = (
-                self._ocp.args.PyTreeSave(state)
-                if self._multi
-                else self._ocp.args.StandardSave(state)
-            )
             saved = bool(
-                self._mgr.save(step, args=args, force=True, custom_metadata={"tiered": meta})
+                self._mgr.save(
+                    step,
+                    args=self._ocp.args.PyTreeSave(state),
+                    force=True,
+                    custom_metadata={"tiered": meta},
+                )
             )
             if blocking:
                 self._mgr.wait_until_finished()
@@ -385,18 +382,15 @@ class CheckpointManager:
 
     def _load(self, step: int, target: Any) -> Any:
         self._mgr.reload()
-        if self._multi:
-            ocp = self._ocp
-            restore_args = (
-                ocp.checkpoint_utils.construct_restore_args(target) if target is not None else None
-            )
-            return self._mgr.restore(
-                step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
-            )
-        args = self._ocp.args.StandardRestore(target) if target is not None else None
-        if args is None:
-            return self._mgr.restore(step)
-        return self._mgr.restore(step, args=args)
+        ocp = self._ocp
+        if target is not None:
+            target = _default_shardings(target)
+        restore_args = (
+            ocp.checkpoint_utils.construct_restore_args(target) if target is not None else None
+        )
+        return self._mgr.restore(
+            step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+        )
 
     # -- lifecycle --
 
@@ -413,6 +407,21 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _default_shardings(target: Any) -> Any:
+    """Abstract leaves without a sharding restore as jax arrays on the first local device (as
+    orbax's StandardRestore does), not as numpy arrays."""
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def fix(leaf: Any) -> Any:
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+
+    return jax.tree.map(fix, target)
 
 
 def _is_disk_full(err: BaseException) -> bool:
