@@ -27,7 +27,6 @@ from typing import Any
 import yaml
 
 from tiered import DurableTier, LocalTier, StepInfo, TieredError, stage_step
-from tiered.coord import Rendezvous
 from tiered.layout import (
     JAX_INIT_INFO,
     REPLICATOR_ERRORS,
@@ -38,6 +37,7 @@ from tiered.layout import (
     restore_name,
     staging_path,
 )
+from tiered.ops import agree_restore
 
 log = logging.getLogger(__name__)
 
@@ -247,21 +247,10 @@ class MtcProtocol:
             if entry.name.endswith(RESTORE_SUFFIX) and parse_restore(entry.name) is not None:
                 entry.unlink()
         if self.durable.multi_node:
-            local_steps = [r.step for r in rows if r.local]
-            decision = Rendezvous(self.durable).agree(
-                local_steps, timeout=self.agreement_timeout, should_stop=should_stop
+            decision = agree_restore(
+                self.local, self.durable, timeout=self.agreement_timeout, should_stop=should_stop
             )
             self.last_decision_epoch = decision.epoch
-            newer_steps = [s for s in local_steps if decision.step is None or s > decision.step]
-            for newer in sorted(newer_steps):
-                log.warning(
-                    "Setting aside local step %d: the nodes agreed on %s, and not every node "
-                    "holds %d",
-                    newer,
-                    f"step {decision.step}" if decision.step is not None else "a fresh start",
-                    newer,
-                )
-                self.local.delete_step(newer)
             choice = (
                 None
                 if decision.step is None

@@ -279,6 +279,7 @@ class Daemon:
         durable = {r.step for r in rows if r.durable}
         local = {r.step for r in rows if r.local}
         newest_durable = max(durable, default=-1)
+        self._abandoned &= local  # forget what is pruned
         committed_now = False
         for step, epoch in sorted(self._parts.items()):
             if step in durable or step not in local or epoch != self._epoch:

@@ -28,7 +28,7 @@ from tiered.config import TieredConfig, load_config
 from tiered.errors import ChecksumMismatch, CommitError, ConfigError, LayoutError, StorageError
 from tiered.layout import TRAINER_LOCK_NAME
 from tiered.lock import DaemonLock
-from tiered.ops import fetch_step
+from tiered.ops import agree_restore, fetch_step
 from tiered.storage import DurableTier, LocalTier
 
 log = logging.getLogger(__name__)
@@ -350,15 +350,11 @@ class CheckpointManager:
         downloads only its own part. Local steps newer than it are set aside: the other nodes
         lack them, so they are not a checkpoint of this run any more.
         """
-        from tiered.coord import Rendezvous
-
-        local_steps = self.local.committed_steps()
-        decision = Rendezvous(self.durable).agree(
-            local_steps, timeout=self.config.tiered.restore_agreement_timeout_seconds
+        decision = agree_restore(
+            self.local,
+            self.durable,
+            timeout=self.config.tiered.restore_agreement_timeout_seconds,
         )
-        for newer in [s for s in local_steps if decision.step is None or s > decision.step]:
-            log.warning("Setting aside local step %d: the nodes agreed on %s", newer, decision.step)
-            self.local.delete_step(newer)
         self._mgr.reload()
         if decision.step is None:
             log.info("No checkpoint every node can restore: starting fresh")

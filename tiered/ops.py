@@ -10,14 +10,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tiered import faults
 from tiered.config import TieredConfig
-from tiered.coord import Rendezvous
+from tiered.coord import Decision, Rendezvous
 from tiered.layout import COMMIT_MARKER
 from tiered.policy import Delete, StepInfo, merge_inventories
 from tiered.storage import DurableTier, LocalTier, Progress, TransferResult
@@ -101,6 +101,28 @@ def commit_parts(local: LocalTier, durable: DurableTier, step: int, *, epoch: in
             durable.num_nodes,
         )
     return missing
+
+
+def agree_restore(
+    local: LocalTier,
+    durable: DurableTier,
+    *,
+    timeout: float,
+    should_stop: Callable[[], bool] | None = None,
+) -> Decision:
+    """Several nodes: agree with the others on the step to restore (``tiered.coord``), then set
+    aside this node's local steps newer than it: some node lacks them, so they are not a
+    checkpoint of this run any more, and orbax would otherwise restore its own newest step."""
+    local_steps = local.committed_steps()
+    decision = Rendezvous(durable).agree(local_steps, timeout=timeout, should_stop=should_stop)
+    for newer in sorted(s for s in local_steps if decision.step is None or s > decision.step):
+        log.warning(
+            "Setting aside local step %d: the nodes agreed on %s, which every node can restore",
+            newer,
+            f"step {decision.step}" if decision.step is not None else "a fresh start",
+        )
+        local.delete_step(newer)
+    return decision
 
 
 def apply_deletes(
