@@ -19,6 +19,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import tiered
@@ -58,6 +59,19 @@ def init_state(seed: int = 0) -> tuple[dict, optax.GradientTransformation, Laten
     return state, tx, model
 
 
+def replicate_across_processes(state: dict) -> dict:
+    """The same state on every process, as one global array per leaf (a data-parallel job):
+    orbax saves global arrays, never host-local ones, in a multi-process job."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def to_global(leaf: jax.Array) -> jax.Array:
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, replicated, lambda idx: host[idx])
+
+    return jax.tree.map(to_global, state)
+
+
 def make_train_step(model: LatencyNet, tx: optax.GradientTransformation):
     @jax.jit
     def train_step(state: dict) -> tuple[dict, jax.Array]:
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.distributed:
+        if os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             num_processes=int(os.environ.get("TIERED_NUM_NODES", "1")),
             process_id=int(os.environ.get("TIERED_NODE_RANK", "0")),
@@ -101,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
     state, tx, model = init_state()
+    if jax.process_count() > 1:
+        state = replicate_across_processes(state)
     train_step = make_train_step(model, tx)
     with tiered.CheckpointManager(args.config) as mgr:
         restored = mgr.restore(state)

@@ -74,13 +74,15 @@ class Cluster:
             f"--- daemon {r} ---\n{d.log()[-3000:]}" for r, d in enumerate(self.daemons) if d
         )
 
-    def run(self, argv_for: Any, *, timeout: float = 240) -> list[str]:
+    def run(
+        self, argv_for: Any, *, timeout: float = 240, extra_env: dict[str, str] | None = None
+    ) -> list[str]:
         """Run one process per node at once; return their stdouts (all must succeed)."""
         procs = [
             subprocess.Popen(
                 [sys.executable, *argv_for(rank)],
                 cwd=ROOT,
-                env={**subprocess_env(), **self.env(rank)},
+                env={**subprocess_env(), **self.env(rank), **(extra_env or {})},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -274,3 +276,22 @@ def test_a_node_lost_mid_promotion_never_commits_part_of_a_step(
         assert LocalTier(cluster.local[0]).committed_steps() == [90, 100]
     finally:
         cluster.stop_daemons()
+
+
+def test_example_trainer_runs_as_two_processes(tmp_path: Path) -> None:
+    """The JobSet's trainer command (`examples/train.py --distributed`) on two processes."""
+    cluster = Cluster(tmp_path, f"file://{tmp_path}/durable", 2, checkpoint_period=100)
+    coordinator = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}"}
+    example = [str(ROOT / "examples" / "train.py"), "--config", str(cluster.config_path)]
+
+    def run(steps: int) -> list[str]:
+        return cluster.run(
+            lambda r: [*example, "--steps", str(steps), "--distributed"], extra_env=coordinator
+        )
+
+    outs = run(50)
+    assert all("FRESH start" in out and "DONE step=49" in out for out in outs)
+    for rank in range(2):
+        assert LocalTier(cluster.local[rank]).committed_steps() == [0, 10, 20, 30, 40, 49]
+    outs = run(60)
+    assert all("RESUMED step=49 from=local" in out for out in outs), outs

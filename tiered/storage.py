@@ -528,15 +528,15 @@ class DurableTier:
                 host=socket.gethostname(),
             )
             with translate_errors(f"writing node {self.node_rank}'s part of {self.step_url(step)}"):
-                self.fs.pipe_file(
+                self._put_small(
                     self._path(step, part_marker(self.node_rank)), part.to_json().encode()
                 )
         else:
             with translate_errors(f"committing {self.step_url(step)}"):
-                self.fs.pipe_file(self._path(step, MANIFEST_NAME), manifest.to_json().encode())
+                self._put_small(self._path(step, MANIFEST_NAME), manifest.to_json().encode())
                 faults.hit("commit")
                 marker = step_dir / COMMIT_MARKER
-                self.fs.pipe_file(self._path(step, COMMIT_MARKER), marker.read_bytes())
+                self._put_small(self._path(step, COMMIT_MARKER), marker.read_bytes())
             self._manifests[step] = manifest
         moved = sum(manifest.files[r].size for r in todo)
         return TransferResult(
@@ -668,7 +668,7 @@ class DurableTier:
         # checked once more for presence and size (and crc32c where listings carry it).
         self._verify_files(step, merged, read_back=False)
         with translate_errors(f"committing {self.step_url(step)}"):
-            self.fs.pipe_file(self._path(step, MANIFEST_NAME), merged.to_json().encode())
+            self._put_small(self._path(step, MANIFEST_NAME), merged.to_json().encode())
             faults.hit("commit")
             if not self.create_exclusive(self._path(step, COMMIT_MARKER), marker):
                 log.warning(
@@ -686,6 +686,26 @@ class DurableTier:
                     f"{part.nodes} nodes, but this job has {self.num_nodes}: is tiered.num_nodes "
                     "the same on every node?"
                 )
+
+    def _put_small(self, path: str, data: bytes) -> None:
+        """Write a small object whole: object stores replace objects atomically, and on
+        ``file://`` a temporary name is renamed into place, so a reader (another node polling
+        for a part marker or a decision) never sees half of it."""
+        if self.protocol != "file":
+            self.fs.pipe_file(path, data)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create an object only if it does not exist; False when it already did."""
@@ -743,7 +763,7 @@ class DurableTier:
 
     def write_text(self, rel: str, text: str) -> None:
         with translate_errors(f"writing {self.url}/{rel}"):
-            self.fs.pipe_file(f"{self.root}/{rel}", text.encode())
+            self._put_small(f"{self.root}/{rel}", text.encode())
 
     def delete_file(self, rel: str) -> None:
         with translate_errors(f"deleting {self.url}/{rel}"), contextlib.suppress(FileNotFoundError):
