@@ -220,15 +220,12 @@ class CheckpointManager:
             return False
         self._warn_if_nearly_full()
         with self._disk_full_is_clear():
-            meta: dict[str, Any] = {"reason": reason, "wall_time": time.time()}
-            if self._multi:
-                meta.update(node=cfg.tiered.node_rank, nodes=cfg.tiered.num_nodes)
             saved = bool(
                 self._mgr.save(
                     step,
                     args=self._ocp.args.PyTreeSave(state),
                     force=True,
-                    custom_metadata={"tiered": meta},
+                    custom_metadata={"tiered": {"reason": reason, "wall_time": time.time()}},
                 )
             )
             if blocking:

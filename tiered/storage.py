@@ -600,13 +600,7 @@ class DurableTier:
 
     def part_ranks(self, step: int) -> list[int]:
         """Nodes whose part marker of a multi-node step exists (one listing, no reads)."""
-        folder = self._path(step, PARTS_DIR)
-        with translate_errors(f"listing the parts of {self.step_url(step)}"):
-            self.fs.invalidate_cache(folder)
-            try:
-                names = [str(p).rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
-            except FileNotFoundError:
-                return []
+        names = self.list_names(f"{step_name(step)}/{PARTS_DIR}")
         return sorted(
             int(n.removesuffix(".json"))
             for n in names
@@ -614,16 +608,29 @@ class DurableTier:
         )
 
     def read_parts(self, step: int) -> dict[int, Manifest]:
-        """node rank -> part marker, for every part of a multi-node step written so far."""
-        return {rank: self.read_part(step, rank) for rank in self.part_ranks(step)}
+        """node rank -> part marker, for every part of a multi-node step written so far; read in
+        parallel, since node 0 reads all N of them before a commit."""
+        ranks = self.part_ranks(step)
+        texts = self.read_texts([f"{step_name(step)}/{part_marker(r)}" for r in ranks])
+        parts = {}
+        for rank, text in zip(ranks, texts, strict=True):
+            if text is None:
+                raise FileNotFoundError(f"{self.step_url(step)}/{part_marker(rank)}")
+            parts[rank] = self._parse_part(step, rank, text)
+        return parts
 
     def read_part(self, step: int, rank: int) -> Manifest:
-        where = f"{self.step_url(step)}/{part_marker(rank)}"
-        with translate_errors(f"reading {where}"):
+        with translate_errors(f"reading {self.step_url(step)}/{part_marker(rank)}"):
             data = self.fs.cat_file(self._path(step, part_marker(rank)))
+        return self._parse_part(step, rank, data)
+
+    def _parse_part(self, step: int, rank: int, data: str | bytes) -> Manifest:
         part = Manifest.from_json(data)
         if part.step != step or part.node != rank:
-            raise LayoutError(f"{where}: holds step {part.step} node {part.node}")
+            raise LayoutError(
+                f"{self.step_url(step)}/{part_marker(rank)}: holds step {part.step} "
+                f"node {part.node}"
+            )
         return part
 
     def commit_parts(self, step: int, *, epoch: int, marker: bytes) -> list[int]:
@@ -691,38 +698,15 @@ class DurableTier:
         """Write a small object whole: object stores replace objects atomically, and on
         ``file://`` a temporary name is renamed into place, so a reader (another node polling
         for a part marker or a decision) never sees half of it."""
-        if self.protocol != "file":
+        if self.protocol == "file":
+            _publish_local_file(path, data, exclusive=False)
+        else:
             self.fs.pipe_file(path, data)
-            return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create an object only if it does not exist; False when it already did."""
         if self.protocol == "file":
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-            return True
+            return _publish_local_file(path, data, exclusive=True)
         try:
             self.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
@@ -764,10 +748,6 @@ class DurableTier:
     def write_text(self, rel: str, text: str) -> None:
         with translate_errors(f"writing {self.url}/{rel}"):
             self._put_small(f"{self.root}/{rel}", text.encode())
-
-    def delete_file(self, rel: str) -> None:
-        with translate_errors(f"deleting {self.url}/{rel}"), contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(f"{self.root}/{rel}")
 
     # -- restore --
 
@@ -909,6 +889,30 @@ class DurableTier:
         for err in errors:
             if err is not None:
                 raise err
+
+
+def _publish_local_file(path: str, data: bytes, *, exclusive: bool) -> bool:
+    """Put ``data`` at ``path`` in one step: written to a temporary name and synced, then
+    renamed over ``path``, or with ``exclusive`` hard-linked to it, which fails (returning
+    False) when ``path`` already exists."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _copy_with_crc32c(src: Path, dest: Path) -> tuple[int, int]:
