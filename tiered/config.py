@@ -72,7 +72,7 @@ class TieredSettings(BaseModel):
     node_rank: int = Field(0, ge=0)
     num_nodes: int = Field(1, ge=1)
     restore_agreement_timeout_seconds: float = Field(600.0, gt=0)
-    local_compression: bool = True
+    local_compression: bool = False
     log_format: Literal["text", "json"] = "text"
 
     @field_validator("status_address")

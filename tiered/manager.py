@@ -109,9 +109,10 @@ class CheckpointManager:
     def _make_manager(self) -> Any:
         """The orbax manager for the local tier.
 
-        ``tiered.local_compression`` (on by default, as in orbax) can turn zstd off: every local
-        save costs host CPU, and over high-entropy weights zstd saves only a few percent of the
-        bytes (docs/configuration.md has the numbers).
+        Local saves are uncompressed unless ``tiered.local_compression`` is on: zstd (level 3
+        under zarr3) is most of a save's host CPU, paid every local period, and over
+        high-entropy weights it saves under 10% of the bytes (docs/configuration.md has the
+        numbers).
 
         With several processes each local directory holds this process's shards only, as in
         orbax's own local checkpoints for multi-tier checkpointing: every process writes its own
