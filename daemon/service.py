@@ -632,9 +632,30 @@ def configure_logging(fmt: str, *, level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def lower_cpu_priority(nice: int) -> int:
+    """Run at least at ``nice`` (``tiered.daemon_nice``), so that on a busy host the trainer's
+    threads win the CPU and the daemon takes what is left. Returns the nice value now in force.
+
+    Called before the daemon starts any thread: on Linux the nice value is per thread and new
+    threads inherit it. It only ever lowers the priority, which needs no privilege; a daemon
+    started at a higher nice value keeps it.
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > current:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError as err:  # e.g. a seccomp profile that forbids it: run anyway, and say so
+            log.warning("Could not lower the daemon's CPU priority to nice %d: %s", nice, err)
+            return current
+        return nice
+    return current
+
+
 def run_daemon(cfg: TieredConfig, *, log_format: str = "text") -> int:
     """The ``tiered daemon`` entry point: run until SIGTERM/SIGINT, then drain."""
     configure_logging(log_format)
+    nice = lower_cpu_priority(cfg.tiered.daemon_nice)
+    log.info("Running at nice %d (tiered.daemon_nice: %d)", nice, cfg.tiered.daemon_nice)
     daemon = Daemon(cfg)
 
     def on_signal(signum: int, frame: object) -> None:

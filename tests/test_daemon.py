@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,8 +98,44 @@ def test_http_endpoints(tmp_path: Path) -> None:
             cwd=ROOT,
         )
         assert out.returncode == 0 and "daemon   ok" in out.stdout and "committed" in out.stdout
+        # Every thread, the upload workers included, runs below the trainer's priority.
+        expected = max(cfg.tiered.daemon_nice, os.getpriority(os.PRIO_PROCESS, 0))
+        assert cfg.tiered.daemon_nice == 10
+        assert thread_nice_values(daemon.proc.pid) == {expected}
     finally:
         daemon.terminate()
+
+
+def thread_nice_values(pid: int) -> set[int]:
+    """The nice value of each of ``pid``'s threads (field 19 of /proc/PID/task/TID/stat)."""
+    values = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        after_name = stat.read_text().rsplit(")", 1)[1].split()
+        values.add(int(after_name[16]))
+    return values
+
+
+def test_lower_cpu_priority_only_lowers() -> None:
+    """Nice values are per thread on Linux: try it in a thread of its own."""
+    import threading
+
+    from daemon.service import lower_cpu_priority
+
+    seen: dict[str, int] = {}
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    target = min(19, before + 5)
+
+    def worker() -> None:
+        seen["first"] = lower_cpu_priority(target)
+        seen["again"] = lower_cpu_priority(before)  # never raises the priority back
+        seen["off"] = lower_cpu_priority(0)
+        seen["now"] = os.getpriority(os.PRIO_PROCESS, 0)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"first": target, "again": target, "off": target, "now": target}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's thread is untouched
 
 
 def test_second_daemon_is_refused(tmp_path: Path) -> None:

@@ -73,6 +73,7 @@ class TieredSettings(BaseModel):
     num_nodes: int = Field(1, ge=1)
     restore_agreement_timeout_seconds: float = Field(600.0, gt=0)
     local_compression: bool = False
+    daemon_nice: int = Field(10, ge=0, le=19)
     log_format: Literal["text", "json"] = "text"
 
     @field_validator("status_address")
