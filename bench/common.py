@@ -172,7 +172,10 @@ def write_config(path: Path, mapping: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def daemon(config_path: Path, *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+def daemon(
+    config_path: Path, *, env: dict[str, str] | None = None, wait: bool = True
+) -> Iterator[subprocess.Popen]:
+    """The real daemon (``python -m daemon``) for the duration of the block."""
     log = open(config_path.with_suffix(".daemon.log"), "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "--config", str(config_path)],
@@ -182,12 +185,19 @@ def daemon(config_path: Path, *, env: dict[str, str] | None = None) -> Iterator[
         stderr=subprocess.STDOUT,
     )
     try:
-        time.sleep(1.5)
+        if wait:
+            time.sleep(1.5)
         yield proc
     finally:
         proc.terminate()
         proc.wait(600)
         log.close()
+
+
+def settle() -> None:
+    """Write back dirty pages before a timed run, so it does not pay for the previous run's
+    writes (1 GB of them can take seconds to reach this machine's disk)."""
+    os.sync()
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -202,11 +212,25 @@ def proc_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def save_state_locally(local: Path, step: int, state: dict[str, Any]) -> Path:
-    """A real orbax step on local disk, waited for."""
+def save_state_locally(
+    local: Path, step: int, state: dict[str, Any], *, compression: bool | None = None
+) -> Path:
+    """A real orbax step on local disk, waited for, in the format tiered's local saves use
+    (OCDBT, zarr3, and zstd as ``tiered.local_compression`` says unless ``compression`` is given).
+    """
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(str(local), options=ocp.CheckpointManagerOptions(create=True)) as m:
-        m.save(step, args=ocp.args.StandardSave(state), force=True)
+    from tiered.config import TieredSettings
+
+    if compression is None:
+        compression = TieredSettings().local_compression
+    handler = ocp.PyTreeCheckpointHandler(
+        use_ocdbt=True, use_zarr3=True, use_compression=compression
+    )
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(None, ocp.args.PyTreeSave, handler)
+    options = ocp.CheckpointManagerOptions(create=True)
+    with ocp.CheckpointManager(str(local), options=options, handler_registry=registry) as m:
+        m.save(step, args=ocp.args.PyTreeSave(state), force=True)
         m.wait_until_finished()
     return local / str(step)

@@ -25,9 +25,11 @@ from bench.common import (
     proc_cpu_seconds,
     proc_rss_mb,
     random_state,
+    settle,
     state_bytes,
     write_config,
 )
+from tiered.layout import COMMIT_MARKER
 
 
 def _compute_step(target_ms: float) -> Callable[[], None]:
@@ -69,16 +71,22 @@ def training_stall(
     import orbax.checkpoint as ocp
 
     import tiered
+    from tiered.config import TieredSettings
 
     durable_period = 5 * local_period
     state = random_state(size_mb)
     compute = _compute_step(step_ms)
+    # tiered as configured by default, and with tiered.local_compression the other way, so the
+    # table shows what zstd on every local save costs the training loop.
+    default_zstd = TieredSettings().local_compression
+    other = "tiered_no_zstd" if default_zstd else "tiered_zstd"
+    tiered_settings = {"tiered": {}, other: {"local_compression": not default_zstd}}
     setups = [
         "none",
         "orbax_durable_every_local",
         "orbax_durable_every_durable",
         "orbax_local_async",
-        "tiered",
+        *tiered_settings,
     ]
     samples: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
 
@@ -86,6 +94,7 @@ def training_stall(
         base = work / f"stall-{setup}-{rep}"
         blocking: list[float] = []
         bucket = new_bucket()
+        settle()
 
         def loop(save: Callable[[int], None] | None, finish: Callable[[], None]) -> float:
             t0 = time.perf_counter()
@@ -124,7 +133,7 @@ def training_stall(
                     f"gs://{bucket}/tiered",
                     checkpoint_period=durable_period,
                     local_checkpoint_period=local_period,
-                    tiered={"local_max_to_keep": 2},
+                    tiered={"local_max_to_keep": 2, **tiered_settings[setup]},
                 ),
             )
             base.mkdir(parents=True, exist_ok=True)
@@ -136,6 +145,7 @@ def training_stall(
         drop_bucket(bucket)
         saves = [b for b in blocking if b > 0.001] or [0.0]
         return {
+            "round": rep,
             "wall_s": wall,
             "save_block_median_s": median(saves),
             "save_block_total_s": sum(blocking),
@@ -153,13 +163,16 @@ def training_stall(
             except Exception as err:  # a baseline failing on the emulator is recorded, not fatal
                 failures.append(f"{setup} round {rep}: {type(err).__name__}: {str(err)[:200]}")
     walls = {s: median([x["wall_s"] for x in samples[s]]) for s in setups}
-    overhead = {s: walls[s] - walls["none"] for s in setups}
+    # Overhead is paired by round: each run against the "none" run of its own round, then the
+    # median. On a shared 2-core machine the background load drifts between rounds, and pairing
+    # cancels what a round's runs share.
+    overhead = {s: median(_paired(samples, s)) for s in setups}
     risk = {
         "none": steps,
         "orbax_durable_every_local": local_period,
         "orbax_durable_every_durable": durable_period,
         "orbax_local_async": local_period,
-        "tiered": local_period,
+        **{s: local_period for s in tiered_settings},
     }
     return {
         "params": {
@@ -195,6 +208,13 @@ def training_stall(
     }
 
 
+def _paired(samples: dict[str, list[dict[str, float]]], setup: str) -> list[float]:
+    """``setup``'s wall time minus that of the "none" run in the same round, for each round
+    where both ran."""
+    by_round = {x["round"]: x["wall_s"] for x in samples["none"]}
+    return [x["wall_s"] - by_round[x["round"]] for x in samples[setup] if x["round"] in by_round]
+
+
 def _ratio(a: float, b: float) -> float:
     floor = 0.05  # seconds: below this an overhead is noise, and a ratio of noise means nothing
     return max(a, floor) / max(b, floor)
@@ -225,10 +245,12 @@ def promotion_throughput(
     for rep in range(reps):
         target = f"{root}/raw-{rep}/100".partition("://")[2]
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        settle()
         t0 = time.perf_counter()
         fs.put(str(step_dir), target, recursive=True)
         raw.append(total / 1e6 / (time.perf_counter() - t0))
         tier = DurableTier(f"{root}/tiered-{rep}", storage_options=opts)
+        settle()
         t0 = time.perf_counter()
         tier.upload_step(step_dir, step=100)  # manifest, upload, verify, commit
         ours.append(total / 1e6 / (time.perf_counter() - t0))
@@ -305,6 +327,7 @@ def fresh_node_restore(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]
     shutil.rmtree(seed_local)
     direct, ours = [], []
     for rep in range(reps):
+        settle()
         t0 = time.perf_counter()
         with ocp.CheckpointManager(durable_url) as mgr:
             restored = mgr.restore(500, args=ocp.args.StandardRestore(abstract))
@@ -315,6 +338,7 @@ def fresh_node_restore(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]
             config_mapping(local, durable_url, checkpoint_period=500, local_checkpoint_period=500),
             env={},
         )
+        settle()
         t0 = time.perf_counter()
         with tiered.CheckpointManager(cfg, install_signal_handlers=False) as mgr:
             result = mgr.restore(abstract)
@@ -363,20 +387,18 @@ def interference(*, size_mb: int, reps: int, step_ms: float, work: Path) -> dict
                     },
                 ),
             )
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tiered.cli", "promote", "100", "--config", str(cfg)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            # wait for the upload to be under way (the CLI's start-up is not the upload)
-            marker = work / f"interfere-durable-{label}-{rep}" / "100"
-            while proc.poll() is None and not marker.exists():
-                time.sleep(0.01)
-            while proc.poll() is None:
-                t0 = time.perf_counter()
-                compute()
-                busy.append(time.perf_counter() - t0)
-            shutil.rmtree(work / f"interfere-durable-{label}-{rep}", ignore_errors=True)
+            settle()
+            # The real daemon, as deployed (nice included): it finds step 100 due on start.
+            durable = work / f"interfere-durable-{label}-{rep}"
+            with daemon(cfg, wait=False) as proc:
+                # measure from the upload's start (the daemon's start-up is not the upload)
+                while proc.poll() is None and not (durable / "100").exists():
+                    time.sleep(0.01)
+                while proc.poll() is None and not (durable / "100" / COMMIT_MARKER).exists():
+                    t0 = time.perf_counter()
+                    compute()
+                    busy.append(time.perf_counter() - t0)
+            shutil.rmtree(durable, ignore_errors=True)
         results[label] = {"idle_step_s": idle, "busy_step_s": busy}
     summary = {
         label: {
