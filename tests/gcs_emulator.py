@@ -1,21 +1,29 @@
-"""Start gcp-storage-emulator with one fix: exact multipart parsing.
+"""Start gcp-storage-emulator with two fixes, so that it behaves as real GCS does.
 
-The emulator parses multipart uploads with Python's ``email`` parser, which drops a trailing
-``\\r`` from the uploaded body, so any object whose last byte is ``\\r`` is stored one byte short
-(tiered's verification catches it, as it should). Real GCS does not do this. This launcher splits
-the body on the boundary exactly, and is otherwise the emulator's own ``main``.
+- Exact multipart parsing. The emulator parses multipart uploads with Python's ``email``
+  parser, which drops a trailing ``\\r`` from the uploaded body, so any object whose last byte
+  is ``\\r`` is stored one byte short (tiered's verification catches it, as it should). This
+  launcher splits the body on the boundary exactly.
+- Generations. Downloads carry ``x-goog-generation``, and uploads honour ``ifGenerationMatch``
+  and ``ifGenerationNotMatch`` (412 when they fail).
+
+Otherwise it is the emulator's own ``main``.
 
     python tests/gcs_emulator.py start --host=127.0.0.1 --port=PORT --in-memory
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from http import HTTPStatus
 from typing import Any
 
 from gcp_storage_emulator import server
 from gcp_storage_emulator.__main__ import main
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
 
 _original_read_data = server._read_data
 
@@ -50,6 +58,62 @@ def _read_data(request_handler: Any, query: Any) -> Any:
 
 
 server._read_data = _read_data
+
+
+# Object generations, as real GCS reports and enforces them. Without the headers on downloads,
+# tensorstore reads an object's generation as malformed and fails the next conditional write
+# ("Malformed StorageGeneration" on manifest.ocdbt, intermittently, when orbax saves straight
+# to gs://); without the preconditions, `ifGenerationMatch=0` does not stop an overwrite.
+_original_download = objects.download
+_original_insert = objects.insert
+
+
+def _download(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) -> Any:
+    _original_download(request, response, storage, *args, **kwargs)
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+        with contextlib.suppress(NotFound):
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+            response["x-goog-stored-content-length"] = str(obj["size"])
+
+
+def _precondition_failed(request: Any, storage: Any) -> bool:
+    """Whether an upload's ifGenerationMatch / ifGenerationNotMatch rules it out."""
+    match = request.query.get("ifGenerationMatch", [None])[0]
+    not_match = request.query.get("ifGenerationNotMatch", [None])[0]
+    if match is None and not_match is None:
+        return False
+    name = request.query.get("name", [None])[0]
+    data = request.data if name is None else None
+    if isinstance(data, dict):  # resumable: the metadata; multipart: its metadata part
+        name = data.get("name") or (data.get("meta") or {}).get("name")
+    if name is None:
+        return False
+    try:
+        current = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+    except NotFound:
+        current = "0"
+    if match is not None and match != current:
+        return True
+    return not_match is not None and not_match == current
+
+
+def _insert(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) -> Any:
+    if _precondition_failed(request, storage):
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        response.json({"error": {"code": 412, "message": "Precondition Failed"}})
+        return None
+    return _original_insert(request, response, storage, *args, **kwargs)
+
+
+objects.download = _download  # objects.get serves ?alt=media through the module's name
+for _regex, _methods in server.HANDLERS:
+    for _method, _handler in list(_methods.items()):
+        if _handler is _original_download:
+            _methods[_method] = _download
+        elif _handler is _original_insert:
+            _methods[_method] = _insert
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -109,16 +109,13 @@ def test_a_part_from_before_a_restart_is_never_committed(
 
 
 def test_commit_marker_is_created_only_once(backend: tuple[str, dict], tmp_path: Path) -> None:
-    """The second guard: a create-only write. GCS's emulator ignores preconditions (a real
-    bucket honours ``ifGenerationMatch=0``), so there only the single committer protects."""
-    url, _ = backend
+    """The second guard: a create-only write (GCS ``ifGenerationMatch=0``, S3
+    ``If-None-Match: *``, an exclusive link on file://). The GCS emulator honours the
+    precondition through tests/gcs_emulator.py, as a real bucket does."""
     (node,) = tiers(backend, 1)
     path = f"{node.root}/guard/marker"
     assert node.create_exclusive(path, b"first")
-    second = node.create_exclusive(path, b"second")
-    if url.startswith("gs://"):
-        pytest.skip("gcp-storage-emulator ignores ifGenerationMatch")
-    assert second is False
+    assert node.create_exclusive(path, b"second") is False
     assert node.fs.cat_file(path) == b"first"
 
 

@@ -151,3 +151,33 @@ def test_large_objects_download_in_ranges_and_verify(tmp_path: Path, gs_url: str
     with pytest.raises(ChecksumMismatch):
         durable.download_step(50, tmp_path / "back2")
     assert not (tmp_path / "back2").exists()
+
+
+def test_gcs_emulator_reports_generations_as_gcs_does(gs_url: str) -> None:
+    """tests/gcs_emulator.py: downloads carry ``x-goog-generation`` (tensorstore's conditional
+    writes need it; without it orbax saving straight to gs:// failed intermittently with
+    "Malformed StorageGeneration"), and ``ifGenerationMatch`` refuses a stale write."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(token="anon")
+    path = f"{gs_url.removeprefix('gs://')}/obj"
+    fs.pipe_file(path, b"one")
+    generation = str(fs.info(path)["generation"])
+    bucket, _, name = path.partition("/")
+    host = os.environ["STORAGE_EMULATOR_HOST"]
+    quoted = urllib.parse.quote(name, safe="")
+    with urllib.request.urlopen(f"{host}/storage/v1/b/{bucket}/o/{quoted}?alt=media") as r:
+        assert r.read() == b"one" and r.headers["x-goog-generation"] == generation
+    stale = urllib.request.Request(
+        f"{host}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={quoted}&ifGenerationMatch=1",
+        data=b"two",
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(stale)
+    assert info.value.code == 412
+    assert fs.cat_file(path) == b"one"
