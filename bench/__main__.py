@@ -25,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stall-size-mb",
         type=int,
-        default=256,
-        help="state size for the stall scenario; its orbax-direct baselines write through "
-        "tensorstore, which the emulator fails under GiB-sized writes (bench/NOTES.md)",
+        default=None,
+        help="state size for the stall scenario (default: --size-mb)",
     )
     p.add_argument("--steps", type=int, default=60, help="training steps per stall run")
     p.add_argument("--local-period", type=int, default=10)
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-untyped-def]
     if name == "stall":
         return scenarios.training_stall(
-            size_mb=args.stall_size_mb,
+            size_mb=args.stall_size_mb or args.size_mb,
             reps=args.reps,
             steps=args.steps,
             local_period=args.local_period,

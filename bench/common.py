@@ -65,10 +65,6 @@ def gcs_emulator(*, on_disk: bool = False) -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
     os.environ["STORAGE_EMULATOR_HOST"] = url
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
-    # The emulator is one Python process on a 2-core machine: fewer parallel requests, and
-    # patience with slow ones, keep tensorstore from retrying writes the emulator half-did.
-    os.environ.setdefault("TENSORSTORE_GCS_REQUEST_CONCURRENCY", "4")
-    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", "300")
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     try:
         yield url
