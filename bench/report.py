@@ -116,7 +116,9 @@ def _promote(res: dict[str, Any]) -> list[str]:
         0,
         f"One step of {first['params']['bytes'] / 1e6:.0f} MB, "
         f"{first['params']['reps']} interleaved rounds, medians. Detection latency: "
-        "from orbax's commit to the daemon starting the upload.\n",
+        "from orbax's commit to the daemon starting the upload. On `file://` both copies are "
+        "timed until the bytes are on disk (tiered fsyncs each file before it commits; a bare "
+        "put leaves them in the page cache, so the run ends with `sync`).\n",
     )
     rows += ["", _bar_chart("promote", labels, values, "MB/s")]
     return rows
@@ -146,8 +148,9 @@ def _restore(r: dict[str, Any]) -> list[str]:
 
 def _interference(r: dict[str, Any]) -> list[str]:
     rows = [
-        f"Compute steps of about {r['params']['step_ms']:.0f} ms while `tiered promote` "
-        f"uploads a {r['params']['size_mb']} MB step to `file://` (this machine has 2 cores).",
+        f"Compute steps of about {r['params']['step_ms']:.0f} ms while the daemon (at its "
+        f"default nice 10) uploads a {r['params']['size_mb']} MB step to `file://`, from the "
+        "upload's start to its commit (this machine has 2 cores).",
         "",
         "| upload | median idle step (ms) | median step while uploading (ms) | slowdown | bar 1.05x |",
         "|---|---|---|---|---|",
@@ -248,7 +251,8 @@ def write() -> Path:
         "number below comes from a real run on the machine named in each section. Each "
         "scenario runs the systems it compares in the same process run, interleaved, and "
         "reports medians and ratios. The durable tier is gcp-storage-emulator on loopback "
-        "(on disk), with `file://` as the second backend.",
+        "(in memory, started through tests/gcs_emulator.py, which makes its multipart parsing "
+        "and object generations behave as GCS does), with `file://` as the second backend.",
         "",
     ]
     for key, title, render in SECTIONS:
