@@ -136,3 +136,17 @@ def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
 def test_plain_paths_become_file_urls(tmp_path: Path) -> None:
     c = cfg(checkpoint_dir=str(tmp_path / "d"))
     assert c.durable_url == f"file://{tmp_path}/d"
+
+
+def test_readme_yaml_example_is_a_valid_config() -> None:
+    """The README's YAML is what users copy first: it must load, with the values it shows."""
+    import re
+
+    import yaml
+
+    block = re.search(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None
+    cfg = config_from_mapping(yaml.safe_load(block.group(1)), env={})
+    assert cfg.checkpoint_period == 5000 and cfg.local_checkpoint_period == 1000
+    assert cfg.tiered.daemon_nice == 10 and cfg.tiered.upload_bandwidth_mbps == 400
+    assert cfg.tiered.local_compression is False
