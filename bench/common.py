@@ -208,20 +208,15 @@ def proc_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def save_state_locally(
-    local: Path, step: int, state: dict[str, Any], *, compression: bool | None = None
-) -> Path:
-    """A real orbax step on local disk, waited for, in the format tiered's local saves use
-    (OCDBT, zarr3, and zstd as ``tiered.local_compression`` says unless ``compression`` is given).
-    """
+def save_state_locally(local: Path, step: int, state: dict[str, Any]) -> Path:
+    """A real orbax step on local disk, waited for, in the format tiered's local saves use by
+    default (OCDBT, zarr3, zstd as ``tiered.local_compression`` defaults)."""
     import orbax.checkpoint as ocp
 
     from tiered.config import TieredSettings
 
-    if compression is None:
-        compression = TieredSettings().local_compression
     handler = ocp.PyTreeCheckpointHandler(
-        use_ocdbt=True, use_zarr3=True, use_compression=compression
+        use_ocdbt=True, use_zarr3=True, use_compression=TieredSettings().local_compression
     )
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(None, ocp.args.PyTreeSave, handler)

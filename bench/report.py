@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, ROOT
+from bench.scenarios import ratio
 
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
@@ -63,6 +64,7 @@ def _stall(r: dict[str, Any]) -> list[str]:
             f"| {label} | {r['median_wall_s'][key]:.2f} | {r['overhead_s'][key]:.2f} | "
             f"{r['median_save_block_s'][key]:.3f} | {r['steps_at_risk_on_crash'][key]} |"
         )
+    over = r["overhead_s"]
     a = r["ratios"]["tiered_vs_orbax_local_async_overhead"]
     b = r["ratios"]["orbax_every_local_vs_tiered_overhead"]
     rows += [
@@ -71,10 +73,9 @@ def _stall(r: dict[str, Any]) -> list[str]:
         f"{_ok(a <= 1.1)}",
         f"- (b) overhead / tiered overhead: **{b:.1f}x** (bar: at least 5x) {_ok(b >= 5)}",
         *[
-            f"- {names[k].split(' ', 1)[1]}: overhead / orbax local async **"
-            f"{max(r['overhead_s'][k], 0.05) / max(r['overhead_s']['orbax_local_async'], 0.05):.2f}x**"
-            f", (b) / its overhead **"
-            f"{max(r['overhead_s']['orbax_durable_every_local'], 0.05) / max(r['overhead_s'][k], 0.05):.1f}x**"
+            f"- {names[k].split(' ', 1)[1]}: overhead / orbax local async "
+            f"**{ratio(over[k], over['orbax_local_async']):.2f}x**, (b) / its overhead "
+            f"**{ratio(over['orbax_durable_every_local'], over[k]):.1f}x**"
             for k in names
             if k.startswith("tiered_")
         ],

@@ -194,10 +194,10 @@ def training_stall(
         "steps_at_risk_on_crash": risk,
         "failed_runs": failures,
         "ratios": {
-            "tiered_vs_orbax_local_async_overhead": _ratio(
+            "tiered_vs_orbax_local_async_overhead": ratio(
                 overhead["tiered"], overhead["orbax_local_async"]
             ),
-            "orbax_every_local_vs_tiered_overhead": _ratio(
+            "orbax_every_local_vs_tiered_overhead": ratio(
                 overhead["orbax_durable_every_local"], overhead["tiered"]
             ),
         },
@@ -215,7 +215,7 @@ def _paired(samples: dict[str, list[dict[str, float]]], setup: str) -> list[floa
     return [x["wall_s"] - by_round[x["round"]] for x in samples[setup] if x["round"] in by_round]
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
     floor = 0.05  # seconds: below this an overhead is noise, and a ratio of noise means nothing
     return max(a, floor) / max(b, floor)
 
