@@ -936,7 +936,10 @@ def _copy_with_crc32c(src: Path, dest: Path) -> tuple[int, int]:
 
 
 _RANGED_MIN_BYTES = 64 * 1024 * 1024
-_RANGE_BYTES = 32 * 1024 * 1024
+# Each range arrives as one bytes object. Kept well under 32 MiB, glibc's ceiling for serving an
+# allocation from the reusable heap: at 32 MiB every range was a fresh mmap, zero-filled page by
+# page (250,000 page faults per GiB downloaded), and a 1 GiB step downloaded 1.5x slower.
+_RANGE_BYTES = 16 * 1024 * 1024
 
 
 class _RateLimiter:
