@@ -127,14 +127,23 @@ def _promote(res: dict[str, Any]) -> list[str]:
 
 def _restore(r: dict[str, Any]) -> list[str]:
     ratio = r["ratios"]["tiered_vs_orbax_direct_time"]
+    order = r["params"].get("order")
+
+    def spread(key: str) -> str:
+        return f"{min(r[key]):.2f} to {max(r[key]):.2f}"
+
     return [
         f"A {r['params']['bytes'] / 1e6:.0f} MB step on the GCS emulator, restored onto an empty "
-        f"node; {r['params']['reps']} interleaved rounds, medians.",
+        f"node; {r['params']['reps']} interleaved rounds"
+        + (f" ({order})" if order else "")
+        + ", medians.",
         "",
-        "| system | time (s) |",
-        "|---|---|",
-        f"| orbax restoring straight from gs:// (tensorstore) | {r['median']['orbax_direct_s']:.2f} |",
-        f"| tiered: download, verify every file, restore locally | {r['median']['tiered_s']:.2f} |",
+        "| system | median time (s) | fastest, slowest (s) |",
+        "|---|---|---|",
+        f"| orbax restoring straight from gs:// (tensorstore) | {r['median']['orbax_direct_s']:.2f} "
+        f"| {spread('orbax_direct_s')} |",
+        f"| tiered: download, verify every file, restore locally | {r['median']['tiered_s']:.2f} "
+        f"| {spread('tiered_s')} |",
         "",
         f"- tiered / orbax-direct: **{ratio:.2f}x** (bar: at most 1.2x) {_ok(ratio <= 1.2)}",
         "",
