@@ -8,10 +8,11 @@ The client side lives in orbax (``multi_tier_checkpointing/initialization.py``):
    directory, which it renames to ``<step>`` and restores, or an empty file with step 0 meaning
    "no checkpoint, start fresh".
 
-Our side: validate and consume ``replicator.yaml`` (adopting its backup interval), then pick the
-restore step: the newest committed local step, otherwise the newest committed durable step,
-downloaded and verified into ``.tiered/staging``. A local step is moved into staging first, so
-the client's rename of the link to ``<step>`` can never collide with an existing directory.
+Our side: validate and consume ``replicator.yaml`` (adopting its backup interval and the job's
+shape), then answer with the restore step the planner chose (``tiered.policy.restore_options``,
+or the nodes' agreement): a local step is moved into ``.tiered/staging`` first, so the client's
+rename of the link to ``<step>`` can never collide with an existing directory, and a durable
+step is downloaded and verified there.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from tiered import DurableTier, LocalTier, StepInfo, TieredError, stage_step
+from tiered import LocalTier, TieredError
+from tiered.atomic import publish_file
 from tiered.layout import (
     JAX_INIT_INFO,
     REPLICATOR_ERRORS,
@@ -37,7 +39,7 @@ from tiered.layout import (
     restore_name,
     staging_path,
 )
-from tiered.ops import agree_restore
+from tiered.types import Topology
 
 log = logging.getLogger(__name__)
 
@@ -128,38 +130,30 @@ def parse_replicator_yaml(text: str, *, local_period: int) -> ReplicatorConfig:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tiered-tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    publish_file(path, text.encode())
 
 
 class MtcProtocol:
-    """The service side of the replicator protocol, driven by the daemon's loop."""
+    """The service side of the replicator protocol: the files in the local directory.
+
+    It owns no tier and decides nothing: the daemon's loop calls it to read the client's
+    request, and to answer with the restore step the planner chose.
+    """
 
     def __init__(
         self,
-        local: LocalTier,
-        durable: DurableTier,
+        root: Path,
         *,
         local_period: int,
         jax_init_info: tuple[int, str] | None,
-        configured_nodes: int = 1,
-        agreement_timeout: float = 600.0,
+        configured: Topology | None = None,
     ) -> None:
-        self.local = local
-        self.durable = durable
+        self.root = root
         self.local_period = local_period
         self.jax_init_info = jax_init_info
-        self.configured_nodes = configured_nodes
-        self.agreement_timeout = agreement_timeout
-        self.last_decision_epoch: int | None = None
+        self.configured = configured
         self.active: ReplicatorConfig | None = None
         self.pending_restore: ReplicatorConfig | None = None
-
-    @property
-    def root(self) -> Path:
-        return self.local.root
 
     def ensure_jax_init_info(self) -> None:
         """Write ``jax-init-info.txt`` when configured and missing (say, after a wipe)."""
@@ -181,7 +175,7 @@ class MtcProtocol:
             cfg = parse_replicator_yaml(text, local_period=self.local_period)
         except ReplicatorConfigError as err:
             log.error("Rejected %s: %s", REPLICATOR_FILE, err)
-            _write_atomic(self.root / REPLICATOR_FAILED, f"tiered: {err}\n")
+            self.fail(str(err))
             path.unlink(missing_ok=True)
             return None
         if cfg.warnings:
@@ -190,20 +184,21 @@ class MtcProtocol:
             )
             for w in cfg.warnings:
                 log.warning("%s: %s", REPLICATOR_FILE, w)
-        if self.configured_nodes > 1 and (
-            cfg.nodes != self.configured_nodes or cfg.node_rank != self.durable.node_rank
+        configured = self.configured
+        if (
+            configured is not None
+            and configured.multi
+            and (cfg.nodes != configured.nodes or cfg.node_rank != configured.rank)
         ):
             reason = (
                 f"{REPLICATOR_FILE} says node {cfg.node_rank} of {cfg.nodes}, but this daemon is "
-                f"configured as node {self.durable.node_rank} of {self.configured_nodes} "
+                f"configured as node {configured.rank} of {configured.nodes} "
                 "(tiered.node_rank / tiered.num_nodes)"
             )
             log.error("Rejected %s: %s", REPLICATOR_FILE, reason)
-            _write_atomic(self.root / REPLICATOR_FAILED, f"tiered: {reason}\n")
+            self.fail(reason)
             path.unlink(missing_ok=True)
             return None
-        # The client knows the job's shape; the daemon follows it.
-        self.durable.set_topology(cfg.node_rank, cfg.nodes)
         path.unlink(missing_ok=True)
         interval = (
             f"every {cfg.backup_interval_steps} steps"
@@ -220,70 +215,48 @@ class MtcProtocol:
         )
         self.active = cfg
         self.pending_restore = cfg
+        self._clear_restore_entries()
         return cfg
+
+    @property
+    def topology(self) -> Topology | None:
+        """The job's shape as the client told it; the daemon follows it."""
+        cfg = self.active
+        return Topology(cfg.node_rank, cfg.nodes) if cfg is not None else None
 
     def fail(self, reason: str) -> None:
         """Report a fatal problem to the client (which raises with this text)."""
         _write_atomic(self.root / REPLICATOR_FAILED, f"tiered: {reason}\n")
+        self.pending_restore = None
 
-    def choose_restore(self, rows: list[StepInfo]) -> tuple[int, str] | None:
-        """(step, "local" | "durable") to restore, or None when there is no checkpoint."""
-        local = [r.step for r in rows if r.local]
-        if local:
-            return max(local), "local"
-        durable = [r.step for r in rows if r.durable]
-        return (max(durable), "durable") if durable else None
-
-    def expose_restore(self, rows: list[StepInfo], *, should_stop: Any = None) -> int:
-        """Answer the pending restore request; return the step offered (0 for none).
-
-        With several nodes, every node's daemon first agrees on the step through the durable
-        tier (``tiered.coord``); a node that does not hold it locally downloads only its part,
-        and local steps newer than it are set aside, since the other nodes lack them.
-        """
-        cfg = self.pending_restore
-        assert cfg is not None
+    def _clear_restore_entries(self) -> None:
         for entry in self.root.iterdir():
             if entry.name.endswith(RESTORE_SUFFIX) and parse_restore(entry.name) is not None:
                 entry.unlink()
-        if self.durable.multi_node:
-            decision = agree_restore(
-                self.local, self.durable, timeout=self.agreement_timeout, should_stop=should_stop
-            )
-            self.last_decision_epoch = decision.epoch
-            choice = (
-                None
-                if decision.step is None
-                else (
-                    decision.step,
-                    "local" if self.durable.node_rank in decision.holders else "durable",
-                )
-            )
-        else:
-            choice = self.choose_restore(rows)
-        if choice is None:
-            marker = self.root / restore_name(cfg.job_name, 0, node=cfg.node_rank)
-            marker.touch(mode=0o644)
-            log.info(
-                "No checkpoint on either tier: told the client to start fresh (%s)", marker.name
-            )
-            self.pending_restore = None
-            return 0
-        step, source = choice
-        staged_rel = staging_path(step)
-        staged = self.root / staged_rel
-        if source == "local":
-            self._stage_local(step, staged)
-        else:
-            stage_step(self.local, self.durable, step)
+
+    def offer_fresh(self) -> None:
+        """Tell the client there is no checkpoint: it starts fresh."""
+        cfg = self.pending_restore
+        assert cfg is not None, "no restore request to answer"
+        marker = self.root / restore_name(cfg.job_name, 0, node=cfg.node_rank)
+        marker.touch(mode=0o644)
+        log.info("No checkpoint on either tier: told the client to start fresh (%s)", marker.name)
+        self.pending_restore = None
+
+    def offer(self, step: int, *, source: str) -> None:
+        """Point the client at the staged step ``.tiered/staging/<step>``."""
+        cfg = self.pending_restore
+        assert cfg is not None, "no restore request to answer"
         link = self.root / restore_name(cfg.job_name, step, node=cfg.node_rank)
-        os.symlink(staged_rel, link)
+        os.symlink(staging_path(step), link)
         log.info("Offered step %d (from the %s tier) to the client as %s", step, source, link.name)
         self.pending_restore = None
-        return step
 
-    def _stage_local(self, step: int, staged: Path) -> None:
-        current = self.local.step_dir(step)
+    def stage_local(self, local: LocalTier, step: int) -> None:
+        """Move a local step into staging, so the client's rename of the link to ``<step>``
+        can never collide with an existing directory."""
+        current = local.step_dir(step)
+        staged = self.root / staging_path(step)
         if current.is_symlink():
             # Already staged by an earlier restore: offer the same target, drop the old link.
             target = current.resolve()
@@ -293,7 +266,9 @@ class MtcProtocol:
                     os.replace(target, staged)
             return
         staged.parent.mkdir(parents=True, exist_ok=True)
-        if staged.exists():
+        if staged.is_symlink() or staged.is_file():
+            staged.unlink()
+        elif staged.exists():
             # A leftover from an interrupted restore: not a checkpoint anyone points to.
             shutil.rmtree(staged)
         os.replace(current, staged)

@@ -1,14 +1,19 @@
-"""The service loop: lock, watch, plan, promote, prune, report, drain.
+"""The service loop: snapshot, plan, execute; and the lock, the drain and the entry point.
+
+Every cycle the loop thread
+1. checks that it still holds its lock (by inode: a removed ``.tiered/`` would otherwise let a
+   second daemon in);
+2. applies the outcomes the worker lanes posted (``daemon.workers``): it is the only thread that
+   changes the daemon's state, a ``DaemonState`` value it replaces;
+3. answers orbax's multi-tier protocol files;
+4. takes a snapshot (the local tier scanned now, the durable tier as last listed) and asks
+   ``tiered.policy.plan`` what to do;
+5. executes the plan: local deletions at once, everything that touches the durable tier or
+   reads a whole step on an idle lane.
 
 All state that matters is derived from the two tiers, so a daemon killed with -9 and restarted
-simply rescans and carries on: partial remote uploads are completed (files already there with the
-right checksum are skipped) and never taken for checkpoints, because the commit marker goes last.
-What lives only in memory is what the status reports: the upload in progress, recent prunes,
-errors, and steps that failed permanently in this run.
-
-Loop: wait for a watch event or the rescan timer; answer orbax's protocol files; scan the local
-tier (cheap) and use the cached durable inventory (refreshed on the timer and after each of our
-writes); plan with ``tiered.policy``; hand the next promotion to the promoter; apply deletions.
+rescans and carries on: partial uploads are completed (files already there with the right
+checksum are skipped) and never taken for checkpoints, because the commit marker goes last.
 """
 
 from __future__ import annotations
@@ -18,58 +23,99 @@ import faulthandler
 import json
 import logging
 import os
+import queue
+import random
 import signal
 import sys
 import threading
 import time
-from collections import deque
+from dataclasses import dataclass, replace
 from typing import Any
 
 from daemon.http import StatusServer
 from daemon.metrics import Metrics
 from daemon.mtc import MtcProtocol
-from daemon.promoter import Promoter
-from daemon.watcher import Watcher
+from daemon.state import DaemonState, Promotion, with_item, without
+from daemon.workers import Job, Lane, Outcome, Progress
 from tiered import (
-    Plan,
-    StepFacts,
-    StepInfo,
+    ChecksumMismatch,
+    CommitError,
+    LayoutError,
+    LocalTier,
     StorageError,
     TieredConfig,
     TieredError,
     TransferResult,
-    apply_deletes,
     build_status,
-    commit_parts,
-    context_for,
-    open_tiers,
-    plan,
+    stage_step,
 )
-from tiered.coord import Rendezvous
-from tiered.layout import STATUS_NAME, is_tmp_name
-from tiered.lock import DaemonLock
-from tiered.policy import PRECIOUS_REASONS, merge_inventories
+from tiered.coord import Decision, Rendezvous
+from tiered.errors import StepExists
+from tiered.layout import TRAINER_LOCK_NAME, is_tmp_name
+from tiered.lock import AlreadyRunning, DaemonLock
+from tiered.manifest import Manifest
+from tiered.ops import (
+    agree,
+    apply_deletes,
+    commit_parts,
+    open_durable,
+    promote_step,
+    set_aside_newer,
+)
+from tiered.policy import (
+    Abandon,
+    Commit,
+    Delete,
+    Displace,
+    Fingerprint,
+    ForgetPart,
+    Plan,
+    RestoreOption,
+    Snapshot,
+    Upload,
+    plan,
+    restore_options,
+    rules_for,
+)
+from tiered.types import DurableStep, Topology, as_reason
 
 log = logging.getLogger("daemon")
+
+FRESH = RestoreOption(step=0, source="local")
+"""The restore choice "no checkpoint anywhere: start fresh"."""
+
+
+@dataclass(frozen=True)
+class View:
+    """The last cycle's snapshot and plan, for the HTTP thread."""
+
+    snapshot: Snapshot
+    decided: Plan
 
 
 class Daemon:
     def __init__(self, cfg: TieredConfig) -> None:
         self.cfg = cfg
-        self.local, self.durable = open_tiers(cfg)
+        self.topology = Topology(cfg.tiered.node_rank, cfg.tiered.num_nodes)
+        self.rules = rules_for(cfg, topology=self.topology)
+        self.local = LocalTier(cfg.local_dir)
+        self.durable = open_durable(cfg, topology=self.topology)
         self.metrics = Metrics()
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        self.outbox: queue.Queue[Outcome] = queue.Queue()
+        self.transfer = Lane("transfer", self.outbox, self.wake)
+        self.durable_lane = Lane("durable", self.outbox, self.wake)
+        self.local_lane = Lane("local", self.outbox, self.wake)
         self.lock = DaemonLock(self.local.tiered_dir)
-        self.promoter = Promoter(
-            self.local,
-            self.durable,
-            retry_initial=cfg.tiered.retry_initial_seconds,
-            retry_max=cfg.tiered.retry_max_seconds,
-            attempts=cfg.tiered.retry_attempts,
-            on_done=self._promotion_done,
+        self.trainer_lock = DaemonLock(
+            self.local.tiered_dir, name=TRAINER_LOCK_NAME, what="tiered.CheckpointManager"
         )
+        self.state = DaemonState()
+        self.view: View | None = None
+        self.draining = False
         self.mtc: MtcProtocol | None = None
+        self.restore_choice: RestoreOption | None = None
         if cfg.speaks_mtc:
             init = (
                 (
@@ -82,285 +128,234 @@ class Daemon:
                 else None
             )
             self.mtc = MtcProtocol(
-                self.local,
-                self.durable,
+                self.local.root,
                 local_period=cfg.local_checkpoint_period,
                 jax_init_info=init,
-                configured_nodes=cfg.tiered.num_nodes,
-                agreement_timeout=cfg.tiered.restore_agreement_timeout_seconds,
+                configured=self.topology,
             )
-        self._state_lock = threading.RLock()
-        self._durable_facts: list[StepFacts] = []
-        self._durable_refreshed = 0.0
-        self._last_prune = 0.0
-        self._prune_requested = False
-        self._failed: dict[int, str] = {}
-        self._cooldown: dict[int, float] = {}
-        self._skipped: list[int] = []
-        self._pruned: deque[dict[str, Any]] = deque(maxlen=20)
-        self._last_error: str | None = None
-        self._last_error_time: float | None = None
-        self._failing_since: float | None = None
-        self._last_promotion: dict[str, Any] | None = None
-        self._disk_pressure = False
-        # Multi-node: steps whose part this node uploaded, by the epoch it carries; what node 0
-        # still waits for; steps given up on; and the current restore epoch.
-        self._parts: dict[int, int] = {}
-        self._missing: dict[int, list[int]] = {}
-        self._abandoned: set[int] = set()
-        self._epoch = 0
         self._started = time.time()
+        self._started_mono = time.monotonic()
         self.server: StatusServer | None = None
-        self.watcher: Watcher | None = None
+        self.watcher: Any = None
 
-    # -- state shared with the HTTP thread --
-
-    def _record_error(self, kind: str, message: str) -> None:
-        with self._state_lock:
-            self._last_error = message
-            self._last_error_time = time.time()
-            if self._failing_since is None:
-                self._failing_since = self._last_error_time
-        self.metrics.errors.labels(kind=kind).inc()
+    # -- what other threads read --------------------------------------------------------------
 
     def health(self) -> tuple[bool, str]:
-        with self._state_lock:
-            since = self._failing_since
-        if since is not None:
-            failing = time.time() - since
+        state = self.state
+        if state.failing_since is not None:
+            failing = time.time() - state.failing_since
             if failing > self.cfg.tiered.unhealthy_after_seconds:
-                return False, f"promotion failing for {failing:.0f}s: {self._last_error}"
+                message = state.last_error.message if state.last_error else "unknown"
+                return False, f"promotion failing for {failing:.0f}s: {message}"
             return True, "degraded"
         return True, "ok"
 
     def live_state(self) -> dict[str, Any]:
         healthy, health = self.health()
-        current = self.promoter.current
-        with self._state_lock:
-            return {
-                "running": True,
-                "pid": os.getpid(),
-                "health": health if healthy else "unhealthy",
-                "started_at": self._started,
-                "current_upload": (
-                    {
-                        "step": current.step,
-                        "elapsed_seconds": round(time.time() - current.started, 1),
-                        "bytes_done": current.bytes_done,
-                        "bytes_total": current.bytes_total,
-                        "attempt": current.attempt,
-                    }
-                    if current
-                    else None
-                ),
-                "skipped": list(self._skipped),
-                "failed": {str(k): v for k, v in self._failed.items()},
-                "last_error": self._last_error,
-                "last_error_time": self._last_error_time,
-                "last_promotion": self._last_promotion,
-                "throughput_mb_s": (self._last_promotion or {}).get("mb_per_s"),
-                "recently_pruned": list(self._pruned),
-                "disk_pressure": self._disk_pressure,
-                "mtc_job": self.mtc.active.job_name if self.mtc and self.mtc.active else None,
-                "node": (
-                    {
-                        "rank": self.durable.node_rank,
-                        "nodes": self.durable.num_nodes,
-                        "epoch": self._epoch,
-                        "committing": {
-                            str(step): {"missing": self._missing.get(step)}
-                            for step in sorted(self._parts)
-                        },
-                        "abandoned": sorted(self._abandoned),
-                    }
-                    if self.durable.multi_node
-                    else None
-                ),
+        state = self.state
+        job = self.transfer.job
+        current = None
+        if job is not None and job.kind == "upload":
+            progress = self.transfer.progress
+            current = {
+                "step": job.step,
+                "elapsed_seconds": round(time.time() - job.started, 1),
+                "bytes_done": progress.bytes_done,
+                "bytes_total": progress.bytes_total,
+                "attempt": progress.attempt,
             }
+        promo = state.last_promotion
+        view = self.view
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "health": health if healthy else "unhealthy",
+            "started_at": self._started,
+            "current_upload": current,
+            "skipped": view.decided.skipped if view else [],
+            "failed": {str(k): v for k, v in state.failed.items()},
+            "last_error": state.last_error.message if state.last_error else None,
+            "last_error_time": state.last_error.time if state.last_error else None,
+            "last_promotion": promo.__dict__ if promo else None,
+            "throughput_mb_s": promo.mb_per_s if promo else None,
+            "recently_pruned": [p.__dict__ for p in state.recently_pruned],
+            "disk_pressure": state.disk_pressure,
+            "mtc_job": self.mtc.active.job_name if self.mtc and self.mtc.active else None,
+            "node": (
+                {
+                    "rank": self.topology.rank,
+                    "nodes": self.topology.nodes,
+                    "epoch": state.epoch,
+                    "committing": {
+                        str(step): {"missing": list(state.missing.get(step, ())) or None}
+                        for step in sorted(state.parts)
+                    },
+                    "abandoned": sorted(state.abandoned),
+                }
+                if self.topology.multi
+                else None
+            ),
+        }
 
     def status_json(self) -> str:
-        with self._state_lock:
-            durable = list(self._durable_facts)
+        """The status now: the planner's verdicts over a fresh snapshot of the current state
+        (planning is pure, so any thread may do it)."""
+        state = self.state
+        snap = self._snapshot(state)
         status = build_status(
             self.cfg,
-            local=self.local.scan(with_size=True),
-            durable=durable,
+            snapshot=snap,
             live=self.live_state(),
-            now=time.time(),
+            decided=plan(snap, self.rules),
+            durable_error=state.durable_error,
+            displaced=[*state.displaced, *self.local.displaced()],
         )
         return status.to_json()
 
-    # -- inventories --
-
-    def refresh_durable(self) -> None:
-        try:
-            facts = self.durable.scan()
-        except StorageError as err:
-            self._record_error("list", str(err))
-            log.warning("Cannot list the durable tier: %s", err)
-            return
-        if self.durable.multi_node:
-            try:
-                self._epoch = Rendezvous(self.durable).current_epoch()
-            except (StorageError, TieredError) as err:
-                self._record_error("list", str(err))
-                log.warning("Cannot read the restore epoch: %s", err)
-        with self._state_lock:
-            self._durable_facts = facts
-            self._durable_refreshed = time.monotonic()
-        newest = max((f.commit_time or 0 for f in facts if f.committed), default=0)
-        if newest:
-            self.metrics.last_success.labels(tier="durable").set(newest)
-
-    def rows(self) -> list[StepInfo]:
-        local = self.local.scan()
-        newest_local = max((f.commit_time or 0 for f in local if f.committed), default=0)
-        if newest_local:
-            self.metrics.last_success.labels(tier="local").set(newest_local)
-        with self._state_lock:
-            durable = list(self._durable_facts)
-        return merge_inventories(local, durable)
-
-    # -- the cycle --
+    # -- the cycle -----------------------------------------------------------------------------
 
     def cycle(self, *, force_rescan: bool = False) -> Plan:
-        now_mono = time.monotonic()
-        if force_rescan or now_mono - self._durable_refreshed >= self.cfg.tiered.rescan_seconds:
-            self.refresh_durable()
+        self._check_lock()
+        self._apply_outcomes()
+        if force_rescan:
+            self.state = replace(self.state, scan_requested=True)
         if self.mtc is not None:
             self._mtc_cycle()
-        rows = self.rows()
-        if self.durable.multi_node:
-            rows = self._parts_cycle(rows)
-        pressure = self._check_disk()
-        with self._state_lock:
-            failed = frozenset(self._failed)
-        cooling = frozenset(s for s, t in self._cooldown.items() if t > time.monotonic())
-        staged: frozenset[int] = frozenset()
-        if self.mtc is not None and self.mtc.pending_restore is not None:
-            choice = self.mtc.choose_restore(rows)
-            staged = frozenset({choice[0]}) if choice else frozenset()
-        ctx = context_for(
-            self.cfg,
-            now=time.time(),
-            disk_pressure=pressure,
-            # A part waiting for node 0's commit is neither uploaded again nor pruned.
-            in_flight=self.promoter.in_flight() | frozenset(self._parts),
-            staged=staged,
-            failed=failed | cooling,
-            abandoned=frozenset(self._abandoned),
-        )
-        decided = plan(rows, ctx)
-        self._fingerprint(decided)
-        with self._state_lock:
-            self._skipped = list(decided.skipped)
-        self.metrics.backlog.set(len(decided.promote) + len(ctx.in_flight))
-        self.metrics.skipped.set(len(decided.skipped))
-        self.metrics.failed.set(len(failed))
-        if decided.promote and not self.promoter.busy and not self.stopping.is_set():
-            nxt = decided.promote[0]
-            if self.promoter.submit(nxt.step):
-                log.info(
-                    "Promoting step %d (%s)%s",
-                    nxt.step,
-                    nxt.reason,
-                    f", {len(decided.promote) - 1} more due" if len(decided.promote) > 1 else "",
-                )
-        prune_due = now_mono - self._last_prune >= self.cfg.tiered.prune_interval_seconds
-        if decided.delete and (prune_due or pressure or self._prune_requested):
-            self._prune(decided)
-        self._write_status_file()
+        self._maybe_list_durable()
+        self._check_disk()
+        if not self.state.trainer_seen and self.trainer_lock.holder() is not None:
+            self.state = replace(self.state, trainer_seen=True)
+        snap = self._snapshot(self.state)
+        decided = plan(snap, self.rules)
+        self._execute(decided)
+        self.view = View(snap, decided)
+        self._record_metrics(snap, decided)
         return decided
 
-    def _parts_cycle(self, rows: list[StepInfo]) -> list[StepInfo]:
-        """Multi-node bookkeeping: node 0 commits steps whose parts are all in; every node
-        forgets parts that are committed or stale, and gives up on steps that can never commit.
-        Returns the rows again when a commit changed them."""
-        durable = {r.step for r in rows if r.durable}
-        local = {r.step for r in rows if r.local}
-        newest_durable = max(durable, default=-1)
-        self._abandoned &= local  # forget what is pruned
-        committed_now = False
-        for step, epoch in sorted(self._parts.items()):
-            if step in durable or step not in local or epoch != self._epoch:
-                # Committed; or gone; or uploaded before a restart: upload it again if still due.
-                self._parts.pop(step)
-                self._missing.pop(step, None)
-                continue
-            if self.durable.node_rank == 0:
-                try:
-                    missing = commit_parts(self.local, self.durable, step, epoch=epoch)
-                except (TieredError, OSError) as err:
-                    self._record_error("commit", f"step {step}: {err}")
-                    log.warning("Cannot commit step %d: %s", step, err)
-                    continue
-                if not missing:
-                    self._parts.pop(step)
-                    self._missing.pop(step, None)
-                    committed_now = True
-                    continue
-                if missing != self._missing.get(step):
-                    log.info("Step %d: waiting for the parts of nodes %s", step, missing)
-                self._missing[step] = missing
-            if step < newest_durable:
-                log.warning(
-                    "Giving up on step %d: it was never committed (%s), and the newer step %d "
-                    "is durable",
-                    step,
-                    f"nodes {self._missing[step]} never uploaded their part"
-                    if step in self._missing
-                    else "node 0 never committed it",
-                    newest_durable,
+    def _record_metrics(self, snap: Snapshot, decided: Plan) -> None:
+        newest_local = max((s.commit_time or 0 for s in snap.local if s.committed), default=0)
+        if newest_local:
+            self.metrics.last_success.labels(tier="local").set(newest_local)
+        newest = max((d.commit_time or 0 for d in snap.durable or () if d.own), default=0)
+        if newest:
+            self.metrics.last_success.labels(tier="durable").set(newest)
+        self.metrics.backlog.set(len(decided.owed))
+        self.metrics.skipped.set(len(decided.skipped))
+        self.metrics.failed.set(len(self.state.failed))
+
+    def _check_lock(self) -> None:
+        if self.lock.still_held():
+            return
+        log.warning("The lock file %s was removed or replaced; taking it again", self.lock.path)
+        self.local.ensure()
+        self.lock.reacquire()  # AlreadyRunning when another daemon took it meanwhile: exit
+
+    def _snapshot(self, state: DaemonState) -> Snapshot:
+        """Both tiers as the daemon sees them now (reads only: any thread may call it)."""
+        # The run is over when a trainer this daemon saw holding its lock is gone (the kernel
+        # frees the lock even after kill -9), or when the daemon drains with no trainer there
+        # (a client that takes no lock, such as orbax's, only ever ends that way).
+        trainer_there = self.trainer_lock.holder() is not None
+        ended = not trainer_there and (state.trainer_seen or self.draining)
+        busy = {job.step for job in (self.transfer.job, self.local_lane.job) if job and job.step}
+        choice = self.restore_choice
+        staged = frozenset({choice.step}) if choice is not None and choice != FRESH else frozenset()
+        return Snapshot(
+            now=time.time(),
+            local=tuple(self.local.scan(with_size=True)),
+            durable=state.durable,
+            busy=frozenset(busy),
+            staged=staged,
+            failed=state.failed,
+            retry_at=state.retry_at,
+            parts=state.parts,
+            epoch=state.epoch,
+            abandoned=state.abandoned,
+            pruned=state.pruned,
+            disk_pressure=state.disk_pressure,
+            run_ended=ended,
+        )
+
+    def _execute(self, decided: Plan) -> None:
+        state = self.state
+        for action in decided.actions:
+            if isinstance(action, ForgetPart):
+                state = replace(
+                    state,
+                    parts=without(state.parts, action.step),
+                    missing=without(state.missing, action.step),
                 )
-                self._parts.pop(step)
-                self._missing.pop(step, None)
-                self._abandoned.add(step)
-        if committed_now:
-            self.refresh_durable()
-            self._prune_requested = True
-            return self.rows()
-        return rows
+            elif isinstance(action, Abandon):
+                log.warning("Giving up on step %d: %s", action.step, action.why)
+                state = replace(
+                    state,
+                    parts=without(state.parts, action.step),
+                    missing=without(state.missing, action.step),
+                    abandoned=state.abandoned | {action.step},
+                )
+        # forget what is gone from the local tier
+        local_steps = {r for r in decided.verdicts if "local" in decided.verdicts[r].tiers}
+        state = replace(state, abandoned=state.abandoned & local_steps)
+        self.state = state
+        self._submit_work(decided)
+        self._prune([d for d in decided.deletes if d.tier == "local"])
+        durable_deletes = [d for d in decided.deletes if d.tier == "durable"]
+        if durable_deletes and not self.durable_lane.busy:
+            self.durable_lane.submit(self._delete_job(durable_deletes))
 
-    def _fingerprint(self, decided: Plan) -> None:
-        """Checksum newly due steps now, soon after the trainer wrote them, not at upload time."""
-        for promote in decided.promote:
-            try:
-                self.local.manifest(promote.step)
-            except (TieredError, OSError) as err:
-                # The promoter meets the same problem and reports it as the step's failure.
-                log.debug("Cannot fingerprint step %d yet: %s", promote.step, err)
+    def _submit_work(self, decided: Plan) -> None:
+        fingerprint = next(iter(decided.of(Fingerprint)), None)
+        if fingerprint is not None and not self.local_lane.busy:
+            self.local_lane.submit(self._fingerprint_job(fingerprint.step))
+        transfer = next(iter(a for a in decided.actions if isinstance(a, Upload | Displace)), None)
+        restoring = self.mtc is not None and self.mtc.pending_restore is not None
+        if transfer is not None and not self.transfer.busy and not restoring:
+            more = len(decided.uploads) - 1
+            if isinstance(transfer, Upload):
+                log.info(
+                    "Promoting step %d (%s)%s",
+                    transfer.step,
+                    transfer.reason,
+                    f", {more} more due" if more > 0 else "",
+                )
+                self.transfer.submit(self._upload_job(transfer))
+            else:
+                log.warning("Moving durable step %d aside: %s", transfer.step, transfer.why)
+                self.transfer.submit(self._displace_job(transfer))
+        commits = decided.of(Commit)
+        if commits and not self.durable_lane.busy:
+            self.durable_lane.submit(self._commit_job(commits))
 
-    def _prune(self, decided: Plan) -> None:
-        self._last_prune = time.monotonic()
-        self._prune_requested = False
-        # Never delete what started uploading since the plan was made.
-        busy = self.promoter.in_flight()
-        deletes = [d for d in decided.delete if not (d.tier == "local" and d.step in busy)]
-        if self.durable.node_rank != 0:
-            # One writer prunes the durable tier: node 0, the committer.
-            deletes = [d for d in deletes if d.tier == "local"]
+    def _prune(self, deletes: list[Delete]) -> None:
+        busy = {job.step for job in (self.transfer.job, self.local_lane.job) if job}
+        deletes = [d for d in deletes if d.step not in busy]
+        if not deletes:
+            return
         try:
             done = apply_deletes(deletes, self.local, self.durable)
         except (StorageError, OSError) as err:
-            self._record_error("prune", str(err))
+            self.state = self.state.error("prune", str(err), time.time())
             log.warning("Pruning stopped: %s", err)
             return
-        finally:
-            if any(d.tier == "durable" for d in deletes):
-                self.refresh_durable()
         for d in done:
             self.metrics.pruned.labels(tier=d.tier).inc()
-            with self._state_lock:
-                self._pruned.append({"tier": d.tier, "step": d.step, "time": time.time()})
+            self.state = self.state.pruned_now(d.tier, d.step, time.time())
 
-    def _check_disk(self) -> bool:
+    def _maybe_list_durable(self) -> None:
+        state = self.state
+        due = time.monotonic() - state.listed_at >= self.cfg.tiered.rescan_seconds
+        if (due or state.scan_requested or state.listed_at == 0.0) and not self.durable_lane.busy:
+            self.state = replace(state, scan_requested=False)
+            self.durable_lane.submit(self._list_job())
+
+    def _check_disk(self) -> None:
         floor = self.cfg.tiered.min_free_local_fraction
         try:
             free = self.local.free_fraction()
         except OSError:
-            return False
+            return
         pressure = free < floor
-        if pressure != self._disk_pressure:
+        if pressure != self.state.disk_pressure:
             if pressure:
                 log.warning(
                     "Local disk pressure: %.1f%% free, below the %.1f%% floor; keeping only the "
@@ -370,96 +365,376 @@ class Daemon:
                 )
             else:
                 log.info("Local disk pressure over: %.1f%% free", free * 100)
-        self._disk_pressure = pressure
+            self.state = replace(self.state, disk_pressure=pressure)
         self.metrics.disk_pressure.set(1 if pressure else 0)
-        return pressure
+
+    # -- jobs (run on a lane's thread; they return values and never touch self.state) --------
+
+    def _upload_job(self, upload: Upload) -> Job:
+        durable, local, tiered = self.durable, self.local, self.cfg.tiered
+
+        def run(progress: Progress) -> TransferResult:
+            for attempt in range(1, tiered.retry_attempts + 1):
+                progress.attempt = attempt
+                try:
+                    return promote_step(
+                        local, durable, upload.step, progress=progress, reason=upload.reason
+                    )
+                except StorageError as err:
+                    if not err.transient or attempt == tiered.retry_attempts:
+                        raise
+                    delay = random.uniform(
+                        0, min(tiered.retry_max_seconds, tiered.retry_initial_seconds * 2**attempt)
+                    )
+                    log.warning(
+                        "Promotion of step %d failed (attempt %d/%d), retrying in %.1f s: %s",
+                        upload.step,
+                        attempt,
+                        tiered.retry_attempts,
+                        delay,
+                        err,
+                    )
+                    time.sleep(delay)
+            raise AssertionError("unreachable")
+
+        return Job("upload", upload.step, run, data=upload)
+
+    def _displace_job(self, displace: Displace) -> Job:
+        durable = self.durable
+        return Job(
+            "displace",
+            displace.step,
+            lambda _p: durable.displace_step(displace.step, now=time.time()),
+            data=displace,
+        )
+
+    def _fingerprint_job(self, step: int) -> Job:
+        local = self.local
+        return Job("fingerprint", step, lambda _p: local.manifest(step))
+
+    def _commit_job(self, commits: list[Commit]) -> Job:
+        """Try every waiting commit in one job, so no step waits behind another."""
+        local, durable = self.local, self.durable
+
+        def run(_p: Progress) -> list[tuple[Commit, list[int] | BaseException, Manifest | None]]:
+            out: list[tuple[Commit, list[int] | BaseException, Manifest | None]] = []
+            for c in commits:
+                try:
+                    missing = commit_parts(local, durable, c.step, epoch=c.epoch)
+                except (TieredError, OSError) as err:
+                    out.append((c, err, None))
+                    continue
+                out.append((c, missing, None if missing else local.cached_manifest(c.step)))
+            return out
+
+        return Job("commit", None, run, data=commits)
+
+    def _delete_job(self, deletes: list[Delete]) -> Job:
+        local, durable = self.local, self.durable
+
+        def run(_p: Progress) -> list[Delete]:
+            done: list[Delete] = []
+            try:
+                for d in deletes:
+                    done += apply_deletes([d], local, durable)
+            except (StorageError, OSError) as err:
+                raise _PartlyDone(done, err) from err
+            return done
+
+        return Job("delete", None, run, data=deletes)
+
+    def _list_job(self) -> Job:
+        durable, multi = self.durable, self.topology.multi
+        version = self.state.durable_version
+
+        def run(_p: Progress) -> tuple[list[DurableStep], int, list]:
+            steps = durable.scan()
+            epoch = Rendezvous(durable).current_epoch() if multi else 0
+            return steps, epoch, durable.list_displaced()
+
+        return Job("list", None, run, data=version)
+
+    def _stage_job(self, step: int) -> Job:
+        local, durable = self.local, self.durable
+        return Job("stage", step, lambda _p: stage_step(local, durable, step))
+
+    def _agree_job(self) -> Job:
+        local, durable, timeout = self.local, self.durable, self.cfg.tiered
+        return Job(
+            "agree",
+            None,
+            lambda _p: agree(
+                local,
+                durable,
+                timeout=timeout.restore_agreement_timeout_seconds,
+                should_stop=self.stopping.is_set,
+            ),
+        )
+
+    # -- outcomes (applied by the loop thread) --------------------------------------------------
+
+    def _apply_outcomes(self) -> None:
+        while True:
+            try:
+                outcome = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            handler = getattr(self, f"_on_{outcome.job.kind}")
+            handler(outcome)
+
+    def _on_list(self, outcome: Outcome) -> None:
+        now_mono = time.monotonic()
+        if outcome.error is not None:
+            err = outcome.error
+            if not isinstance(err, TieredError | OSError):
+                raise err
+            log.warning("Cannot list the durable tier: %s", err)
+            self.state = replace(
+                self.state.error("list", str(err), time.time()),
+                durable=None,
+                durable_error=str(err),
+                listed_at=now_mono,
+            )
+            self.metrics.errors.labels(kind="list").inc()
+            return
+        steps, epoch, displaced = outcome.value
+        if outcome.job.data != self.state.durable_version:
+            # We wrote the durable tier while this listing ran: it may predate the write.
+            self.state = replace(self.state, scan_requested=True)
+            return
+        self.state = replace(
+            self.state,
+            durable=tuple(steps),
+            durable_error=None,
+            listed_at=now_mono,
+            epoch=epoch,
+            displaced=tuple(displaced),
+        )
+
+    def _on_upload(self, outcome: Outcome) -> None:
+        upload: Upload = outcome.job.data
+        step, now = upload.step, time.time()
+        state = self.state
+        if outcome.error is None:
+            result: TransferResult = outcome.value
+            self.metrics.promoted.inc()
+            self.metrics.bytes_uploaded.inc(result.bytes_moved)
+            self.metrics.upload_seconds.observe(result.seconds)
+            state = replace(
+                state,
+                failing_since=None,
+                failures=without(state.failures, step),
+                retry_at=without(state.retry_at, step),
+                last_promotion=Promotion(
+                    step=step,
+                    time=now,
+                    seconds=round(result.seconds, 3),
+                    bytes=result.bytes_total,
+                    mb_per_s=round(result.mb_per_s, 1),
+                ),
+            )
+            manifest = result.manifest
+            if not result.committed:
+                state = replace(state, parts=with_item(state.parts, step, result.epoch))
+            else:
+                state = state.durable_with(_durable_fact(step, manifest))
+            self.state = state
+            return
+        self.state = self._failed(state, "upload", step, outcome.error, now)
+
+    def _failed(
+        self, state: DaemonState, kind: str, step: int, err: BaseException, now: float
+    ) -> DaemonState:
+        """The state after a step's job failed: conflicts and vanished steps are re-planned,
+        permanent errors mark the step failed, transient ones back off."""
+        if isinstance(err, StepExists) or (kind == "move aside" and isinstance(err, CommitError)):
+            # The durable listing was out of date: wait for a fresh one before trying again.
+            log.warning("Step %d: %s; listing the durable tier again", step, err)
+            retry = now + self.cfg.tiered.retry_initial_seconds
+            return replace(
+                state, scan_requested=True, retry_at=with_item(state.retry_at, step, retry)
+            )
+        if isinstance(err, FileNotFoundError):
+            log.warning("Step %d: a file vanished during its %s: %s", step, kind, err)
+            return replace(state, scan_requested=True)
+        if not isinstance(err, TieredError | OSError):
+            raise err
+        permanent = isinstance(err, ChecksumMismatch | LayoutError | CommitError) or (
+            isinstance(err, StorageError) and not err.transient
+        )
+        self.metrics.errors.labels(kind="permanent" if permanent else "transient").inc()
+        state = state.error(kind, f"step {step}: {err}", now)
+        if permanent:
+            log.error(
+                "%s of step %d failed permanently; its local copy is kept: %s",
+                kind.capitalize(),
+                step,
+                err,
+            )
+            return replace(state, failed=with_item(state.failed, step, str(err)))
+        failures = state.failures.get(step, 0) + 1
+        tiered = self.cfg.tiered
+        delay = min(tiered.retry_max_seconds, tiered.retry_initial_seconds * 2 ** (failures - 1))
+        log.warning("%s of step %d failed, will retry in %.0f s: %s", kind, step, delay, err)
+        return replace(
+            state,
+            failures=with_item(state.failures, step, failures),
+            retry_at=with_item(state.retry_at, step, now + delay),
+            scan_requested=True,
+        )
+
+    def _on_displace(self, outcome: Outcome) -> None:
+        step, now = outcome.job.step or 0, time.time()
+        if outcome.error is not None:
+            self.state = self._failed(self.state, "move aside", step, outcome.error, now)
+            return
+        log.warning(
+            "Moved durable step %d aside to %s/.tiered/displaced/%s",
+            step,
+            self.durable.url,
+            outcome.value,
+        )
+        self.state = replace(self.state.durable_without(step), scan_requested=True)
+
+    def _on_fingerprint(self, outcome: Outcome) -> None:
+        step = outcome.job.step or 0
+        if outcome.error is not None:
+            self.state = self._failed(self.state, "checksum", step, outcome.error, time.time())
+
+    def _on_commit(self, outcome: Outcome) -> None:
+        if outcome.error is not None:
+            err = outcome.error
+            if not isinstance(err, TieredError | OSError):
+                raise err
+            self.state = self.state.error("commit", str(err), time.time())
+            return
+        for commit, result, manifest in outcome.value:
+            self._commit_result(commit, result, manifest)
+
+    def _commit_result(
+        self, commit: Commit, result: list[int] | BaseException, manifest: Manifest | None
+    ) -> None:
+        state = self.state
+        if isinstance(result, BaseException):
+            log.warning("Cannot commit step %d: %s", commit.step, result)
+            self.state = state.error("commit", f"step {commit.step}: {result}", time.time())
+            return
+        if result:
+            if tuple(result) != state.missing.get(commit.step):
+                log.info("Step %d: waiting for the parts of nodes %s", commit.step, result)
+            missing_now = with_item(state.missing, commit.step, tuple(result))
+            self.state = replace(state, missing=missing_now)
+            return
+        state = replace(
+            state,
+            parts=without(state.parts, commit.step),
+            missing=without(state.missing, commit.step),
+            scan_requested=True,
+        )
+        self.state = state.durable_with(_durable_fact(commit.step, manifest))
+
+    def _on_delete(self, outcome: Outcome) -> None:
+        err = outcome.error
+        done: list[Delete] = outcome.value or []
+        if isinstance(err, _PartlyDone):
+            done, err = err.done, err.error
+        state = self.state
+        now = time.time()
+        identities = {d.step: d.identity for d in state.durable or () if d.identity}
+        for d in done:
+            self.metrics.pruned.labels(tier=d.tier).inc()
+            state = state.pruned_now(d.tier, d.step, now)
+            pruned = state.pruned
+            if d.step in identities and d.why.startswith("max_num"):
+                pruned = with_item(pruned, d.step, identities[d.step])
+            state = replace(state.durable_without(d.step), pruned=pruned)
+        if err is not None:
+            if not isinstance(err, TieredError | OSError):
+                raise err
+            log.warning("Pruning the durable tier stopped: %s", err)
+            state = state.error("prune", str(err), now)
+        self.state = state
+
+    def _on_stage(self, outcome: Outcome) -> None:
+        step = outcome.job.step or 0
+        assert self.mtc is not None
+        if outcome.error is not None:
+            self._restore_failed(outcome.error)
+            return
+        self.mtc.offer(step, source="durable")
+        self.restore_choice = None
+
+    def _on_agree(self, outcome: Outcome) -> None:
+        assert self.mtc is not None
+        if outcome.error is not None:
+            self._restore_failed(outcome.error)
+            return
+        decision: Decision = outcome.value
+        self.state = replace(self.state, epoch=decision.epoch, scan_requested=True)
+        set_aside_newer(self.local, decision.step, why="the nodes agreed on an older step")
+        if decision.step is None:
+            self.restore_choice = FRESH
+        else:
+            holds = self.topology.rank in decision.holders
+            self.restore_choice = RestoreOption(decision.step, "local" if holds else "durable")
+
+    def _restore_failed(self, err: BaseException) -> None:
+        assert self.mtc is not None
+        if not isinstance(err, TieredError | OSError):
+            raise err
+        log.error("Restore for the multi-tier client failed: %s", err)
+        self.state = self.state.error("restore", str(err), time.time())
+        self.mtc.fail(f"restore failed: {err}")
+        self.restore_choice = None
+
+    # -- orbax's multi-tier protocol ------------------------------------------------------------
 
     def _mtc_cycle(self) -> None:
-        assert self.mtc is not None
-        accepted = self.mtc.consume()
+        mtc = self.mtc
+        assert mtc is not None
+        accepted = mtc.consume()
         if accepted is not None:
             self.cfg = self.cfg.with_durable_period(
                 steps=accepted.backup_interval_steps, minutes=accepted.backup_interval_minutes
             )
-            self.refresh_durable()
-        if self.mtc.pending_restore is None:
-            return
-        rows = self.rows()
-        choice = self.mtc.choose_restore(rows)
-        if choice is not None and choice[0] in self.promoter.in_flight():
-            return  # wait: the step's files must not move while they upload
-        if self.durable.multi_node and self.promoter.busy:
-            return  # the agreed step is not known yet: let the upload finish first
-        try:
-            self.mtc.expose_restore(rows, should_stop=self.stopping.is_set)
-            if self.mtc.last_decision_epoch is not None:
-                self._epoch = self.mtc.last_decision_epoch
-        except (TieredError, OSError) as err:
-            log.error("Restore negotiation failed: %s", err)
-            self._record_error("restore", str(err))
-            self.mtc.fail(f"restore failed: {err}")
-            self.mtc.pending_restore = None
-
-    def _promotion_done(
-        self,
-        step: int,
-        result: TransferResult | None,
-        error: BaseException | None,
-        permanent: bool,
-    ) -> None:
-        if result is not None and not result.committed:
-            self._parts[step] = result.epoch
-            self.wake.set()
-        if result is not None:
-            self.metrics.promoted.inc()
-            self.metrics.bytes_uploaded.inc(result.bytes_moved)
-            self.metrics.upload_seconds.observe(result.seconds)
-            with self._state_lock:
-                self._failing_since = None
-                self._last_promotion = {
-                    "step": step,
-                    "time": time.time(),
-                    "seconds": round(result.seconds, 3),
-                    "bytes": result.bytes_total,
-                    "mb_per_s": round(result.mb_per_s, 1),
-                }
-                self._failed.pop(step, None)
-            self._cooldown.pop(step, None)
-            self._prune_requested = True
+            topology = mtc.topology or self.topology
+            if topology != self.topology:
+                # A new value for the jobs submitted from now on; running ones keep theirs.
+                self.topology = topology
+                self.durable = open_durable(self.cfg, topology=topology)
+            self.rules = rules_for(self.cfg, topology=self.topology)
+            self.restore_choice = None
+            self.state = replace(self.state, scan_requested=True)
+        if mtc.pending_restore is None or self.transfer.job is not None:
+            return  # nothing asked; or an upload, a staging or an agreement is running
+        if self.restore_choice is None:
+            if self.topology.multi:
+                self.transfer.submit(self._agree_job())
+                return
+            if self.state.durable is None and time.monotonic() - self._started_mono < 60:
+                return  # give the first durable listing a chance: it may hold a newer step
+            local = self.local.scan()
+            options = restore_options(local, self.state.durable or ())
+            self.restore_choice = options[0] if options else FRESH
+        choice = self.restore_choice
+        if choice == FRESH:
+            mtc.offer_fresh()
+            self.restore_choice = None
+        elif choice.source == "local":
+            if self.local_lane.job is not None and self.local_lane.job.step == choice.step:
+                return  # being checksummed: its files must not move now
+            mtc.stage_local(self.local, choice.step)
+            mtc.offer(choice.step, source="local")
+            self.restore_choice = None
         else:
-            kind = "permanent" if permanent else "transient"
-            self._record_error(kind, f"step {step}: {error}")
-            if permanent:
-                log.error(
-                    "Promotion of step %d failed permanently; its local copy is kept: %s",
-                    step,
-                    error,
-                )
-                with self._state_lock:
-                    self._failed[step] = str(error)
-            else:
-                log.warning(
-                    "Promotion of step %d failed, will retry after %.0f s: %s",
-                    step,
-                    self.cfg.tiered.retry_max_seconds,
-                    error,
-                )
-                self._cooldown[step] = time.monotonic() + self.cfg.tiered.retry_max_seconds
-        self.refresh_durable()
-        self.wake.set()
+            self.transfer.submit(self._stage_job(choice.step))
 
-    def _write_status_file(self) -> None:
-        path = self.local.tiered_dir / STATUS_NAME
-        tmp = path.with_name(STATUS_NAME + ".tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(self.live_state(), indent=1, default=str))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-
-    # -- run --
+    # -- run ------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Lock, check the durable tier, start the watcher and the HTTP server."""
+        from daemon.watcher import Watcher
+
         os.umask(0o022)
         self.local.ensure()
         self.lock.acquire()
@@ -498,69 +773,56 @@ class Daemon:
             tick = min(self.cfg.tiered.rescan_seconds, self.cfg.tiered.prune_interval_seconds, 5.0)
             while not self.stopping.is_set():
                 # Node 0 polls for the other nodes' parts every second while a commit waits.
-                self.wake.wait(1.0 if self._parts and self.durable.node_rank == 0 else tick)
+                waiting = self.state.parts and self.topology.committer
+                self.wake.wait(1.0 if waiting else tick)
                 self.wake.clear()
                 if self.stopping.is_set():
                     break
                 try:
                     self.cycle()
+                except AlreadyRunning:
+                    raise
                 except (TieredError, OSError) as err:
-                    self._record_error("cycle", str(err))
+                    self.state = self.state.error("cycle", str(err), time.time())
                     log.warning("Cycle failed, retrying: %s", err)
             return self.drain()
         finally:
             self.close()
 
     def drain(self) -> int:
-        """Finish in-flight work and promote fresh preemption/final steps, within the grace."""
+        """Keep cycling until nothing is owed (preemption and final steps first, and the newest
+        local step when the trainer is gone), within the grace period."""
         grace = self.cfg.tiered.shutdown_grace_seconds
         deadline = time.monotonic() + grace
         settle_until = time.monotonic() + min(3.0, grace / 10)
-        log.info("Draining (up to %.0f s): finishing uploads and promoting preemption steps", grace)
+        self.draining = True
+        log.info("Draining (up to %.0f s): promoting what is still owed to the durable tier", grace)
+        decided = self.view.decided if self.view else None
         while time.monotonic() < deadline:
-            self.promoter.wait(max(0.0, min(1.0, deadline - time.monotonic())))
-            if self.promoter.busy:
-                continue
-            saving = self._save_in_progress()
-            rows = self.rows()
-            pending = [
-                r.step
-                for r in rows
-                if r.local
-                and not r.durable
-                and r.reason in PRECIOUS_REASONS
-                and r.step not in self._failed
-            ]
-            if pending and self.durable.multi_node:
-                rows = self._parts_cycle(rows)
-                durable = {r.step for r in rows if r.durable}
-                uploaded = [p for p in pending if p in self._parts]
-                pending = [p for p in pending if p not in self._parts and p not in durable]
-                if not pending and uploaded and self.durable.node_rank == 0:
-                    # Node 0 commits: it waits for the other nodes' parts of these steps.
-                    time.sleep(0.5)
-                    continue
-            if pending:
-                step = max(pending)
-                log.info("Draining: promoting step %d before exit", step)
-                self.promoter.submit(step)
-                continue
-            if saving or time.monotonic() < settle_until:
-                time.sleep(0.2)
-                continue
-            log.info("Drained: nothing left to promote; exiting")
-            return 0
-        self.promoter.abort()
-        current = self.promoter.current
-        rows = self.rows()
-        left = [r.step for r in rows if r.local and not r.durable and r.reason in PRECIOUS_REASONS]
+            try:
+                decided = self.cycle()
+            except AlreadyRunning:
+                raise
+            except (TieredError, OSError) as err:
+                log.warning("Cycle failed while draining: %s", err)
+            busy = self.transfer.busy or self.local_lane.busy
+            owed = decided.owed if decided is not None else frozenset()
+            settled = not busy and not owed and time.monotonic() >= settle_until
+            if settled and not self._save_in_progress():
+                log.info("Drained: nothing left to promote; exiting")
+                return 0
+            self.wake.wait(0.2)
+            self.wake.clear()
+        job = self.transfer.job
+        progress = self.transfer.progress
+        left = sorted(decided.owed) if decided is not None else []
         log.error(
             "Shutdown grace of %.0f s ran out. Left undone: %s%s",
             grace,
-            f"upload of step {current.step} ({current.bytes_done}/{current.bytes_total} bytes); "
-            if current
+            f"{job.kind} of step {job.step} ({progress.bytes_done}/{progress.bytes_total} bytes); "
+            if job
             else "",
-            f"preemption/final steps not durable: {left}" if left else "no other steps",
+            f"steps owed to the durable tier: {left}" if left else "no other steps",
         )
         return 1
 
@@ -592,8 +854,31 @@ class Daemon:
             self.watcher.stop()
         if self.server is not None:
             self.server.stop()
-        self._write_status_file()
         self.lock.release()
+
+
+def _durable_fact(step: int, manifest: Manifest | None) -> DurableStep:
+    """What the durable tier holds right after this daemon committed ``step`` from ``manifest``
+    (the next listing says the same; until then the planner must not plan the step again)."""
+    if manifest is None:  # the kept manifest went away meanwhile: the listing will tell
+        return DurableStep(step=step, committed=True, problem="not listed yet")
+    return DurableStep(
+        step=step,
+        committed=True,
+        identity=manifest.identity,
+        reason=as_reason(manifest.reason),
+        commit_time=manifest.commit_time,
+        size=manifest.total_bytes,
+    )
+
+
+class _PartlyDone(Exception):
+    """A batch of deletions stopped part way: what was done, and why it stopped."""
+
+    def __init__(self, done: list[Delete], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.done = done
+        self.error = error
 
 
 class _JsonFormatter(logging.Formatter):

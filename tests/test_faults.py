@@ -84,6 +84,10 @@ def test_kill_9_daemon_then_restart_keeps_invariants(
     for step, state in saved.items():
         trainer.save(step, state)
     trainer.close()
+    if fault == "prune-durable":
+        # The daemon uploads newest first, so step 50 reaches the durable tier only by hand;
+        # committing 100 then prunes it.
+        promote_step(LocalTier(cfg.local_dir), durable_of(cfg), 50)
     crashed = DaemonProc(config_path, cfg, env={"TIERED_FAULT": fault})
     assert crashed.proc.wait(60) == 137, crashed.log()
     crashed.kill()
@@ -440,7 +444,9 @@ def test_no_credentials_in_logs_or_status_and_no_world_writable_files(
         )
     finally:
         daemon.terminate()
-    files_text = (cfg.local_dir / ".tiered" / "status.json").read_text()
+    files_text = "".join(
+        p.read_text(errors="replace") for p in (cfg.local_dir / ".tiered").rglob("*") if p.is_file()
+    )
     for text in (daemon.log(), status, metrics, cli.stdout, cli.stderr, files_text):
         assert S3_SECRET not in text and S3_KEY not in text
     for path in cfg.local_dir.rglob("*"):
@@ -459,23 +465,27 @@ def test_http_server_binds_loopback_by_default() -> None:
 
 
 def test_clock_jumps_do_not_stall_time_based_promotion() -> None:
-    from tiered.policy import PolicyContext, StepInfo, due_steps
+    from tiered.policy import Rules, Snapshot, plan
+    from tiered.types import DurableStep, LocalStep
 
-    ctx = PolicyContext(
-        now=0.0, durable_period=10**9, local_max_to_keep=2, backup_interval_seconds=600.0
-    )
-    rows = [
-        StepInfo(step=100, local=True, durable=True, commit_time=10_000.0),
-        StepInfo(step=110, local=True, commit_time=500.0),  # the clock jumped back by hours
-        StepInfo(step=120, local=True, commit_time=700.0),
-        StepInfo(step=130, local=True, commit_time=1200.0),
-    ]
-    assert due_steps(rows, ctx) == [110, 130]
-    forward = [
-        StepInfo(step=100, local=True, durable=True, commit_time=0.0),
-        StepInfo(step=110, local=True, commit_time=10**7),
-    ]  # a jump forward
-    assert due_steps(forward, ctx) == [110]
+    rules = Rules(durable_period=10**9, local_max_to_keep=2, backup_interval_seconds=600.0)
+
+    def owed(local_times: dict[int, float], durable_time: float) -> list[int]:
+        snap = Snapshot(
+            now=0.0,
+            local=tuple(
+                LocalStep(step=s, committed=True, commit_time=t, identity=f"id{s}")
+                for s, t in {100: durable_time, **local_times}.items()
+            ),
+            durable=(
+                DurableStep(step=100, committed=True, identity="id100", commit_time=durable_time),
+            ),
+        )
+        return sorted(u.step for u in plan(snap, rules).uploads)
+
+    # the clock jumped back by hours: 110 was saved "before" the durable step 100
+    assert owed({110: 500.0, 120: 700.0, 130: 1200.0}, 10_000.0) == [110, 130]
+    assert owed({110: 10.0**7}, 0.0) == [110]  # a jump forward
 
 
 def test_two_trainers_on_one_directory_are_refused(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from tiered import CommitError, DurableTier
-from tiered.coord import Rendezvous, choose_step
+from tiered.coord import Rendezvous
 from tiered.layout import COMMIT_MARKER
+from tiered.policy import agree_step
 
 from conftest import make_bucket, s3_bucket, s3_storage_options
 
@@ -135,12 +136,12 @@ def test_shape_mismatches_are_refused_by_name(tmp_path: Path) -> None:
         DurableTier(url, node_rank=1, num_nodes=3).download_step(10, tmp_path / "y")
 
 
-def test_choose_step_takes_the_newest_step_every_node_holds() -> None:
-    assert choose_step({0: [10, 20, 30], 1: [10, 20], 2: [20, 30]}, []) == 20
+def test_agree_step_takes_the_newest_step_every_node_holds() -> None:
+    assert agree_step({0: [10, 20, 30], 1: [10, 20], 2: [20, 30]}, []) == 20
     # The durable tier is newer than anything all nodes share (node 1 was replaced).
-    assert choose_step({0: [10, 20, 30], 1: [], 2: [20, 30]}, [10, 25]) == 25
-    assert choose_step({0: [40], 1: [40]}, [30]) == 40
-    assert choose_step({0: [], 1: [5]}, []) is None
+    assert agree_step({0: [10, 20, 30], 1: [], 2: [20, 30]}, [10, 25]) == 25
+    assert agree_step({0: [40], 1: [40]}, [30]) == 40
+    assert agree_step({0: [], 1: [5]}, []) is None
 
 
 def agree_all(nodes: list[DurableTier], local: dict[int, list[int]]) -> dict:
@@ -185,7 +186,14 @@ def test_a_node_that_never_asks_holds_the_agreement(tmp_path: Path) -> None:
 
 
 def test_status_shows_what_node_0_waits_for(tmp_path: Path) -> None:
-    from tiered import StepFacts, build_status, config_from_mapping, render_table
+    from tiered import (
+        DurableStep,
+        LocalStep,
+        Snapshot,
+        build_status,
+        config_from_mapping,
+        render_table,
+    )
 
     cfg = config_from_mapping(
         {
@@ -208,9 +216,15 @@ def test_status_shows_what_node_0_waits_for(tmp_path: Path) -> None:
             "abandoned": [50],
         },
     }
-    local = [StepFacts(step=s, committed=True) for s in (50, 100)]
-    durable = [StepFacts(step=s, committed=False) for s in (50, 100)]
-    status = build_status(cfg, local=local, durable=durable, live=live, now=0.0)
+    snapshot = Snapshot(
+        now=0.0,
+        local=tuple(LocalStep(step=s, committed=True, identity=f"id{s}") for s in (50, 100)),
+        durable=tuple(DurableStep(step=s, committed=False) for s in (50, 100)),
+        parts={100: 3},
+        epoch=3,
+        abandoned=frozenset({50}),
+    )
+    status = build_status(cfg, snapshot=snapshot, live=live)
     assert {s.step: s.state for s in status.steps} == {50: "abandoned", 100: "committing"}
     text = render_table(status)
     assert "node     0 of 4  (restore epoch 3)  step 100 waits for nodes 2, 3" in text

@@ -1,101 +1,348 @@
-"""Table-driven tests of the pure planner: steps in, decisions out."""
+"""Table-driven tests of the pure planner: a snapshot in, actions and verdicts out.
+
+Each row is one case of docs/reliability.md or of the planner issue. ``L`` and ``D`` build a
+local and a durable step; by default a durable step is a verified copy of the local step with
+the same number (same identity), and ``other=True`` makes it another checkpoint.
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from tiered.policy import (
+    Abandon,
     AnyOf,
+    Commit,
+    Delete,
+    Displace,
     EveryNSteps,
+    Fingerprint,
+    ForgetPart,
     LatestN,
-    PolicyContext,
-    StepFacts,
-    StepInfo,
-    due_steps,
-    merge_inventories,
+    Plan,
+    Rules,
+    Skip,
+    Snapshot,
+    Upload,
+    agree_step,
     plan,
+    restore_options,
 )
+from tiered.types import DurableStep, LocalStep, Topology
+
+RULES = Rules(durable_period=50, local_max_to_keep=2)
 
 
-def ctx(**kw: object) -> PolicyContext:
-    base: dict[str, object] = {"now": 1000.0, "durable_period": 50, "local_max_to_keep": 2}
-    base.update(kw)
-    return PolicyContext(**base)  # type: ignore[arg-type]
+def L(
+    step: int, reason: str = "periodic", *, t: float | None = None, identity: str | None = "same"
+) -> LocalStep:
+    return LocalStep(
+        step=step,
+        committed=True,
+        reason=reason,  # type: ignore[arg-type]
+        commit_time=float(step) if t is None else t,
+        identity=f"id{step}" if identity == "same" else identity,
+    )
 
 
-def local(*steps: int, reason: str = "periodic", t: float | None = None) -> list[StepInfo]:
+def D(
+    step: int,
+    *,
+    other: bool = False,
+    foreign: bool = False,
+    partial: bool = False,
+    t: float | None = None,
+) -> DurableStep:
+    if partial:
+        return DurableStep(step=step, committed=False)
+    if foreign:
+        return DurableStep(step=step, committed=True, problem="no manifest", tiered=False)
+    return DurableStep(
+        step=step,
+        committed=True,
+        identity=f"other{step}" if other else f"id{step}",
+        commit_time=float(step) if t is None else t,
+    )
+
+
+def snap(local: Any = (), durable: Any = (), **kw: Any) -> Snapshot:
+    return Snapshot(
+        now=1000.0, local=tuple(local), durable=durable if durable is None else tuple(durable), **kw
+    )
+
+
+def steps_of(p: Plan, kind: type, tier: str | None = None) -> list[int]:
     return [
-        StepInfo(step=s, reason=reason, local=True, commit_time=t if t else float(s)) for s in steps
+        a.step
+        for a in p.actions
+        if isinstance(a, kind) and (tier is None or getattr(a, "tier", None) == tier)
     ]
 
 
-def deletes(p, tier: str) -> list[int]:
-    return sorted(d.step for d in p.delete if d.tier == tier)
+# -- what is promoted, in what order --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("rows", "expected"),
+    ("local", "durable", "kw", "uploads"),
     [
-        (local(10, 20, 30, 40, 50), [50]),
-        (local(50, 100, 110), [50, 100]),
-        ([*local(40), *local(45, reason="preemption")], [45]),
-        ([*local(60), *local(61, reason="final")], [61]),
-        ([StepInfo(step=50, local=True, durable=True), *local(60)], []),
-        (local(0, 10), []),  # step 0 is the initial state: not worth a durable copy
-        (local(0, reason="preemption"), [0]),
-        ([], []),
+        pytest.param([L(10), L(20), L(30), L(40), L(50)], [], {}, [50], id="period multiple"),
+        pytest.param([L(50), L(100), L(110)], [], {}, [100, 50], id="backlog newest first"),
+        pytest.param([L(40), L(45, "preemption")], [], {}, [45], id="preemption off period"),
+        pytest.param([L(60), L(61, "final")], [], {}, [61], id="final off period"),
+        pytest.param([L(50), L(60)], [D(50)], {}, [], id="a verified copy exists"),
+        pytest.param([L(0), L(10)], [], {}, [], id="step 0 is the initial state"),
+        pytest.param([L(0, "preemption")], [], {}, [0], id="a preempted step 0"),
+        pytest.param(
+            [L(50), L(100), L(105, "preemption")], [], {}, [105, 100, 50], id="precious first"
+        ),
+        pytest.param(
+            [L(50), L(100), L(150)],
+            [],
+            {"busy": frozenset({50}), "failed": {100: "crc32c mismatch"}},
+            [150],
+            id="busy and failed are not planned again",
+        ),
+        pytest.param(
+            [L(40, "unknown"), L(47, "unknown")],
+            [],
+            {"run_ended": True},
+            [47],
+            id="the newest step of a run that ended",
+        ),
+        pytest.param(
+            [L(40, "unknown"), L(47, "unknown")], [], {}, [], id="a running run owes no off-step"
+        ),
+        pytest.param([L(50)], [], {"retry_at": {50: 1010.0}}, [], id="waiting for the retry time"),
+        pytest.param([L(50)], [], {"retry_at": {50: 990.0}}, [50], id="retry time passed"),
+        pytest.param([L(50)], None, {}, [], id="durable tier unknown: no upload"),
     ],
 )
-def test_due_steps(rows: list[StepInfo], expected: list[int]) -> None:
-    assert due_steps(rows, ctx()) == expected
+def test_uploads(local: Any, durable: Any, kw: dict, uploads: list[int]) -> None:
+    assert steps_of(plan(snap(local, durable, **kw), RULES), Upload) == uploads
 
 
-def test_time_based_promotion_counts_from_the_newest_durable_step() -> None:
-    rows = [
-        StepInfo(step=10, local=True, durable=True, commit_time=0.0),
-        StepInfo(step=20, local=True, commit_time=100.0),
-        StepInfo(step=30, local=True, commit_time=400.0),
-        StepInfo(step=40, local=True, commit_time=500.0),
-        StepInfo(step=60, local=True, commit_time=800.0),
-    ]
-    c = ctx(backup_interval_seconds=300.0, durable_period=10_000)
-    assert due_steps(rows, c) == [30, 60]
+def test_a_run_that_ended_owes_its_newest_step_as_final() -> None:
+    p = plan(snap([L(40, "unknown"), L(47, "unknown")], [], run_ended=True), RULES)
+    assert p.uploads == [Upload(47, "final")]
+    assert p.verdicts[47].reason == "final"
+    assert 47 in p.pinned and 47 in p.owed
+
+
+def test_time_based_promotion_counts_from_the_step_durable_before_it() -> None:
+    rules = replace(RULES, durable_period=10_000, backup_interval_seconds=300.0)
+    local = [L(10, t=0.0), L(20, t=100.0), L(30, t=400.0), L(40, t=500.0), L(60, t=800.0)]
+    p = plan(snap(local, [D(10, t=0.0)]), rules)
+    assert sorted(steps_of(p, Upload)) == [30, 60]
+    # Order-independent: once 60 is durable, 30 is still owed (measured from 10, before it).
+    p = plan(snap(local, [D(10, t=0.0), D(60, t=800.0)]), rules)
+    assert steps_of(p, Upload) == [30]
+
+
+# -- identity by content ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("rows", "kw", "local_deleted"),
+    ("durable", "displaced", "verdict"),
     [
-        # keep the newest 2; 50 is due (not durable yet) so it is pinned
-        (local(10, 20, 30, 40, 50, 60, 70), {}, [10, 20, 30, 40]),
-        # once 50 is durable it can go
-        (
-            [*local(10, 20), StepInfo(step=50, local=True, durable=True), *local(60, 70)],
+        pytest.param(D(50, foreign=True), [50], "conflict", id="a marker and no manifest"),
+        pytest.param(D(50, other=True), [50], "conflict", id="another run's step 50"),
+        pytest.param(D(50), [], "committed", id="the same content"),
+    ],
+)
+def test_a_durable_step_counts_only_when_it_is_a_copy(
+    durable: DurableStep, displaced: list[int], verdict: str
+) -> None:
+    p = plan(snap([L(40), L(50), L(60), L(70)], [durable]), RULES)
+    assert steps_of(p, Displace) == displaced
+    assert p.verdicts[50].state == verdict
+    if displaced:
+        assert 50 in p.pinned and 50 not in steps_of(p, Delete, "local")
+        assert steps_of(p, Upload) == []  # first moved aside, then uploaded
+        assert "durable" not in p.verdicts[50].tiers
+    else:
+        assert 50 in steps_of(p, Delete, "local")  # a copy exists: local retention may go
+
+
+def test_once_moved_aside_the_new_step_is_uploaded() -> None:
+    assert steps_of(plan(snap([L(50)], []), RULES), Upload) == [50]
+
+
+def test_an_unknown_local_identity_is_checksummed_before_anything() -> None:
+    p = plan(snap([L(50, identity=None), L(60), L(70)], [D(50)]), RULES)
+    assert steps_of(p, Fingerprint) == [50]
+    assert steps_of(p, Upload) == [] and steps_of(p, Displace) == []
+    assert 50 in p.pinned and 50 not in steps_of(p, Delete, "local")
+
+
+def test_only_node_0_moves_a_step_aside() -> None:
+    rules = replace(RULES, topology=Topology(rank=1, nodes=2))
+    p = plan(snap([L(50)], [D(50, other=True)]), rules)
+    assert steps_of(p, Displace) == [] and p.verdicts[50].state == "conflict"
+    assert "node 0" in p.verdicts[50].why
+
+
+def test_foreign_steps_are_never_deleted_nor_restored_from() -> None:
+    rules = replace(RULES, max_num_checkpoints_to_keep=1)
+    durable = [D(10, foreign=True), D(50), D(100), D(150)]
+    p = plan(snap([], durable), rules)
+    assert steps_of(p, Delete, "durable") == [50, 100]
+    assert p.verdicts[10].state == "foreign"
+    assert [o.step for o in p.restore] == [150, 100, 50]
+    assert restore_options([], [D(10, foreign=True)]) == []
+
+
+# -- never upload what retention would delete ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("local", "durable", "rules", "kw", "uploads", "skipped"),
+    [
+        pytest.param(
+            [L(50)],
+            [D(100), D(150)],
+            {"max_num_checkpoints_to_keep": 2},
             {},
-            [10, 20, 50],
+            [],
+            [50],
+            id="superseded by committed steps",
         ),
-        # in flight and staged steps are pinned too
-        (local(10, 20, 30, 40), {"in_flight": frozenset({10}), "staged": frozenset({20})}, []),
-        # failed steps keep their local copy
-        (local(10, 20, 30, 40), {"failed": frozenset({20})}, [10]),
-        # disk pressure: only the newest plus pins
-        (
-            [*local(10, 20, 30, 40, 50), *local(60, 70)],
+        pytest.param(
+            [L(100)],
+            [D(150), D(200)],
+            {"max_num_checkpoints_to_keep": 1, "keep_period": 100},
+            {},
+            [100],
+            [],
+            id="keep_period keeps it forever",
+        ),
+        pytest.param(
+            [L(50)],
+            [D(100)],
+            {},
+            {},
+            [50],
+            [],
+            id="keep all: nothing superseded",
+        ),
+        pytest.param(
+            [L(50)],
+            [],
+            {},
+            {"pruned": {50: "id50"}},
+            [],
+            [50],
+            id="the same content was pruned before",
+        ),
+        pytest.param(
+            [L(50, identity="new")],
+            [],
+            {},
+            {"pruned": {50: "id50"}},
+            [50],
+            [],
+            id="other content of a pruned number",
+        ),
+        pytest.param(
+            [L(50), L(100), L(150), L(160)],
+            [],
+            {"backlog": "newest"},
+            {},
+            [150],
+            [50, 100],
+            id="backlog newest",
+        ),
+    ],
+)
+def test_never_upload_what_retention_would_delete(
+    local: Any, durable: Any, rules: dict, kw: dict, uploads: list[int], skipped: list[int]
+) -> None:
+    p = plan(snap(local, durable, **kw), replace(RULES, **rules))
+    assert steps_of(p, Upload) == uploads
+    assert sorted(steps_of(p, Skip)) == skipped
+    for step in skipped:
+        assert p.verdicts[step].state == "skipped" and step not in p.pinned
+
+
+def test_an_outage_backlog_uploads_nothing_that_is_pruned_at_once() -> None:
+    """Newest first: each upload is kept; what retention would drop is never sent."""
+    rules = replace(RULES, max_num_checkpoints_to_keep=2)
+    local = [L(100), L(150), L(200)]
+    durable = [D(50)]
+    sent: list[int] = []
+    for _ in range(5):
+        p = plan(snap(local, durable), rules)
+        if not p.uploads:
+            break
+        step = p.uploads[0].step
+        sent.append(step)
+        durable = [d for d in durable if d.step not in steps_of(p, Delete, "durable")]
+        durable.append(D(step))
+        durable = [
+            d
+            for d in durable
+            if d.step not in steps_of(plan(snap(local, durable), rules), Delete, "durable")
+        ]
+    assert sent == [200, 150]
+    assert sorted(d.step for d in durable) == [150, 200]
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("local", "durable", "kw", "deleted"),
+    [
+        pytest.param(
+            [L(s) for s in (10, 20, 30, 40, 50, 60, 70)], [], {}, [10, 20, 30, 40], id="due pinned"
+        ),
+        pytest.param(
+            [L(10), L(20), L(50), L(60), L(70)], [D(50)], {}, [10, 20, 50], id="copy may go"
+        ),
+        pytest.param(
+            [L(10), L(20), L(30), L(40)],
+            [],
+            {"busy": frozenset({10}), "staged": frozenset({20})},
+            [],
+            id="busy and staged pinned",
+        ),
+        pytest.param(
+            [L(10), L(20), L(30), L(40)], [], {"failed": {20: "x"}}, [10], id="failed kept"
+        ),
+        pytest.param(
+            [L(s) for s in (10, 20, 30, 40, 50, 60, 70)],
+            [],
             {"disk_pressure": True},
             [10, 20, 30, 40, 60],
+            id="disk pressure: newest plus pins",
+        ),
+        pytest.param(
+            [L(10), L(20), L(50), L(60), L(70)],
+            None,
+            {},
+            [10, 20],
+            id="durable unknown: owed steps stay, copies too",
+        ),
+        pytest.param(
+            [L(40), L(50), L(60), L(70)],
+            [D(50, other=True)],
+            {},
+            [40],
+            id="other content is no copy",
         ),
     ],
 )
-def test_local_retention(
-    rows: list[StepInfo], kw: dict[str, object], local_deleted: list[int]
-) -> None:
-    p = plan(rows, ctx(**kw))
-    assert deletes(p, "local") == local_deleted
-    for d in p.delete:
-        assert d.step not in p.pinned
+def test_local_retention(local: Any, durable: Any, kw: dict, deleted: list[int]) -> None:
+    p = plan(snap(local, durable, **kw), RULES)
+    assert steps_of(p, Delete, "local") == deleted
+    for step in deleted:
+        assert step not in p.pinned
 
 
 @pytest.mark.parametrize(
-    ("durable", "kw", "deleted"),
+    ("durable", "rules", "deleted"),
     [
         ([50, 100, 150, 200], {"max_num_checkpoints_to_keep": 2}, [50, 100]),
         ([50, 100, 150, 200], {}, []),
@@ -107,63 +354,101 @@ def test_local_retention(
         ([50], {"max_num_checkpoints_to_keep": 1}, []),
     ],
 )
-def test_durable_retention(durable: list[int], kw: dict[str, object], deleted: list[int]) -> None:
-    rows = [StepInfo(step=s, durable=True, commit_time=float(s)) for s in durable]
-    assert deletes(plan(rows, ctx(**kw)), "durable") == deleted
+def test_durable_retention(durable: list[int], rules: dict, deleted: list[int]) -> None:
+    p = plan(snap([], [D(s) for s in durable]), replace(RULES, **rules))
+    assert steps_of(p, Delete, "durable") == deleted
 
 
-def test_partial_upload_is_deleted_only_when_nothing_can_finish_it() -> None:
-    rows = [
-        StepInfo(step=50, durable_partial=True),  # no local source: garbage
-        StepInfo(step=100, durable_partial=True, local=True, commit_time=1.0),  # resumable
-        StepInfo(step=150, durable=True, commit_time=2.0),
-    ]
-    p = plan(rows, ctx())
-    assert deletes(p, "durable") == [50]
-    assert [x.step for x in p.promote] == [100]
+def test_durable_retention_needs_a_listing_and_node_0() -> None:
+    rules = replace(RULES, max_num_checkpoints_to_keep=1)
+    assert steps_of(plan(snap([], None), rules), Delete, "durable") == []
+    other_node = replace(rules, topology=Topology(rank=1, nodes=2))
+    assert steps_of(plan(snap([], [D(50), D(100)]), other_node), Delete, "durable") == []
 
 
-def test_precious_steps_go_first_then_oldest_first() -> None:
-    rows = [*local(50, 100), *local(105, reason="preemption")]
-    assert [p.step for p in plan(rows, ctx()).promote] == [105, 50, 100]
+def test_partial_uploads_are_deleted_only_when_nothing_can_finish_them() -> None:
+    durable = [D(50, partial=True), D(100, partial=True), D(150), D(200, partial=True)]
+    p = plan(snap([L(100)], durable), RULES)
+    # 50: no source, older than the newest durable step; 100: resumable; 200: newer, maybe live
+    assert steps_of(p, Delete, "durable") == [50]
+    assert steps_of(p, Upload) == [100]
+    assert p.verdicts[200].state == "partial"
 
 
-def test_in_flight_and_failed_are_not_planned_again() -> None:
-    rows = local(50, 100, 150)
-    p = plan(rows, ctx(in_flight=frozenset({50}), failed=frozenset({100})))
-    assert [x.step for x in p.promote] == [150]
+# -- several nodes ------------------------------------------------------------------------------
 
 
-def test_backlog_newest_skips_older_due_steps_and_unpins_them() -> None:
-    rows = local(50, 100, 150, 160)
-    p = plan(rows, ctx(backlog="newest"))
-    assert [x.step for x in p.promote] == [150]
-    assert list(p.skipped) == [50, 100]
-    assert deletes(p, "local") == [50, 100]
+def test_parts_wait_for_node_0_then_are_forgotten() -> None:
+    multi = replace(RULES, topology=Topology(rank=0, nodes=2))
+    p = plan(snap([L(50), L(100)], [D(50, partial=True)], parts={50: 1}, epoch=1), multi)
+    assert p.of(Commit) == [Commit(50, 1)]
+    assert p.verdicts[50].state == "committing" and 50 in p.pinned
+    assert steps_of(p, Upload) == [100]
+
+    other = replace(RULES, topology=Topology(rank=1, nodes=2))
+    p = plan(snap([L(50)], [], parts={50: 1}, epoch=1), other)
+    assert p.of(Commit) == [] and p.verdicts[50].state == "committing"
+
+    p = plan(snap([L(50)], [D(50)], parts={50: 1}, epoch=1), multi)
+    assert p.of(ForgetPart) == [ForgetPart(50, "committed")]
 
 
-def test_rules_compose() -> None:
+def test_a_stale_part_is_forgotten_and_uploaded_again() -> None:
+    multi = replace(RULES, topology=Topology(rank=0, nodes=2))
+    p = plan(snap([L(50)], [], parts={50: 1}, epoch=2), multi)
+    assert steps_of(p, ForgetPart) == [50] and p.verdicts[50].state == "due"
+    assert plan(snap([L(50)], []), multi).uploads == [Upload(50, "periodic")]
+
+
+def test_a_part_overtaken_by_a_newer_durable_step_is_abandoned() -> None:
+    multi = replace(RULES, topology=Topology(rank=0, nodes=2))
+    p = plan(snap([L(50), L(100)], [D(100)], parts={50: 1}, epoch=1), multi)
+    assert steps_of(p, Abandon) == [50]
+    p = plan(snap([L(50), L(100)], [D(100)], abandoned=frozenset({50})), multi)
+    assert steps_of(p, Upload) == [] and p.verdicts[50].state == "abandoned"
+
+
+# -- the one restore choice ---------------------------------------------------------------------
+
+
+def test_restore_takes_the_newest_step_on_either_tier_local_first() -> None:
+    options = restore_options([L(40), L(50)], [D(50, other=True), D(100), D(150, foreign=True)])
+    assert [(o.step, o.source) for o in options] == [(100, "durable"), (50, "local"), (40, "local")]
+    assert plan(snap([L(40)], [D(100)]), RULES).restore[0].step == 100
+
+
+def test_agree_step_takes_the_newest_step_every_node_holds() -> None:
+    assert agree_step({0: [10, 20, 30], 1: [10, 20], 2: [20, 30]}, []) == 20
+    assert agree_step({0: [10, 20, 30], 1: [], 2: [20, 30]}, [10, 25]) == 25
+    assert agree_step({0: [], 1: [5]}, []) is None
+
+
+# -- the rules themselves -----------------------------------------------------------------------
+
+
+def test_rules_compose_and_validate() -> None:
     steps = [10, 20, 30, 40, 50]
-    rule = AnyOf((LatestN(1), EveryNSteps(20)))
-    assert rule.keep(steps) == [False, True, False, True, True]
+    assert AnyOf((LatestN(1), EveryNSteps(20))).keep(steps) == [False, True, False, True, True]
     with pytest.raises(ValueError):
         EveryNSteps(0)
     with pytest.raises(ValueError):
-        ctx(durable_period=0)
+        Rules(durable_period=0, local_max_to_keep=1)
+    with pytest.raises(ValueError):
+        Topology(rank=2, nodes=2)
 
 
-def test_merge_prefers_local_facts_and_keeps_durable_reason() -> None:
-    rows = merge_inventories(
-        [
-            StepFacts(step=5, committed=True, reason="unknown", commit_time=3.0),
-            StepFacts(step=7, committed=False),
-        ],
-        [
-            StepFacts(step=5, committed=True, reason="preemption", commit_time=2.0),
-            StepFacts(step=9, committed=False),
-        ],
-    )
-    assert [(r.step, r.local, r.durable, r.durable_partial, r.reason) for r in rows] == [
-        (5, True, True, False, "preemption"),
-        (9, False, False, True, "unknown"),
-    ]
+def test_every_step_gets_a_verdict_with_a_reason_in_words() -> None:
+    local = [L(10), L(40, identity=None), L(50), L(60), L(100)]
+    durable = [D(5, foreign=True), D(50), D(70, partial=True), D(100, other=True)]
+    p = plan(snap(local, durable, failed={60: "crc32c mismatch"}), RULES)
+    assert set(p.verdicts) == {5, 10, 40, 50, 60, 70, 100}
+    assert all(v.why for v in p.verdicts.values())
+    assert {s: v.state for s, v in p.verdicts.items()} == {
+        5: "foreign",
+        10: "local",
+        40: "local",
+        50: "committed",
+        60: "failed",
+        70: "partial",
+        100: "conflict",
+    }

@@ -28,9 +28,10 @@ from tiered.ops import (
     snapshot,
     stage_step,
 )
-from tiered.policy import Plan, PolicyContext, StepFacts, StepInfo, context_for, plan
+from tiered.policy import Plan, RestoreOption, Rules, Snapshot, plan, restore_options, rules_for
 from tiered.status import TierStatus, build_status, collect_status, render_table
 from tiered.storage import DurableTier, LocalTier, TransferResult
+from tiered.types import DurableStep, LocalStep, Topology
 
 if TYPE_CHECKING:
     from tiered.manager import CheckpointManager, Restored
@@ -42,20 +43,23 @@ __all__ = [
     "ChecksumMismatch",
     "CommitError",
     "ConfigError",
+    "DurableStep",
     "DurableTier",
     "LayoutError",
+    "LocalStep",
     "LocalTier",
     "Manifest",
     "Plan",
-    "PolicyContext",
+    "RestoreOption",
     "Restored",
-    "StepFacts",
-    "StepInfo",
+    "Rules",
+    "Snapshot",
     "StepRef",
     "StorageError",
     "TierStatus",
     "TieredConfig",
     "TieredError",
+    "Topology",
     "TransferResult",
     "apply_deletes",
     "build_manifest",
@@ -63,7 +67,6 @@ __all__ = [
     "collect_status",
     "commit_parts",
     "config_from_mapping",
-    "context_for",
     "fetch_step",
     "load_config",
     "open_tiers",
@@ -71,6 +74,8 @@ __all__ = [
     "plan",
     "promote_step",
     "render_table",
+    "restore_options",
+    "rules_for",
     "snapshot",
     "stage_step",
     "status",

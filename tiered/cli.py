@@ -7,17 +7,20 @@ User errors (a bad config, an unreachable bucket, a step that does not exist) pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tiered.config import TieredConfig, load_config
 from tiered.errors import ChecksumMismatch, TieredError
+from tiered.lock import DaemonLock
 from tiered.ops import apply_deletes, fetch_step, human_bytes, open_tiers, promote_step, snapshot
-from tiered.policy import context_for, plan
+from tiered.policy import plan, rules_for
 from tiered.status import collect_status, is_settled, render_table
+from tiered.storage import LocalTier
 
 log = logging.getLogger("tiered")
 
@@ -61,12 +64,32 @@ def cmd_status(cfg: TieredConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sole_writer(local: LocalTier, what: str) -> Iterator[None]:
+    """Hold the daemon's lock while ``what`` writes the tiers: a running daemon makes this
+    refuse, and a daemon started meanwhile is refused until it is done."""
+    lock = DaemonLock(local.tiered_dir, what=f"tiered {what}")
+    holder = lock.holder()
+    if holder is not None:
+        raise TieredError(
+            f"the daemon (pid {holder}) owns {local.root} and does this itself; stop it first "
+            f"to {what} by hand"
+        )
+    local.ensure()
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def cmd_promote(cfg: TieredConfig, args: argparse.Namespace) -> int:
     local, durable = open_tiers(cfg)
     if args.step not in local.committed_steps():
         raise TieredError(f"step {args.step} is not a committed step in {local.root}")
-    durable.check()
-    promote_step(local, durable, args.step, progress=_progress_bar(f"promote {args.step}"))
+    with _sole_writer(local, "promote"):
+        durable.check()
+        promote_step(local, durable, args.step, progress=_progress_bar(f"promote {args.step}"))
     print(f"step {args.step} committed at {durable.step_url(args.step)}")
     return 0
 
@@ -75,12 +98,12 @@ def cmd_restore(cfg: TieredConfig, args: argparse.Namespace) -> int:
     local, durable = open_tiers(cfg)
     steps = durable.committed_steps()
     if not steps:
-        raise TieredError(f"no committed step on {durable.url}")
+        raise TieredError(f"no committed step on {durable.url} that tiered can verify")
     step = args.step if args.step is not None else max(steps)
     if step not in steps:
         raise TieredError(f"step {step} is not committed on {durable.url} (have {steps})")
-    local.ensure()
-    path = fetch_step(local, durable, step, progress=_progress_bar(f"restore {step}"))
+    with _sole_writer(local, "restore"):
+        path = fetch_step(local, durable, step, progress=_progress_bar(f"restore {step}"))
     print(f"step {step} is in {path}, verified")
     return 0
 
@@ -101,8 +124,6 @@ def cmd_verify(cfg: TieredConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    from tiered.lock import DaemonLock
-
     local, durable = open_tiers(cfg)
     holder = DaemonLock(local.tiered_dir).holder()
     if holder is not None and not args.dry_run:
@@ -110,16 +131,15 @@ def cmd_prune(cfg: TieredConfig, args: argparse.Namespace) -> int:
             f"the daemon (pid {holder}) owns {local.root} and prunes it; use --dry-run to see "
             "its plan, or stop the daemon first"
         )
-    rows = snapshot(local, durable)
-    ctx = context_for(cfg, now=time.time())
-    deletes = plan(rows, ctx).delete
+    deletes = plan(snapshot(local, durable, now=time.time()), rules_for(cfg)).deletes
     if not deletes:
         print("nothing to prune")
         return 0
     for d in deletes:
         print(f"{'would prune' if args.dry_run else 'pruning'} {d.tier} step {d.step} ({d.why})")
     if not args.dry_run:
-        apply_deletes(deletes, local, durable)
+        with _sole_writer(local, "prune"):
+            apply_deletes(deletes, local, durable)
     return 0
 
 

@@ -241,6 +241,7 @@ def _check_consistency(cfg: TieredConfig) -> None:
             f"tiered.node_rank ({cfg.tiered.node_rank}) must be below tiered.num_nodes "
             f"({cfg.tiered.num_nodes})"
         )
+    _check_tiers_apart(cfg)
     scheme = cfg.durable_url.partition("://")[0]
     installed = installed_protocols()
     if scheme not in installed:
@@ -249,6 +250,33 @@ def _check_consistency(cfg: TieredConfig) -> None:
         raise ConfigError(
             f"checkpoint_dir {cfg.durable_url!r}: unsupported URL scheme {scheme + '://'!r}"
             f"{extra}; installed fsspec protocols: {', '.join(installed)}"
+        )
+
+
+def _check_tiers_apart(cfg: TieredConfig) -> None:
+    """The two tiers may not be one directory, nor one inside the other: every local step would
+    then "be durable", nothing would be uploaded, and local retention would delete due steps."""
+    scheme, _, rest = cfg.durable_url.partition("://")
+    if scheme != "file":
+        return
+    local = os.path.realpath(cfg.local_dir)
+    durable = os.path.realpath(rest)
+    durable_key = (
+        "checkpoint_dir"
+        if cfg.checkpoint_dir
+        else "checkpoint_dir (from base_output_directory and run_name)"
+    )
+    where = None
+    if local == durable:
+        where = "are the same directory"
+    elif Path(durable).is_relative_to(local):
+        where = "overlap: the durable tier is inside the local one"
+    elif Path(local).is_relative_to(durable):
+        where = "overlap: the local tier is inside the durable one"
+    if where:
+        raise ConfigError(
+            f"local_checkpoint_directory ({local}) and {durable_key} ({durable}) {where}; the "
+            "two tiers must be separate directories"
         )
 
 

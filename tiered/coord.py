@@ -21,11 +21,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tiered.errors import CommitError, StorageError
 from tiered.layout import DECISION_NAME, RESTORE_COORD_DIR, restore_request_name
+from tiered.policy import agree_step
 from tiered.storage import DurableTier
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,6 @@ class Decision:
             holders=frozenset(int(r) for r in data.get("holders", [])),
             nonces={int(r): str(n) for r, n in data.get("nonces", {}).items()},
         )
-
-
-def choose_step(
-    local_steps: Mapping[int, Iterable[int]], durable_steps: Iterable[int]
-) -> int | None:
-    """The newest step every node holds locally, or the newest durable one when that is newer."""
-    sets = [set(steps) for steps in local_steps.values()]
-    common = set.intersection(*sets) if sets else set()
-    return max(common | set(durable_steps), default=None)
 
 
 class Rendezvous:
@@ -121,7 +113,7 @@ class Rendezvous:
         ):
             return None
         local = {r: [int(s) for s in req.get("local", [])] for r, req in requests.items()}
-        step = choose_step(local, self.durable.committed_steps())
+        step = agree_step(local, self.durable.committed_steps())
         decision = Decision(
             epoch=(previous.epoch if previous else 0) + 1,
             step=step,

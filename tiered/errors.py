@@ -8,6 +8,7 @@
     │     .transient = True   worth retrying (timeouts, 5xx, connection resets)
     │     .transient = False  retrying will not help (auth, missing bucket, full disk)
     └── CommitError        a step could not be committed or restored as a whole
+          └── StepExists   the durable step is already committed, with other content
 
 fsspec, OS and network errors are translated into ``StorageError`` at the storage boundary
 (``tiered.storage``), so callers above it never see backend-specific exception types.
@@ -42,3 +43,7 @@ class StorageError(TieredError):
 
 class CommitError(TieredError):
     """A step could not be committed, or restored, as a whole."""
+
+
+class StepExists(CommitError):
+    """The durable step is committed already, with other content: it is never overwritten."""

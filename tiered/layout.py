@@ -6,10 +6,11 @@ Local tier (``<local_checkpoint_directory>``):
     <step>.orbax-checkpoint-tmp*     a save in progress: never read or deleted by tiered
     .tiered/daemon.lock              flock held by the one daemon of this directory
     .tiered/trainer.lock             flock held by the one tiered.CheckpointManager writing here
-    .tiered/status.json              the daemon's live state, for ``tiered status``
     .tiered/staging/<step>/          a step downloaded (or moved aside) for restore
     .tiered/manifests/<step>.json    a step's manifest, built when the daemon first sees it
     .tiered/trash/                   local steps being deleted (moved here in one rename)
+    .tiered/displaced/<step>-<time>/ local steps set aside: the run went back to an older step
+                                     and saves their numbers again (the newest two are kept)
     replicator.yaml, replicator.errors, replicator.failed, jax-init-info.txt,
     {job}-s{step}-n{node}-w{worker}.restore    orbax's multi-tier protocol files
 
@@ -29,14 +30,28 @@ Durable tier, N > 1 nodes (one daemon per node, node rank 0 commits):
     .tiered/restore/decision.json    node 0's answer: the step every node restores, and the epoch
                                      that new part markers must carry
 
+Durable tier, any number of nodes:
+    .tiered/displaced/<step>-<UTC time>/   a committed step moved aside whole, because another
+                                     step of the same number (a new run, a rollback) had to
+                                     take its place; never pruned by tiered
+
+Temporary names, on both tiers, are ``<final name>.tiered-tmp-<pid>-<random>``: every writer's
+are its own, and a leftover whose writer is dead can be told from one being written.
+
 A step name is a canonical decimal integer: no sign, no leading zeros, below 2**63. Anything
 else (``-1``, ``00100``, ``../x``) is not a step and is left alone.
 """
 
 from __future__ import annotations
 
+import calendar
+import os
 import re
+import time
+import uuid
 from dataclasses import dataclass
+
+from tiered.types import Displaced
 
 COMMIT_MARKER = "commit_success.txt"
 MANIFEST_NAME = "tiered-manifest.json"
@@ -46,7 +61,6 @@ CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 TIERED_DIR = ".tiered"
 LOCK_NAME = "daemon.lock"
 TRAINER_LOCK_NAME = "trainer.lock"
-STATUS_NAME = "status.json"
 STAGING_DIR = "staging"
 TRASH_DIR = "trash"
 
@@ -60,10 +74,16 @@ PARTS_DIR = "tiered-parts"
 NODE_DIR_PREFIX = "node-"
 RESTORE_COORD_DIR = f"{TIERED_DIR}/restore"
 DECISION_NAME = "decision.json"
+DISPLACED_DIR = f"{TIERED_DIR}/displaced"
+
+TMP_INFIX = ".tiered-tmp-"
 
 MAX_STEP = 2**63 - 1
 
 _STEP_RE = re.compile(r"0|[1-9][0-9]{0,18}")
+_DISPLACED_RE = re.compile(
+    r"(?P<step>0|[1-9][0-9]{0,18})-(?P<time>[0-9]{8}T[0-9]{6}(?:\.[0-9]{6})?Z)"
+)
 _RESTORE_RE = re.compile(
     r"(?P<job>.+)-s(?P<step>0|[1-9][0-9]{0,18})-n(?P<node>[0-9]+)-w(?P<worker>[0-9]+)\.restore"
 )
@@ -113,6 +133,19 @@ def is_tmp_name(name: str) -> bool:
     return ORBAX_TMP_INFIX in name
 
 
+def tmp_name(name: str) -> str:
+    """A temporary name for something that will be published as ``name``: unique to this
+    process and this call."""
+    return f"{name}{TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def tmp_owner(name: str) -> int | None:
+    """The pid that made a temporary name, or None if ``name`` is not one of ours."""
+    _, sep, rest = name.rpartition(TMP_INFIX)
+    pid, dash, _rand = rest.partition("-")
+    return int(pid) if sep and dash and pid.isdigit() else None
+
+
 def restore_name(job: str, step: int, *, node: int, worker: int = 0) -> str:
     return f"{job}-s{step_name(step)}-n{node}-w{worker}{RESTORE_SUFFIX}"
 
@@ -148,3 +181,21 @@ def part_marker(rank: int) -> str:
 
 def restore_request_name(rank: int) -> str:
     return f"request-{rank}.json"
+
+
+def displaced_name(step: int, moved_at: float) -> str:
+    """``<step>-<UTC time>``: the name of a durable step moved aside at ``moved_at``."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(moved_at))
+    return f"{step_name(step)}-{stamp}.{int(moved_at * 1e6) % 10**6:06d}Z"
+
+
+def parse_displaced(name: str) -> Displaced | None:
+    m = _DISPLACED_RE.fullmatch(name)
+    if m is None:
+        return None
+    stamp = m["time"].rstrip("Z")
+    whole, _, frac = stamp.partition(".")
+    moved = calendar.timegm(time.strptime(whole, "%Y%m%dT%H%M%S")) + (
+        int(frac) / 1e6 if frac else 0
+    )
+    return Displaced(name=name, step=int(m["step"]), moved_at=float(moved))

@@ -20,7 +20,8 @@ class AlreadyRunning(TieredError):
 
 
 class DaemonLock:
-    """The lock of one kind of owner (``what``) of a local directory."""
+    """One writer's lock of a local directory. ``what`` names this holder; the file records it
+    beside the pid, so whoever is refused learns who holds it."""
 
     def __init__(self, tiered_dir: Path, *, name: str = LOCK_NAME, what: str = "tiered daemon"):
         self.path = Path(tiered_dir) / name
@@ -34,15 +35,44 @@ class DaemonLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            pid = self.holder()
+            pid, who = self._read_holder()
             raise AlreadyRunning(
-                f"another {self.what} (pid {pid if pid is not None else 'unknown'}) already "
-                f"uses {self.path.parent.parent}; only one may run per local directory"
+                f"another {who or self.what} (pid {pid if pid is not None else 'unknown'}) "
+                f"already uses {self.path.parent.parent}; only one may run per local directory"
             ) from None
         os.fchmod(fd, 0o644)
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{self.what}\n".encode())
         self._fd = fd
+
+    def _read_holder(self) -> tuple[int | None, str | None]:
+        try:
+            lines = self.path.read_text(errors="replace").splitlines()
+        except OSError:
+            return None, None
+        pid = int(lines[0]) if lines and lines[0].strip().isdigit() else None
+        return pid, (lines[1].strip() or None) if len(lines) > 1 else None
+
+    def still_held(self) -> bool:
+        """Whether the lock file at our path is still the one we hold: a removed or replaced
+        file (``.tiered/`` deleted and recreated, say) leaves our flock on an orphan, and a
+        second owner could then take the new file."""
+        if self._fd is None:
+            return False
+        try:
+            ours, there = os.fstat(self._fd), os.stat(self.path)
+        except OSError:
+            return False
+        return (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino)
+
+    def reacquire(self) -> None:
+        """Take the lock again at our path after ``still_held`` turned False; raises
+        ``AlreadyRunning`` when another owner got there first."""
+        self.release()
+        self.acquire()
+
+    def exists(self) -> bool:
+        return self.path.exists()
 
     def holder(self) -> int | None:
         """The pid of the daemon holding the lock, or None when nobody holds it."""
@@ -54,8 +84,8 @@ class DaemonLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                text = os.read(fd, 64).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else -1
+                pid, _who = self._read_holder()
+                return pid if pid is not None else -1
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:

@@ -28,7 +28,8 @@ from tiered.config import TieredConfig, load_config
 from tiered.errors import ChecksumMismatch, CommitError, ConfigError, LayoutError, StorageError
 from tiered.layout import TRAINER_LOCK_NAME
 from tiered.lock import DaemonLock
-from tiered.ops import agree_restore, fetch_step
+from tiered.ops import agree_restore, fetch_step, set_aside_newer
+from tiered.policy import RestoreOption, restore_options
 from tiered.storage import DurableTier, LocalTier
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class CheckpointManager:
         self._lock.acquire()
         self._last_size = 0
         self._durable: DurableTier | None = None
+        self._restored_step: int | None = None
+        """The step this manager restored (-1: started fresh), or None before ``restore``."""
+        self._saved_here: set[int] = set()
         self._multi = self._check_topology()
         self._mgr = self._make_manager()
         self._signal: int | None = None
@@ -215,10 +219,17 @@ class CheckpointManager:
             return False
         blocking = reason != "periodic"
         if step in self._mgr.all_steps():
-            if blocking:
-                self._mgr.wait_until_finished()
-                self._stop = self._stop or reason == "preemption"
-            return False
+            restored = self._restored_step if self._restored_step is not None else -1
+            if step in self._saved_here or step <= restored:
+                if blocking:
+                    self._mgr.wait_until_finished()
+                    self._stop = self._stop or reason == "preemption"
+                return False
+            # The local step of this number is from another trajectory: the run went back to
+            # an older step (or started afresh) and has reached this number again.
+            self._mgr.wait_until_finished()
+            set_aside_newer(self.local, step - 1, why="the run saves these step numbers again")
+            self._mgr.reload()
         self._warn_if_nearly_full()
         with self._disk_full_is_clear():
             saved = bool(
@@ -232,6 +243,8 @@ class CheckpointManager:
             if blocking:
                 self._mgr.wait_until_finished()
                 log.info("Saved %s checkpoint at step %d to %s", reason, step, cfg.local_dir)
+        if saved:
+            self._saved_here.add(step)
         if reason == "preemption":
             self._stop = True
         return saved
@@ -275,25 +288,21 @@ class CheckpointManager:
 
     def latest_step(self) -> int | None:
         """The newest committed step on either tier (what ``restore`` would try first)."""
-        steps = self._candidates()
-        return max(steps) if steps else None
+        options = self._options()
+        return options[0].step if options else None
 
-    def _durable_steps(self) -> list[int]:
+    def _options(self) -> list[RestoreOption]:
+        """What a restore may use, best first (``tiered.policy.restore_options``)."""
         try:
-            return self.durable.committed_steps()
+            durable = self.durable.scan()
         except StorageError as err:
             log.warning(
                 "Durable tier %s unreadable, using local steps only: %s",
                 self.durable.url,
                 err,
             )
-            return []
-
-    def _candidates(self) -> dict[int, str]:
-        """step -> preferred source, preferring local when both tiers hold a step."""
-        out = {step: "durable" for step in self._durable_steps()}
-        out.update({step: "local" for step in self.local.committed_steps()})
-        return out
+            durable = []
+        return restore_options(self.local.scan(), durable)
 
     def restore(self, target: Any = None, *, step: int | None = None) -> Restored | None:
         """Restore the newest good checkpoint across both tiers (or exactly ``step``).
@@ -305,12 +314,15 @@ class CheckpointManager:
         self._mgr.wait_until_finished()
         if self._multi and step is None:
             return self._restore_agreed(target)
-        candidates = self._candidates()
-        order = [step] if step is not None else sorted(candidates, reverse=True)
-        if step is not None and step not in candidates:
-            raise CommitError(f"step {step} is committed on neither tier")
-        for s in order:
-            source = candidates[s]
+        options = self._options()
+        if step is not None:
+            options = [o for o in options if o.step == step]
+            if not options:
+                raise CommitError(f"step {step} is committed on neither tier")
+        order = [o.step for o in options]
+        self._restored_step = -1
+        for option in options:
+            s, source = option.step, option.source
             try:
                 if source == "durable":
                     self.fetch(s)
@@ -335,6 +347,7 @@ class CheckpointManager:
                 )
                 continue
             log.info("Restored step %d from the %s tier", s, source)
+            self._restored_step = s
             return Restored(step=s, state=state, source=source)
         if order:
             log.warning("No checkpoint could be restored (tried steps %s)", order)
@@ -354,6 +367,7 @@ class CheckpointManager:
             timeout=self.config.tiered.restore_agreement_timeout_seconds,
         )
         self._mgr.reload()
+        self._restored_step = decision.step if decision.step is not None else -1
         if decision.step is None:
             log.info("No checkpoint every node can restore: starting fresh")
             return None

@@ -11,6 +11,7 @@ resolves outside the step directory, a device, a socket or a FIFO.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import stat
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import google_crc32c
 
@@ -50,6 +52,15 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(e.size for e in self.files.values())
+
+    @property
+    def identity(self) -> str:
+        """A digest of what the step holds (every file's path, size and crc32c), and nothing
+        else: two steps are the same checkpoint exactly when their identities are equal."""
+        digest = hashlib.sha256()
+        for rel, entry in sorted(self.files.items()):
+            digest.update(f"{rel}\0{entry.size}\0{entry.crc32c}\n".encode())
+        return digest.hexdigest()[:32]
 
     def to_json(self) -> str:
         extra: dict[str, object] = {}
@@ -110,12 +121,17 @@ def crc32c_from_b64(text: str) -> int:
 
 def crc32c_of_file(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(size, crc32c) of a local file, streamed."""
+    with open(path, "rb") as f:
+        return crc32c_of_stream(f)
+
+
+def crc32c_of_stream(f: BinaryIO) -> tuple[int, int]:
+    """(size, crc32c) of everything left to read in ``f``, in bounded chunks."""
     checksum = google_crc32c.Checksum()
     size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            checksum.update(chunk)
-            size += len(chunk)
+    while chunk := f.read(_CHUNK):
+        checksum.update(chunk)
+        size += len(chunk)
     return size, int.from_bytes(checksum.digest(), "big")
 
 

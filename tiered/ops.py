@@ -18,39 +18,61 @@ from typing import Any
 from tiered import faults
 from tiered.config import TieredConfig
 from tiered.coord import Decision, Rendezvous
-from tiered.layout import COMMIT_MARKER
-from tiered.policy import Delete, StepInfo, merge_inventories
+from tiered.layout import COMMIT_MARKER, step_name
+from tiered.policy import Delete, Snapshot
 from tiered.storage import DurableTier, LocalTier, Progress, TransferResult
+from tiered.types import Reason, Topology
 
 log = logging.getLogger(__name__)
 
 
-def open_tiers(cfg: TieredConfig) -> tuple[LocalTier, DurableTier]:
-    durable = DurableTier(
+def open_durable(
+    cfg: TieredConfig, *, topology: Topology | None = None, concurrency: int | None = None
+) -> DurableTier:
+    """The durable tier a config names, for one node of a topology."""
+    topo = topology or Topology(cfg.tiered.node_rank, cfg.tiered.num_nodes)
+    return DurableTier(
         cfg.durable_url,
         storage_options=cfg.tiered.storage_options,
-        concurrency=cfg.tiered.upload_concurrency,
+        concurrency=concurrency or cfg.tiered.upload_concurrency,
         bandwidth_mbps=cfg.tiered.upload_bandwidth_mbps,
-        node_rank=cfg.tiered.node_rank,
-        num_nodes=cfg.tiered.num_nodes,
+        node_rank=topo.rank,
+        num_nodes=topo.nodes,
     )
-    return LocalTier(cfg.local_dir), durable
 
 
-def snapshot(local: LocalTier, durable: DurableTier, *, with_size: bool = False) -> list[StepInfo]:
-    """Both tiers, merged by step."""
-    return merge_inventories(local.scan(with_size=with_size), durable.scan())
+def open_tiers(cfg: TieredConfig) -> tuple[LocalTier, DurableTier]:
+    return LocalTier(cfg.local_dir), open_durable(cfg)
+
+
+def snapshot(
+    local: LocalTier, durable: DurableTier, *, now: float, with_size: bool = False
+) -> Snapshot:
+    """Both tiers as they are, with no daemon state (for the CLI)."""
+    return Snapshot(
+        now=now, local=tuple(local.scan(with_size=with_size)), durable=tuple(durable.scan())
+    )
 
 
 def promote_step(
-    local: LocalTier, durable: DurableTier, step: int, *, progress: Progress | None = None
+    local: LocalTier,
+    durable: DurableTier,
+    step: int,
+    *,
+    progress: Progress | None = None,
+    reason: Reason | None = None,
 ) -> TransferResult:
     """Upload, verify and commit one committed local step; log one line.
+
+    ``reason`` is what the planner owes the step for; it is recorded in the durable manifest
+    when the trainer recorded none (MaxText's steps carry no reason).
 
     With several nodes this uploads this node's part under the current restore epoch; node 0
     then tries to commit at once (the last node to finish usually makes that succeed).
     """
     manifest = local.manifest(step)
+    if reason is not None and manifest.reason == "unknown":
+        manifest = replace(manifest, reason=reason)
     faults.hit("after-manifest")
     epoch = 0
     if durable.multi_node:
@@ -111,18 +133,41 @@ def agree_restore(
     should_stop: Callable[[], bool] | None = None,
 ) -> Decision:
     """Several nodes: agree with the others on the step to restore (``tiered.coord``), then set
-    aside this node's local steps newer than it: some node lacks them, so they are not a
-    checkpoint of this run any more, and orbax would otherwise restore its own newest step."""
-    local_steps = local.committed_steps()
-    decision = Rendezvous(durable).agree(local_steps, timeout=timeout, should_stop=should_stop)
-    for newer in sorted(s for s in local_steps if decision.step is None or s > decision.step):
-        log.warning(
-            "Setting aside local step %d: the nodes agreed on %s, which every node can restore",
-            newer,
-            f"step {decision.step}" if decision.step is not None else "a fresh start",
-        )
-        local.delete_step(newer)
+    aside this node's local steps newer than it."""
+    decision = agree(local, durable, timeout=timeout, should_stop=should_stop)
+    set_aside_newer(local, decision.step, why="the nodes agreed on an older step")
     return decision
+
+
+def agree(
+    local: LocalTier,
+    durable: DurableTier,
+    *,
+    timeout: float,
+    should_stop: Callable[[], bool] | None = None,
+) -> Decision:
+    """Several nodes: agree with the others on the step to restore (``tiered.coord``)."""
+    return Rendezvous(durable).agree(
+        local.committed_steps(), timeout=timeout, should_stop=should_stop
+    )
+
+
+def set_aside_newer(local: LocalTier, step: int | None, *, why: str) -> list[int]:
+    """Set aside this node's committed local steps newer than ``step`` (all of them for None)
+    into ``.tiered/displaced``: the run goes on from ``step``, so they are not checkpoints of it
+    any more, orbax would otherwise restore its own newest step, and the run must be free to
+    save those numbers again."""
+    newer = sorted(s for s in local.committed_steps() if step is None or s > step)
+    for s in newer:
+        where = local.set_aside(s, now=time.time())
+        log.warning(
+            "Set aside local step %d in %s (%s; the run goes on from %s)",
+            s,
+            where,
+            why,
+            f"step {step}" if step is not None else "a fresh start",
+        )
+    return newer
 
 
 def apply_deletes(
@@ -160,13 +205,21 @@ def fetch_step(local: LocalTier, durable: DurableTier, step: int, *, progress: A
 
 
 def stage_step(local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None) -> Path:
-    """Download a committed durable step into ``.tiered/staging/<step>``, verified."""
+    """Download a committed durable step into ``.tiered/staging/<step>``, verified.
+
+    Something already at that path is a leftover of an interrupted restore (a live staged step
+    is reached through ``<step>``, and the caller checked there is none): it is not trusted, and
+    is replaced."""
     local.staging_dir.mkdir(parents=True, exist_ok=True)
-    staged = local.staging_dir / str(step)
-    if (staged / COMMIT_MARKER).exists():
-        return staged
+    staged = local.staging_dir / step_name(step)
+    if staged.is_symlink() or staged.is_file():
+        staged.unlink()
+    elif staged.exists():
+        shutil.rmtree(staged)
     started = time.monotonic()
     result = durable.download_step(step, staged, progress=progress)
+    if result.manifest is not None:
+        local.remember_manifest(step, result.manifest)
     log.info(
         "Fetched step %d from %s (%s in %.1f s)",
         step,

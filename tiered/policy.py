@@ -1,57 +1,57 @@
-"""Pure promotion and retention decisions.
+"""Every decision about a step, as pure functions over one snapshot.
 
-Given a snapshot of both tiers (``StepInfo`` rows), what is in flight, the clock and the config,
-decide what to promote and what to delete on each tier. Nothing here does I/O or reads the clock:
-the time comes in ``PolicyContext.now``, so every rule is tested with plain data.
+``plan(snapshot, rules)`` answers, for every step on either tier, "what happens to it next, and
+why": a ``Verdict`` per step and a list of typed actions (``Fingerprint``, ``Upload``,
+``Displace``, ``Commit``, ``ForgetPart``, ``Abandon``, ``Skip``, ``Delete``). The daemon, the CLI
+and the status all call it; nothing else decides. ``restore_options`` is the one restore choice
+(the training API, orbax's multi-tier protocol, ``tiered restore`` and the status use it), and
+``agree_step`` its form for several nodes. Nothing here does I/O or reads the clock: the time
+comes in ``Snapshot.now``.
+
+What happens to step N, in order:
+
+1. **Identity.** A durable step is the copy of local step N only when both identities (manifest
+   digests) are known and equal. A committed durable step without a readable manifest is
+   ``foreign``: never a copy, never restored from, never deleted.
+2. **Owed.** A committed local step that is not a copy is owed to the durable tier when its
+   reason is preemption or final, when N is a positive multiple of the durable period, when the
+   backup interval has passed since the step that is durable before it (or the clock jumped
+   back), or when it is the newest local step of a run that ended.
+3. **Not wanted after all.** An owed step is skipped when durable retention would delete it at
+   once (``superseded`` by steps already committed), when this daemon pruned the same content
+   from the durable tier before, or when ``backlog: newest`` passes over it. A skipped step is no
+   longer pinned locally.
+4. **Next action for a wanted step:** checksum it (``Fingerprint``) when its identity is not
+   known yet; move a durable step of the same number but other content out of the way
+   (``Displace``, node 0 only) before uploading; otherwise ``Upload``, newest first, preemption
+   and final steps before periodic ones. A step being worked on, failed (kept for a human), or
+   waiting for its retry time gets no action.
+5. **Several nodes.** A part this node uploaded waits for node 0's ``Commit``; it is forgotten
+   once committed, gone, or from an older restore epoch, and abandoned when a newer step became
+   durable without it.
+6. **Retention.** Local: the newest ``local_max_to_keep`` committed steps (only the newest one
+   under disk pressure) plus every pinned step (owed and not yet a copy, being worked on, staged
+   for restore, failed, or waiting for its commit). Durable (node 0 only, and only while the
+   durable tier could be listed): the newest ``max_num_checkpoints_to_keep`` own steps, every
+   multiple of ``keep_period``, and always the newest; partial uploads older than the newest
+   committed step that nothing can finish.
 
 Retention rules are small frozen dataclasses (``LatestN``, ``EveryNSteps``, ``Steps``) combined
 with ``AnyOf``; each takes the steps, oldest first, and returns a keep-mask aligned with them.
-
-The invariants the planner keeps:
-- a local step that is due but not yet durable, being uploaded, staged for restore, or failed
-  (kept for a human to look at) is never deleted;
-- the newest committed durable step is never deleted;
-- a partial durable upload is deleted only when nothing can finish it any more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
+
+from tiered.types import PRECIOUS_REASONS, DurableStep, LocalStep, Reason, Topology
 
 if TYPE_CHECKING:
     from tiered.config import TieredConfig
 
-PRECIOUS_REASONS = frozenset({"preemption", "final"})
-
-
-@dataclass(frozen=True)
-class StepFacts:
-    """What one tier knows about one step (built by ``tiered.storage``)."""
-
-    step: int
-    committed: bool
-    reason: str = "unknown"
-    commit_time: float | None = None
-    size: int | None = None
-    is_link: bool = False
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """One step, as seen on both tiers."""
-
-    step: int
-    reason: str = "unknown"
-    commit_time: float | None = None
-    local: bool = False
-    durable: bool = False
-    durable_partial: bool = False
-    local_link: bool = False
-    local_size: int | None = None
-    durable_size: int | None = None
-
+Tier = Literal["local", "durable"]
 
 # -- preservation rules --------------------------------------------------------------------------
 
@@ -112,225 +112,477 @@ class AnyOf:
         return mask
 
 
-# -- context and plan ----------------------------------------------------------------------------
+# -- inputs --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class PolicyContext:
-    now: float
+class Rules:
+    """What the configuration says; validated when built."""
+
     durable_period: int
     local_max_to_keep: int
     backup_interval_seconds: float | None = None
     max_num_checkpoints_to_keep: int | None = None
     keep_period: int | None = None
     backlog: Literal["all", "newest"] = "all"
-    disk_pressure: bool = False
-    in_flight: frozenset[int] = frozenset()
-    staged: frozenset[int] = frozenset()
-    failed: frozenset[int] = frozenset()
-    abandoned: frozenset[int] = frozenset()
-    """Multi-node steps this node gave up on: never committed (a node's part never came), and a
-    newer step is durable. They are neither promoted again nor pinned."""
+    topology: Topology = field(default_factory=Topology)
 
     def __post_init__(self) -> None:
         if self.durable_period <= 0:
             raise ValueError(f"durable_period must be positive, got {self.durable_period}")
         if self.local_max_to_keep < 1:
             raise ValueError(f"local_max_to_keep must be >= 1, got {self.local_max_to_keep}")
+        if self.max_num_checkpoints_to_keep is not None and self.max_num_checkpoints_to_keep < 1:
+            raise ValueError("max_num_checkpoints_to_keep must be >= 1 or None")
+
+    def durable_rule(self) -> PreservationRule:
+        keep_n = self.max_num_checkpoints_to_keep
+        rules: list[PreservationRule] = [LatestN(1)]
+        rules.append(KeepAll() if keep_n is None else LatestN(keep_n))
+        if self.keep_period:
+            rules.append(EveryNSteps(self.keep_period))
+        return AnyOf(tuple(rules))
 
 
 @dataclass(frozen=True)
-class Promote:
-    step: int
-    reason: str
+class Snapshot:
+    """Both tiers and the daemon's state at one moment.
+
+    ``durable`` is None while the durable tier cannot be listed: then nothing is deleted on
+    either tier because of what the durable tier holds, and nothing durable is deleted at all.
+    """
+
+    now: float
+    local: tuple[LocalStep, ...] = ()
+    durable: tuple[DurableStep, ...] | None = ()
+    busy: frozenset[int] = frozenset()
+    """Steps a worker is uploading, moving aside or staging right now."""
+    staged: frozenset[int] = frozenset()
+    """Steps held for a restore the trainer is about to read."""
+    failed: Mapping[int, str] = field(default_factory=dict)
+    """Steps whose promotion failed permanently, with the reason; their local copy is kept."""
+    retry_at: Mapping[int, float] = field(default_factory=dict)
+    """Steps whose last promotion failed transiently: not tried again before this time."""
+    parts: Mapping[int, int] = field(default_factory=dict)
+    """Several nodes: steps whose part this node uploaded, by the restore epoch it carries."""
+    epoch: int = 0
+    abandoned: frozenset[int] = frozenset()
+    pruned: Mapping[int, str] = field(default_factory=dict)
+    """Durable steps this daemon deleted under retention, by identity: never uploaded again."""
+    disk_pressure: bool = False
+    run_ended: bool = False
+    """The trainer is gone (or the daemon drains with no trainer running): the newest local step
+    is owed to the durable tier whatever its number."""
+
+
+# -- outputs -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Delete:
-    tier: Literal["local", "durable"]
+class Fingerprint:
+    """Checksum a local step (build and keep its manifest) so its identity is known."""
+
     step: int
     why: str
 
 
 @dataclass(frozen=True)
+class Upload:
+    step: int
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class Displace:
+    """Move a durable step aside (to ``.tiered/displaced``): it holds other content than the
+    local step of the same number, which must take its place."""
+
+    step: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Node 0: commit a multi-node step once every node's part is in."""
+
+    step: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class ForgetPart:
+    """Stop waiting for the commit of this node's part of a step."""
+
+    step: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """Give up on a multi-node step that can never commit: a newer step is durable."""
+
+    step: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An owed step that is not uploaded, and why (shown in the status)."""
+
+    step: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    tier: Tier
+    step: int
+    why: str
+
+
+Action = Fingerprint | Upload | Displace | Commit | ForgetPart | Abandon | Skip | Delete
+
+State = Literal[
+    "committed",
+    "due",
+    "uploading",
+    "retrying",
+    "failed",
+    "skipped",
+    "conflict",
+    "committing",
+    "abandoned",
+    "local",
+    "partial",
+    "foreign",
+]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Where a step stands and why, in words a user can act on."""
+
+    state: State
+    why: str
+    tiers: tuple[Tier, ...]
+    """The tiers that hold this step's content (a durable step of the same number with other
+    content does not count)."""
+    reason: Reason = "unknown"
+
+
+@dataclass(frozen=True)
+class RestoreOption:
+    step: int
+    source: Tier
+
+
+@dataclass(frozen=True)
 class Plan:
-    promote: tuple[Promote, ...] = ()
-    delete: tuple[Delete, ...] = ()
-    skipped: tuple[int, ...] = ()
-    pinned: frozenset[int] = field(default_factory=frozenset)
+    actions: tuple[Action, ...] = ()
+    verdicts: Mapping[int, Verdict] = field(default_factory=dict)
+    restore: tuple[RestoreOption, ...] = ()
+    """Restore candidates, best first."""
+    owed: frozenset[int] = frozenset()
+    """Steps that must still become durable (wanted, not yet a copy, not failed)."""
+    pinned: frozenset[int] = frozenset()
+    """Local steps retention keeps whatever their age."""
+
+    def of(self, kind: type) -> list:
+        return [a for a in self.actions if isinstance(a, kind)]
+
+    @property
+    def uploads(self) -> list[Upload]:
+        return self.of(Upload)
+
+    @property
+    def deletes(self) -> list[Delete]:
+        return self.of(Delete)
+
+    @property
+    def skipped(self) -> list[int]:
+        return [a.step for a in self.of(Skip)]
 
 
-# -- decisions -----------------------------------------------------------------------------------
+def _pins(state: State) -> bool:
+    return state in ("due", "uploading", "retrying", "failed", "conflict", "committing")
 
 
-def merge_inventories(local: Sequence[StepFacts], durable: Sequence[StepFacts]) -> list[StepInfo]:
-    """Join the two tiers' facts by step, oldest first. Uncommitted local dirs are left out."""
-    rows: dict[int, StepInfo] = {}
-    for f in durable:
-        rows[f.step] = StepInfo(
-            step=f.step,
-            reason=f.reason,
-            commit_time=f.commit_time,
-            durable=f.committed,
-            durable_partial=not f.committed,
-            durable_size=f.size,
+# -- the one restore choice ----------------------------------------------------------------------
+
+
+def restore_options(
+    local: Iterable[LocalStep], durable: Iterable[DurableStep]
+) -> list[RestoreOption]:
+    """Every step a restore may use, newest first; local wins a tie, since it is the trainer's
+    latest save of that number. Foreign durable steps cannot be verified and are left out."""
+    out: dict[int, RestoreOption] = {
+        d.step: RestoreOption(d.step, "durable") for d in durable if d.own
+    }
+    out.update({s.step: RestoreOption(s.step, "local") for s in local if s.committed})
+    return [out[s] for s in sorted(out, reverse=True)]
+
+
+def agree_step(local_by_node: Mapping[int, Iterable[int]], durable: Iterable[int]) -> int | None:
+    """Several nodes: the newest step every node holds locally, or the newest durable step when
+    that is newer (a node without it downloads its part)."""
+    sets = [set(steps) for steps in local_by_node.values()]
+    common = set.intersection(*sets) if sets else set()
+    return max(common | set(durable), default=None)
+
+
+# -- the planner ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Row:
+    step: int
+    local: LocalStep | None
+    durable: DurableStep | None
+
+    @property
+    def copy(self) -> bool:
+        """The durable step is a verified copy of the local one."""
+        return (
+            self.local is not None
+            and self.durable is not None
+            and self.durable.own
+            and self.local.identity is not None
+            and self.local.identity == self.durable.identity
         )
-    for f in local:
-        if not f.committed:
+
+    @property
+    def reason(self) -> Reason:
+        if self.local is not None and self.local.reason != "unknown":
+            return self.local.reason
+        return self.durable.reason if self.durable is not None else "unknown"
+
+    @property
+    def commit_time(self) -> float | None:
+        if self.local is not None and self.local.commit_time is not None:
+            return self.local.commit_time
+        return self.durable.commit_time if self.durable is not None else None
+
+
+def _rows(snap: Snapshot) -> list[_Row]:
+    local = {s.step: s for s in snap.local if s.committed}
+    durable = {d.step: d for d in snap.durable or ()}
+    return [_Row(s, local.get(s), durable.get(s)) for s in sorted(local.keys() | durable.keys())]
+
+
+def owed_steps(rows: Sequence[_Row], snap: Snapshot, rules: Rules) -> dict[int, Reason]:
+    """Committed local steps the promotion rules name and the durable tier lacks, with the
+    reason each is owed (a reason-less step owed as the end of a run counts as ``final``)."""
+    interval = rules.backup_interval_seconds
+    newest_local = max((r.step for r in rows if r.local is not None), default=None)
+    reference: float | None = None  # when the step durable before this one was saved
+    owed: dict[int, Reason] = {}
+    for row in rows:
+        when = row.commit_time
+        if row.local is None or row.copy:
+            if row.durable is not None and row.durable.kept and when is not None:
+                reference = when
             continue
-        prev = rows.get(f.step, StepInfo(step=f.step))
-        rows[f.step] = replace(
-            prev,
-            reason=f.reason if f.reason != "unknown" else prev.reason,
-            commit_time=f.commit_time if f.commit_time is not None else prev.commit_time,
-            local=True,
-            local_link=f.is_link,
-            local_size=f.size,
-        )
-    return [rows[s] for s in sorted(rows)]
-
-
-def due_steps(steps: Sequence[StepInfo], ctx: PolicyContext) -> list[int]:
-    """Committed local steps not yet durable that the promotion rules name, oldest first.
-
-    Step 0 is not due by the period rule: it holds the initial state, which a fresh start
-    recreates at no cost, so uploading it would only spend bandwidth.
-    """
-    durable_times = [s.commit_time for s in steps if s.durable and s.commit_time is not None]
-    reference = max(durable_times) if durable_times else None
-    interval = ctx.backup_interval_seconds
-    due = []
-    for s in steps:
-        if not s.local or s.durable or s.step in ctx.abandoned:
+        if row.step in snap.abandoned:
             continue
-        # A newer step committed "before" the newest durable one means the clock jumped back:
-        # back it up rather than wait for the clock to catch up.
-        by_time = (
+        reason: Reason | None = None
+        if row.reason in PRECIOUS_REASONS:
+            reason = row.reason
+        elif (row.step > 0 and row.step % rules.durable_period == 0) or (
             interval is not None
-            and s.commit_time is not None
-            and (
-                reference is None
-                or s.commit_time - reference >= interval
-                or s.commit_time < reference
+            and when is not None
+            # a step saved "before" the one durable ahead of it: the clock jumped back
+            and (reference is None or when - reference >= interval or when < reference)
+        ):
+            reason = row.reason if row.reason != "unknown" else "periodic"
+        elif snap.run_ended and row.step == newest_local:
+            reason = "final"
+        if reason is not None:
+            owed[row.step] = reason
+            if when is not None:
+                reference = when
+    return owed
+
+
+def _superseded(step: int, own_durable: Sequence[int], rules: Rules) -> bool:
+    """Whether durable retention would delete ``step`` as soon as it arrived."""
+    steps = sorted({*own_durable, step})
+    return not rules.durable_rule().keep(steps)[steps.index(step)]
+
+
+def plan(snap: Snapshot, rules: Rules) -> Plan:
+    """Everything that should happen next, and where every step stands."""
+    rows = _rows(snap)
+    by_step = {r.step: r for r in rows}
+    topo = rules.topology
+    durable_known = snap.durable is not None
+    own_durable = [r.step for r in rows if r.durable is not None and r.durable.kept]
+    newest_durable = max(own_durable, default=-1)
+    owed = owed_steps(rows, snap, rules)
+    verdicts: dict[int, Verdict] = {}
+    actions: list[Action] = []
+    skips: dict[int, Skip] = {}
+
+    def verdict(step: int, state: State, why: str, *, tiers: tuple[Tier, ...] = ("local",)) -> None:
+        reason = owed.get(step, by_step[step].reason)
+        verdicts[step] = Verdict(state, why, tiers, reason)
+
+    def engaged(step: int) -> bool:
+        return step in snap.busy or step in snap.parts or step in snap.failed
+
+    # 3. owed steps that are not wanted after all (only knowable while the durable tier is)
+    wanted: dict[int, Reason] = {}
+    for step, reason in owed.items():
+        identity = by_step[step].local.identity  # type: ignore[union-attr]
+        if not durable_known or engaged(step):
+            wanted[step] = reason
+        elif _superseded(step, [s for s in own_durable if s != step], rules):
+            skips[step] = Skip(step, "superseded: durable retention keeps newer steps")
+        elif identity is not None and snap.pruned.get(step) == identity:
+            skips[step] = Skip(step, "pruned from the durable tier before; not uploaded again")
+        else:
+            wanted[step] = reason
+    if rules.backlog == "newest" and wanted:
+        newest_wanted = max(wanted)
+        for step in sorted(wanted):
+            keep = step == newest_wanted or (
+                wanted[step] in PRECIOUS_REASONS and step > newest_durable
             )
-        )
-        periodic = s.step > 0 and s.step % ctx.durable_period == 0
-        if by_time or periodic or s.reason in PRECIOUS_REASONS:
-            due.append(s.step)
-            # The next time-based backup is measured from the newest step that will be durable.
-            if s.commit_time is not None:
-                reference = s.commit_time
-    return due
+            if not keep and not engaged(step):
+                skips[step] = Skip(step, "backlog: newest (a newer step is due)")
+                del wanted[step]
 
+    # 5. parts waiting for node 0
+    waiting: dict[int, int] = {}
+    for step, epoch in sorted(snap.parts.items()):
+        row = by_step.get(step)
+        if row is not None and row.copy:
+            actions.append(ForgetPart(step, "committed"))
+        elif row is None or row.local is None:
+            actions.append(ForgetPart(step, "no longer on the local tier"))
+        elif epoch != snap.epoch:
+            actions.append(
+                ForgetPart(step, f"uploaded under restore epoch {epoch}, now {snap.epoch}")
+            )
+            verdict(step, "due", f"its part is from restore epoch {epoch}: uploading it again")
+        elif step < newest_durable:
+            why = f"never committed, and the newer step {newest_durable} is durable"
+            actions.append(Abandon(step, why))
+            verdict(step, "abandoned", why)
+        else:
+            waiting[step] = epoch
 
-def plan_promotions(
-    steps: Sequence[StepInfo], ctx: PolicyContext
-) -> tuple[list[Promote], list[int]]:
-    """(what to promote, in order; what the backlog policy skips).
+    # 4. the next action for each wanted step, newest first (preemption and final first)
+    fingerprints: list[Fingerprint] = []
+    transfers: list[Upload | Displace] = []
+    for step in sorted(wanted, key=lambda s: (wanted[s] not in PRECIOUS_REASONS, -s)):
+        row = by_step[step]
+        local = row.local
+        assert local is not None
+        if step in verdicts:
+            continue  # a part forgotten or abandoned above: planned afresh next time
+        if step in snap.busy:
+            verdict(step, "uploading", "a worker is on it now")
+        elif step in snap.failed:
+            verdict(step, "failed", snap.failed[step])
+        elif step in waiting:
+            verdict(step, "committing", "this node's part is uploaded; node 0 commits the step")
+            if topo.committer:
+                actions.append(Commit(step, waiting[step]))
+        elif snap.retry_at.get(step, 0.0) > snap.now:
+            verdict(step, "retrying", f"retrying in {snap.retry_at[step] - snap.now:.0f} s")
+        elif local.identity is None:
+            fingerprints.append(Fingerprint(step, f"owed to the durable tier ({wanted[step]})"))
+            verdict(step, "due", "checksumming before upload")
+        elif not durable_known:
+            verdict(step, "due", "waiting for the durable tier to answer")
+        elif row.durable is not None and row.durable.committed:
+            other = "a step with no tiered manifest" if row.durable.foreign else "other content"
+            if topo.committer:
+                transfers.append(Displace(step, f"durable step {step} holds {other}"))
+                verdict(step, "conflict", f"the durable step holds {other}: moving it aside")
+            else:
+                verdict(step, "conflict", f"the durable step holds {other}: node 0 moves it aside")
+        else:
+            transfers.append(Upload(step, wanted[step]))
+            verdict(step, "due", f"owed to the durable tier ({wanted[step]})")
 
-    Preemption and final steps go first, newest first: they are what a resume needs. The rest
-    go oldest first. With ``backlog="newest"`` only the newest due step is kept and older ones
-    that have not started are skipped, as is any due step older than the newest durable one.
-    """
-    by_step = {s.step: s for s in steps}
-    due = [s for s in due_steps(steps, ctx) if s not in ctx.in_flight and s not in ctx.failed]
-    skipped: list[int] = []
-    if ctx.backlog == "newest" and due:
-        newest_durable = max((s.step for s in steps if s.durable), default=-1)
-        newest_due = max(due)
-        keep = {
-            s
-            for s in due
-            if s == newest_due or (by_step[s].reason in PRECIOUS_REASONS and s > newest_durable)
-        }
-        skipped = [s for s in due if s not in keep]
-        due = [s for s in due if s in keep]
-    precious = sorted((s for s in due if by_step[s].reason in PRECIOUS_REASONS), reverse=True)
-    rest = [s for s in due if by_step[s].reason not in PRECIOUS_REASONS]
-    return [Promote(s, by_step[s].reason) for s in [*precious, *rest]], skipped
+    # every other step
+    for row in rows:
+        step, d = row.step, row.durable
+        if step in verdicts:
+            continue
+        if row.copy:
+            verdict(
+                step, "committed", "durable copy verified by manifest", tiers=("local", "durable")
+            )
+        elif row.local is not None:
+            if step in snap.failed:
+                verdict(step, "failed", snap.failed[step])
+            elif step in snap.abandoned:
+                verdict(step, "abandoned", "never committed by node 0; a newer step is durable")
+            elif step in skips:
+                verdict(step, "skipped", skips[step].why)
+            elif d is not None and d.committed and (d.foreign or row.local.identity):
+                verdict(step, "local", f"not owed; durable step {step} is another checkpoint")
+            else:
+                verdict(step, "local", "not owed to the durable tier")
+        elif d is not None and d.own:
+            verdict(step, "committed", "durable only", tiers=("durable",))
+        elif d is not None and d.kept:
+            verdict(step, "committed", d.problem or "durable only", tiers=("durable",))
+        elif d is not None and d.committed:
+            verdict(step, "foreign", d.problem or "no tiered manifest", tiers=("durable",))
+        else:
+            verdict(step, "partial", "an upload that never committed", tiers=())
 
-
-def pinned_local(
-    steps: Sequence[StepInfo], ctx: PolicyContext, *, skipped: Sequence[int] = ()
-) -> frozenset[int]:
-    """Local steps that must not be deleted whatever the retention rules say."""
-    due = set(due_steps(steps, ctx)) - set(skipped)
-    return frozenset(due | ctx.in_flight | ctx.staged | ctx.failed)
-
-
-def plan_local_retention(
-    steps: Sequence[StepInfo], ctx: PolicyContext, *, pinned: frozenset[int]
-) -> list[Delete]:
-    """Keep the newest ``local_max_to_keep`` (only the newest one under disk pressure) plus pins."""
-    local = [s.step for s in steps if s.local]
-    keep_n = 1 if ctx.disk_pressure else ctx.local_max_to_keep
-    rule = AnyOf((LatestN(keep_n), Steps(pinned)))
-    why = "disk pressure" if ctx.disk_pressure else f"local_max_to_keep={ctx.local_max_to_keep}"
-    return [
-        Delete("local", step, why)
-        for step, keep in zip(local, rule.keep(local), strict=True)
-        if not keep
+    # 6. retention
+    pinned = {s for s, v in verdicts.items() if "local" in v.tiers and _pins(v.state)}
+    pinned |= snap.busy | snap.staged | set(snap.failed) | set(waiting)
+    deletes: list[Delete] = []
+    local_steps = [r.step for r in rows if r.local is not None]
+    keep_n = 1 if snap.disk_pressure else rules.local_max_to_keep
+    why = "disk pressure" if snap.disk_pressure else f"local_max_to_keep={rules.local_max_to_keep}"
+    keep_local = AnyOf((LatestN(keep_n), Steps(frozenset(pinned)))).keep(local_steps)
+    deletes += [
+        Delete("local", s, why) for s, k in zip(local_steps, keep_local, strict=True) if not k
     ]
+    if durable_known and topo.committer:
+        moving = {a.step for a in transfers if isinstance(a, Displace)}
+        keep_durable = rules.durable_rule().keep(own_durable)
+        deletes += [
+            Delete("durable", s, f"max_num_checkpoints_to_keep={rules.max_num_checkpoints_to_keep}")
+            for s, k in zip(own_durable, keep_durable, strict=True)
+            if not k and s not in snap.busy and s not in moving
+        ]
+        for row in rows:
+            d = row.durable
+            if (
+                d is not None
+                and not d.committed
+                and row.step < newest_durable
+                and row.step not in wanted
+                and row.step not in snap.busy
+                and row.step not in snap.parts
+            ):
+                deletes.append(Delete("durable", row.step, "partial upload nothing can finish"))
 
-
-def durable_rule(ctx: PolicyContext) -> PreservationRule:
-    keep_n = ctx.max_num_checkpoints_to_keep
-    rules: list[PreservationRule] = [LatestN(1)]
-    rules.append(KeepAll() if keep_n is None else LatestN(keep_n))
-    if ctx.keep_period:
-        rules.append(EveryNSteps(ctx.keep_period))
-    return AnyOf(tuple(rules))
-
-
-def plan_durable_retention(
-    steps: Sequence[StepInfo], ctx: PolicyContext, *, due: frozenset[int]
-) -> list[Delete]:
-    """Committed steps beyond the retention rules, and partial uploads nothing can finish."""
-    durable = [s.step for s in steps if s.durable]
-    deletes = [
-        Delete("durable", step, f"max_num_checkpoints_to_keep={ctx.max_num_checkpoints_to_keep}")
-        for step, keep in zip(durable, durable_rule(ctx).keep(durable), strict=True)
-        if not keep
-    ]
-    for s in steps:
-        if s.durable_partial and s.step not in ctx.in_flight and s.step not in due and not s.local:
-            deletes.append(Delete("durable", s.step, "partial upload with no local source"))
-    return deletes
-
-
-def plan(steps: Sequence[StepInfo], ctx: PolicyContext) -> Plan:
-    """Everything the daemon should do next for this snapshot."""
-    promote, skipped = plan_promotions(steps, ctx)
-    pins = pinned_local(steps, ctx, skipped=skipped)
-    due = frozenset(due_steps(steps, ctx))
-    deletes = plan_local_retention(steps, ctx, pinned=pins) + plan_durable_retention(
-        steps, ctx, due=due
+    return Plan(
+        actions=(*actions, *fingerprints, *transfers, *skips.values(), *deletes),
+        verdicts=verdicts,
+        restore=tuple(restore_options(snap.local, snap.durable or ())),
+        owed=frozenset(s for s in wanted if s not in snap.failed),
+        pinned=frozenset(pinned),
     )
-    return Plan(promote=tuple(promote), delete=tuple(deletes), skipped=tuple(skipped), pinned=pins)
 
 
-def context_for(
-    cfg: TieredConfig,
-    *,
-    now: float,
-    disk_pressure: bool = False,
-    in_flight: frozenset[int] = frozenset(),
-    staged: frozenset[int] = frozenset(),
-    failed: frozenset[int] = frozenset(),
-    abandoned: frozenset[int] = frozenset(),
-) -> PolicyContext:
-    """The policy context a config implies, plus the live facts the caller knows."""
-    return PolicyContext(
-        now=now,
+def rules_for(cfg: TieredConfig, *, topology: Topology | None = None) -> Rules:
+    """The rules a config implies."""
+    return Rules(
         durable_period=cfg.durable_period,
         local_max_to_keep=cfg.tiered.local_max_to_keep,
         backup_interval_seconds=cfg.backup_interval_seconds,
         max_num_checkpoints_to_keep=cfg.max_num_checkpoints_to_keep,
         keep_period=cfg.tiered.keep_period,
         backlog=cfg.tiered.backlog,
-        disk_pressure=disk_pressure,
-        in_flight=in_flight,
-        staged=staged,
-        failed=failed,
-        abandoned=abandoned,
+        topology=topology or Topology(cfg.tiered.node_rank, cfg.tiered.num_nodes),
     )

@@ -20,7 +20,9 @@ from typing import Any
 
 from tiered.config import TieredConfig, redact_url
 from tiered.ops import human_bytes, open_tiers
-from tiered.policy import StepFacts, context_for, due_steps, merge_inventories
+from tiered.policy import Plan, Snapshot, plan, rules_for
+from tiered.storage import StorageError
+from tiered.types import Displaced
 
 SCHEMA_VERSION = 1
 
@@ -33,6 +35,7 @@ class StepStatus:
     reason: str
     size_bytes: int | None
     age_seconds: float | None
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class TierStatus:
     steps: list[StepStatus]
     latest: dict[str, int | None]
     daemon: dict[str, Any] = field(default_factory=dict)
+    durable_error: str | None = None
+    """Why the durable tier could not be listed; None when it answered."""
+    displaced: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,66 +61,39 @@ class TierStatus:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _step_state(
-    step: int,
-    *,
-    local: bool,
-    durable: bool,
-    partial: bool,
-    due: set[int],
-    live: dict[str, Any],
-) -> str:
-    current = live.get("current_upload") or {}
-    if current.get("step") == step:
-        return "uploading"
-    if str(step) in (live.get("failed") or {}):
-        return "failed"
-    if durable:
-        return "committed"
-    node = live.get("node") or {}
-    if str(step) in (node.get("committing") or {}):
-        return "committing"
-    if step in (node.get("abandoned") or []):
-        return "abandoned"
-    if step in due:
-        return "due"
-    if step in (live.get("skipped") or []):
-        return "skipped"
-    if partial and not local:
-        return "partial"
-    return "local"
-
-
 def build_status(
     cfg: TieredConfig,
     *,
-    local: Sequence[StepFacts],
-    durable: Sequence[StepFacts],
+    snapshot: Snapshot,
     live: dict[str, Any] | None,
-    now: float,
+    decided: Plan | None = None,
+    durable_error: str | None = None,
+    displaced: Sequence[Displaced] = (),
 ) -> TierStatus:
+    """The status of a snapshot, with the planner's verdict for every step (``decided`` when the
+    caller has planned this snapshot already)."""
     live = dict(live or {})
-    rows = merge_inventories(local, durable)
-    ctx = context_for(cfg, now=now)
-    due = set(due_steps(rows, ctx))
+    now = snapshot.now
+    decided = decided if decided is not None else plan(snapshot, rules_for(cfg))
+    local = {s.step: s for s in snapshot.local if s.committed}
+    durable = {d.step: d for d in snapshot.durable or ()}
     steps = []
-    for row in rows:
-        tiers = [name for name, on in (("local", row.local), ("durable", row.durable)) if on]
+    for step, verdict in sorted(decided.verdicts.items()):
+        size = local[step].size if step in local else None
+        if size is None and step in durable:
+            size = durable[step].size
+        when = local[step].commit_time if step in local else None
+        if when is None and step in durable:
+            when = durable[step].commit_time
         steps.append(
             StepStatus(
-                step=row.step,
-                tiers=tiers,
-                state=_step_state(
-                    row.step,
-                    local=row.local,
-                    durable=row.durable,
-                    partial=row.durable_partial,
-                    due=due,
-                    live=live,
-                ),
-                reason=row.reason,
-                size_bytes=row.local_size if row.local_size is not None else row.durable_size,
-                age_seconds=round(now - row.commit_time, 1) if row.commit_time else None,
+                step=step,
+                tiers=list(verdict.tiers),
+                state=verdict.state,
+                reason=verdict.reason,
+                size_bytes=size,
+                age_seconds=round(now - when, 1) if when else None,
+                why=verdict.why,
             )
         )
     for pruned in live.get("recently_pruned") or []:
@@ -127,19 +106,21 @@ def build_status(
                     reason="unknown",
                     size_bytes=None,
                     age_seconds=None,
+                    why=f"pruned from the {pruned['tier']} tier",
                 )
             )
     steps.sort(key=lambda s: s.step)
-    local_steps = [r.step for r in rows if r.local]
-    durable_steps = [r.step for r in rows if r.durable]
+    best = decided.restore[0].step if decided.restore else None
     latest = {
-        "local": max(local_steps, default=None),
-        "durable": max(durable_steps, default=None),
-        "restorable": max([*local_steps, *durable_steps], default=None),
+        "local": max(local, default=None),
+        "durable": max((d.step for d in durable.values() if d.kept), default=None),
+        "restorable": best,
     }
     live.setdefault("running", False)
     live.setdefault("health", "not running")
-    live["backlog"] = sorted(due - {(live.get("current_upload") or {}).get("step")})
+    busy = (live.get("current_upload") or {}).get("step")
+    live["backlog"] = sorted(decided.owed - {busy})
+    live.setdefault("skipped", decided.skipped)
     return TierStatus(
         schema=SCHEMA_VERSION,
         generated_at=now,
@@ -151,6 +132,11 @@ def build_status(
         steps=steps,
         latest=latest,
         daemon=live,
+        durable_error=durable_error,
+        displaced=[
+            {"name": d.name, "step": d.step, "moved_at": d.moved_at, "tier": d.tier}
+            for d in displaced
+        ],
     )
 
 
@@ -160,7 +146,8 @@ def is_settled(status: TierStatus) -> bool:
     if status.daemon.get("current_upload"):
         return False
     return not any(
-        s.state in ("due", "uploading") and s.reason in ("preemption", "final")
+        s.state in ("due", "uploading", "retrying", "conflict", "committing")
+        and s.reason in ("preemption", "final")
         for s in status.steps
     )
 
@@ -189,13 +176,15 @@ def collect_status(cfg: TieredConfig, *, ask_daemon: bool = True) -> TierStatus:
         if answer is not None and answer.get("local_dir") == str(cfg.local_dir):
             return status_from_dict(answer)
     local, durable = open_tiers(cfg)
-    return build_status(
-        cfg,
-        local=local.scan(with_size=True),
-        durable=durable.scan(),
-        live=None,
-        now=time.time(),
-    )
+    local_steps = tuple(local.scan(with_size=True))
+    try:
+        durable_steps: tuple | None = tuple(durable.scan())
+        displaced = [*durable.list_displaced(), *local.displaced()]
+        error = None
+    except StorageError as err:
+        durable_steps, displaced, error = None, local.displaced(), str(err)
+    snap = Snapshot(now=time.time(), local=local_steps, durable=durable_steps)
+    return build_status(cfg, snapshot=snap, live=None, durable_error=error, displaced=displaced)
 
 
 def _human_age(seconds: float | None) -> str:
@@ -243,6 +232,8 @@ def render_table(status: TierStatus) -> str:
             f"{human_bytes(current.get('bytes_done'))} of {human_bytes(current.get('bytes_total'))}"
             f" for {current.get('elapsed_seconds', 0):.0f}s"
         )
+    if status.durable_error:
+        lines.append(f"durable tier unreachable: {status.durable_error}")
     if d.get("last_error"):
         lines.append(f"last error: {d['last_error']}")
     if d.get("disk_pressure"):
@@ -270,6 +261,11 @@ def render_table(status: TierStatus) -> str:
         lines.append(
             "recently pruned: "
             + "; ".join(f"{tier} {steps}" for tier, steps in by_tier.items() if steps)
+        )
+    for moved in status.displaced:
+        lines.append(
+            f"set aside: {moved['tier']} step {moved['step']} in .tiered/displaced/"
+            f"{moved['name']} (another step of that number took its place)"
         )
     latest = status.latest
     lines.append("")

@@ -23,7 +23,6 @@ import shutil
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -33,39 +32,42 @@ from typing import Any
 import fsspec
 
 from tiered import faults
+from tiered.atomic import publish_file
 from tiered.config import normalize_url, redact_url
-from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StorageError
+from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StepExists, StorageError
 from tiered.layout import (
     CHECKPOINT_METADATA,
     COMMIT_MARKER,
+    DISPLACED_DIR,
     MANIFEST_NAME,
     PARTS_DIR,
     STAGING_DIR,
     TIERED_DIR,
     TRASH_DIR,
+    displaced_name,
+    is_marker_or_manifest,
     is_tmp_name,
     node_dir,
+    parse_displaced,
     parse_step,
     part_marker,
     step_name,
+    tmp_name,
 )
 from tiered.manifest import (
-    FileEntry,
     Manifest,
     build_manifest,
     check_entry,
     crc32c_from_b64,
-    crc32c_of_bytes,
     crc32c_of_file,
+    crc32c_of_stream,
 )
-from tiered.policy import StepFacts
+from tiered.types import Displaced, DurableStep, LocalStep, Reason, as_reason
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total) as a transfer proceeds."""
-
-REASONS = ("periodic", "preemption", "final")
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,42 @@ class TransferResult:
     epoch: int = 0
     committed: bool = True
     """False for a multi-node part that is uploaded but not yet committed by node 0."""
+    manifest: Manifest | None = None
+    """What was moved and verified (this node's files)."""
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_moved / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    size: int
+    crc32c: int | None
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    put: tuple[str, ...]
+    """Files to upload: missing, or there with other bytes."""
+    skip: tuple[str, ...]
+    """Files already there with the manifest's size and crc32c."""
+    remove: tuple[str, ...]
+    """Objects under the step that the manifest does not list."""
+
+
+def plan_transfer(manifest: Manifest, remote: dict[str, RemoteFile]) -> TransferPlan:
+    """What an upload of ``manifest`` moves, given what is already under the step."""
+    put: list[str] = []
+    skip: list[str] = []
+    for rel, entry in sorted(manifest.files.items()):
+        there = remote.get(rel)
+        ok = there is not None and there.size == entry.size and there.crc32c == entry.crc32c
+        (skip if ok else put).append(rel)
+    remove = sorted(
+        rel for rel in remote if rel not in manifest.files and not is_marker_or_manifest(rel)
+    )
+    return TransferPlan(put=tuple(put), skip=tuple(skip), remove=tuple(remove))
 
 
 # -- error translation --------------------------------------------------------------------------
@@ -115,7 +149,7 @@ def translate_errors(what: str) -> Iterator[None]:
     """Turn backend errors into ``StorageError``; tiered's own errors pass through."""
     try:
         yield
-    except (StorageError, ChecksumMismatch, LayoutError, CommitError):
+    except (StorageError, ChecksumMismatch, LayoutError, CommitError):  # StepExists too
         raise
     except FileNotFoundError:
         raise
@@ -128,17 +162,17 @@ def translate_errors(what: str) -> Iterator[None]:
 # -- local tier ----------------------------------------------------------------------------------
 
 
-def read_step_metadata(step_dir: Path) -> tuple[str, float | None]:
+def read_step_metadata(step_dir: Path) -> tuple[Reason, float | None]:
     """(reason, commit time) from orbax's ``_CHECKPOINT_METADATA``, without importing orbax."""
     try:
         data = json.loads((step_dir / CHECKPOINT_METADATA).read_text())
     except (OSError, ValueError):
         return "unknown", None
+    if not isinstance(data, dict):
+        return "unknown", None
     custom = data.get("custom_metadata") or {}
     tiered_meta = custom.get("tiered") if isinstance(custom, dict) else None
-    reason = "unknown"
-    if isinstance(tiered_meta, dict) and tiered_meta.get("reason") in REASONS:
-        reason = tiered_meta["reason"]
+    reason = as_reason(tiered_meta.get("reason")) if isinstance(tiered_meta, dict) else "unknown"
     nsecs = data.get("commit_timestamp_nsecs")
     return reason, (nsecs / 1e9 if isinstance(nsecs, int | float) else None)
 
@@ -153,6 +187,7 @@ class LocalTier:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._size_cache: dict[tuple[int, int], int] = {}
+        self._identity_cache: dict[tuple[int, int, int], str] = {}
 
     @property
     def tiered_dir(self) -> Path:
@@ -170,7 +205,7 @@ class LocalTier:
             self.root.mkdir(parents=True, exist_ok=True)
             self.tiered_dir.mkdir(mode=0o755, exist_ok=True)
 
-    def scan(self, *, with_size: bool = False) -> list[StepFacts]:
+    def scan(self, *, with_size: bool = False) -> list[LocalStep]:
         """Every step directory (committed or not), oldest first. Tmp saves are skipped."""
         try:
             entries = list(os.scandir(self.root))
@@ -191,18 +226,19 @@ class LocalTier:
             try:
                 marker_stat = marker.stat()
             except OSError:
-                facts.append(StepFacts(step=ref.step, committed=False, is_link=is_link))
+                facts.append(LocalStep(step=ref.step, committed=False, is_link=is_link))
                 continue
             reason, commit_time = read_step_metadata(path)
             size = self._size(path, marker_stat) if with_size else None
             facts.append(
-                StepFacts(
+                LocalStep(
                     step=ref.step,
                     committed=True,
                     reason=reason,
                     commit_time=commit_time if commit_time is not None else marker_stat.st_mtime,
                     size=size,
                     is_link=is_link,
+                    identity=self._identity(ref.step, marker_stat),
                 )
             )
         return sorted(facts, key=lambda f: f.step)
@@ -224,29 +260,58 @@ class LocalTier:
     def manifest_path(self, step: int) -> Path:
         return self.tiered_dir / "manifests" / f"{step_name(step)}.json"
 
+    def _identity(self, step: int, marker_stat: os.stat_result) -> str | None:
+        """The identity of the step's kept manifest, if it has a valid one (see ``manifest``)."""
+        try:
+            st = self.manifest_path(step).stat()
+        except OSError:
+            return None
+        if st.st_mtime_ns < marker_stat.st_mtime_ns:
+            return None
+        key = (step, st.st_mtime_ns, st.st_size)
+        if key not in self._identity_cache:
+            cached = self.cached_manifest(step)
+            if cached is None:
+                return None
+            self._identity_cache[key] = cached.identity
+        return self._identity_cache[key]
+
+    def cached_manifest(self, step: int) -> Manifest | None:
+        """The manifest kept for the step, or None when there is none that is still valid: a
+        kept manifest older than the step's commit marker belongs to an earlier save of the
+        same step number."""
+        path = self.manifest_path(step)
+        try:
+            if path.stat().st_mtime_ns < (self.step_dir(step) / COMMIT_MARKER).stat().st_mtime_ns:
+                return None
+            cached = Manifest.from_json(path.read_text())
+        except (OSError, LayoutError):
+            return None
+        return cached if cached.step == step else None
+
     def manifest(self, step: int) -> Manifest:
         """The step's manifest, built once when first asked for and kept in ``.tiered/manifests``.
 
         Keeping it means bytes that change on disk after the first look (a bit flip, a stray
-        writer) are caught by verification instead of being uploaded under a fresh checksum. A
-        manifest older than the step's commit marker belongs to an earlier save of the same
-        step number and is rebuilt.
+        writer) are caught by verification instead of being uploaded under a fresh checksum,
+        and it is what the step's identity is compared by.
         """
+        cached = self.cached_manifest(step)
+        if cached is not None:
+            return cached
         step_dir = self.step_dir(step)
-        path = self.manifest_path(step)
-        with contextlib.suppress(FileNotFoundError, LayoutError):
-            if path.stat().st_mtime_ns >= (step_dir / COMMIT_MARKER).stat().st_mtime_ns:
-                cached = Manifest.from_json(path.read_text())
-                if cached.step == step:
-                    return cached
         reason, commit_time = read_step_metadata(step_dir)
         manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
+        self.remember_manifest(step, manifest)
+        return manifest
+
+    def remember_manifest(self, step: int, manifest: Manifest) -> None:
+        """Keep ``manifest`` as the step's own: after building it, or after a download verified
+        the step's files against it."""
+        path = self.manifest_path(step)
         with translate_errors(f"writing {path}"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(manifest.to_json())
-            os.replace(tmp, path)
-        return manifest
+            publish_file(path, manifest.to_json().encode())
 
     @property
     def trash_dir(self) -> Path:
@@ -260,20 +325,50 @@ class LocalTier:
         later. A symlinked step (restored through orbax's protocol) loses its link and its
         staged target.
         """
-        path = self.step_dir(step)
         with translate_errors(f"deleting local step {step}"):
-            self.trash_dir.mkdir(parents=True, exist_ok=True)
-            trashed = self.trash_dir / f"{step_name(step)}-{time.time_ns()}"
-            if path.is_symlink():
-                target = path.resolve()
-                path.unlink()
-                if target.is_relative_to(self.staging_dir.resolve()) and target.exists():
-                    os.replace(target, trashed)
-            else:
-                os.replace(path, trashed)
-            self.manifest_path(step).unlink(missing_ok=True)
+            self._take_out(step, self.trash_dir / f"{step_name(step)}-{time.time_ns()}")
             faults.hit("prune-local")
             self.empty_trash()
+
+    def set_aside(self, step: int, *, now: float, keep: int = 2) -> Path:
+        """Move a committed step out of the way, whole, into ``.tiered/displaced/`` (another
+        step of its number is about to be saved: the run went back to an older step). The
+        newest ``keep`` steps set aside are kept there; older ones are deleted."""
+        dest = self.displaced_dir / displaced_name(step, now)
+        with translate_errors(f"setting aside local step {step}"):
+            self._take_out(step, dest)
+            for old in self.displaced()[:-keep] if keep else self.displaced():
+                os.replace(self.displaced_dir / old.name, self.trash_dir / old.name)
+            self.empty_trash()
+        return dest
+
+    @property
+    def displaced_dir(self) -> Path:
+        return self.root / DISPLACED_DIR
+
+    def displaced(self) -> list[Displaced]:
+        """Local steps set aside, oldest first."""
+        try:
+            names = [p.name for p in self.displaced_dir.iterdir()]
+        except FileNotFoundError:
+            return []
+        found = [replace(d, tier="local") for d in map(parse_displaced, names) if d is not None]
+        return sorted(found, key=lambda d: (d.moved_at or 0.0, d.name))
+
+    def _take_out(self, step: int, dest: Path) -> None:
+        """Rename the step to ``dest`` (a symlinked step: its staged target, and drop the link)
+        and forget its manifest."""
+        path = self.step_dir(step)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.trash_dir.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            target = path.resolve()
+            path.unlink()
+            if target.is_relative_to(self.staging_dir.resolve()) and target.exists():
+                os.replace(target, dest)
+        else:
+            os.replace(path, dest)
+        self.manifest_path(step).unlink(missing_ok=True)
 
     def empty_trash(self) -> None:
         """Remove what earlier deletions moved aside (after a crash, too)."""
@@ -290,6 +385,12 @@ class LocalTier:
 
 
 # -- durable tier --------------------------------------------------------------------------------
+
+
+def _object_version(info: dict[str, Any]) -> str:
+    """What changes when an object is written again (generation, ETag, mtime, inode)."""
+    keys = ("generation", "ETag", "etag", "mtime", "updated", "LastModified", "ino", "size")
+    return ";".join(f"{k}={info[k]}" for k in keys if info.get(k) is not None)
 
 
 def _entry_crc32c(info: dict[str, Any]) -> int | None:
@@ -324,7 +425,7 @@ class DurableTier:
         self.root = self.root.rstrip("/")
         self.concurrency = concurrency
         self._limiter = _RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None
-        self._manifests: dict[int, Manifest] = {}
+        self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
         self.node_rank = 0
         self.num_nodes = 1
         self.set_topology(node_rank, num_nodes)
@@ -387,50 +488,80 @@ class DurableTier:
                 steps.append(ref.step)
         return sorted(set(steps))
 
-    def _has_marker(self, step: int) -> bool:
+    def _marker_version(self, step: int) -> str | None:
+        """A token that changes whenever the step's commit marker is written again; None when
+        the step has no marker."""
         with translate_errors(f"reading {self.step_url(step)}"):
             try:
-                self.fs.info(self._path(step, COMMIT_MARKER))
-                return True
+                info = self.fs.info(self._path(step, COMMIT_MARKER))
             except FileNotFoundError:
-                return False
+                return None
+        return _object_version(info)
 
-    def scan(self) -> list[StepFacts]:
-        """Every step prefix on the durable tier, committed or partial, oldest first."""
+    def _has_marker(self, step: int) -> bool:
+        return self._marker_version(step) is not None
+
+    def scan(self) -> list[DurableStep]:
+        """Every step prefix on the durable tier, committed or partial, oldest first, each
+        committed one with the identity of its manifest (this node's part, with several nodes)
+        or the reason it has none."""
         facts = []
         for step in self._ls_steps():
-            if not self._has_marker(step):
+            version = self._marker_version(step)
+            if version is None:
                 self._manifests.pop(step, None)
-                facts.append(StepFacts(step=step, committed=False))
+                facts.append(DurableStep(step=step, committed=False))
                 continue
-            manifest = self._cached_manifest(step)
+            manifest, problem, tiered = self._step_manifest(step, version)
             facts.append(
-                StepFacts(
+                DurableStep(
                     step=step,
                     committed=True,
-                    reason=manifest.reason if manifest else "unknown",
+                    identity=manifest.identity if manifest else None,
+                    reason=as_reason(manifest.reason) if manifest else "unknown",
                     commit_time=manifest.commit_time if manifest else None,
                     size=manifest.total_bytes if manifest else None,
+                    problem=problem,
+                    tiered=tiered,
                 )
             )
         return facts
 
     def committed_steps(self) -> list[int]:
-        return [f.step for f in self.scan() if f.committed]
+        """Committed steps this tier can verify (foreign ones are left out)."""
+        return [f.step for f in self.scan() if f.kept]
 
-    def _cached_manifest(self, step: int) -> Manifest | None:
-        """What the status needs of a committed step (reason, time, size). With several nodes
-        that is this node's own part marker: the merged manifest lists every node's files, and
-        a thousand nodes each reading it would move a thousand times its size."""
-        if step not in self._manifests:
-            try:
-                if self.multi_node:
-                    self._manifests[step] = self.read_part(step, self.node_rank)
-                else:
-                    self._manifests[step] = self.read_manifest(step)
-            except (FileNotFoundError, LayoutError):
-                return None
-        return self._manifests[step]
+    def _step_manifest(
+        self, step: int, version: str
+    ) -> tuple[Manifest | None, str | None, bool]:
+        """(this node's manifest or None, why not, whether a tiered manifest is there). With
+        several nodes that is this node's own part marker: the merged manifest lists every
+        node's files, and a thousand nodes each reading it would move a thousand times its
+        size. Kept per marker version, so a step written again is read again."""
+        cached = self._manifests.get(step)
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2], cached[3]
+        manifest: Manifest | None = None
+        problem: str | None = None
+        tiered = True
+        try:
+            manifest = (
+                self.read_part(step, self.node_rank)
+                if self.multi_node
+                else (self.read_manifest(step))
+            )
+        except FileNotFoundError:
+            if self.multi_node:
+                problem = f"no part for node {self.node_rank}: written by a job of another shape"
+            else:
+                problem, tiered = f"no {MANIFEST_NAME}: not written by tiered", False
+        except LayoutError as err:
+            problem, tiered = f"unreadable manifest: {err}", False
+        if manifest is not None and manifest.nodes != self.num_nodes:
+            problem = f"written by a job of {manifest.nodes} node(s), this one has {self.num_nodes}"
+            manifest = None
+        self._manifests[step] = (version, manifest, problem, tiered)
+        return manifest, problem, tiered
 
     def read_manifest(self, step: int) -> Manifest:
         with translate_errors(f"reading the manifest of {self.step_url(step)}"):
@@ -474,6 +605,13 @@ class DurableTier:
     ) -> TransferResult:
         """Upload, verify, write the manifest, then the commit marker. Idempotent.
 
+        What moves is decided first (``plan_transfer``): files already there with the right
+        size and checksum are skipped, and objects under the step that the manifest does not
+        list (left by an earlier, different upload) are removed before the commit, so a
+        committed step holds exactly the local step's files. A step that is already committed
+        is never written again: with the same content this is a no-op, with other content it
+        raises ``StepExists`` (the planner moves it aside first).
+
         With several nodes this node's files go under ``node-<r>/`` and end with its part
         marker (carrying ``epoch``) instead: node 0 commits the step once every part is there
         (``commit_parts``).
@@ -482,40 +620,57 @@ class DurableTier:
         if manifest is None:
             reason, commit_time = read_step_metadata(step_dir)
             manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
+        version = self._marker_version(step)
+        if version is not None:
+            existing_manifest, _problem, _tiered = self._step_manifest(step, version)
+            if existing_manifest is None or existing_manifest.identity != manifest.identity:
+                raise StepExists(
+                    f"{self.step_url(step)} is already committed with other content; "
+                    "not overwritten"
+                )
+            return TransferResult(
+                step=step,
+                bytes_total=manifest.total_bytes,
+                bytes_moved=0,
+                files_total=len(manifest.files),
+                files_skipped=len(manifest.files),
+                seconds=time.monotonic() - started,
+                manifest=manifest,
+            )
         under = self._node_prefix()
-        existing = self._remote_files(step, under=under)
-        todo = []
-        for rel, entry in sorted(manifest.files.items()):
-            info = existing.get(rel)
-            if info is not None and self._matches(under + rel, entry, info, step=step):
-                continue
-            todo.append(rel)
+        transfer = plan_transfer(manifest, self._remote_facts(step, manifest, under=under))
         total = manifest.total_bytes
-        done = total - sum(manifest.files[r].size for r in todo)
+        done = total - sum(manifest.files[r].size for r in transfer.put)
         lock = threading.Lock()
         if progress:
             progress(done, total)
 
         def put(rel: str) -> None:
             nonlocal done
-            remote = self._path(step, under + rel)
+            remote_path = self._path(step, under + rel)
             if self._limiter:
                 self._limiter.take(manifest.files[rel].size)
             with translate_errors(f"uploading {rel} to {self.step_url(step)}"):
                 if self.protocol == "file":
-                    size, crc = _copy_with_crc32c(step_dir / rel, Path(remote))
+                    size, crc = _copy_with_crc32c(step_dir / rel, Path(remote_path))
                     check_entry(
                         f"{self.step_url(step)}/{rel}", manifest.files[rel], size=size, crc32c=crc
                     )
                 else:
-                    self.fs.put_file(str(step_dir / rel), remote)
+                    self.fs.put_file(str(step_dir / rel), remote_path)
             faults.hit("upload-file")
             with lock:
                 done += manifest.files[rel].size
                 if progress:
                     progress(done, total)
 
-        self._run_parallel(put, todo)
+        self._run_parallel(put, list(transfer.put))
+        for rel in transfer.remove:
+            with (
+                translate_errors(f"removing the stray {rel} from {self.step_url(step)}"),
+                contextlib.suppress(FileNotFoundError),
+            ):
+                self.fs.rm_file(self._path(step, under + rel))
         # On file:// the copy above checksummed every byte it wrote; reading it back would read
         # the page cache, which proves nothing more, so only sizes are checked again here.
         self._verify_files(step, manifest, under=under, read_back=self.protocol != "file")
@@ -536,29 +691,88 @@ class DurableTier:
                 self._put_small(self._path(step, MANIFEST_NAME), manifest.to_json().encode())
                 faults.hit("commit")
                 marker = step_dir / COMMIT_MARKER
-                self._put_small(self._path(step, COMMIT_MARKER), marker.read_bytes())
-            self._manifests[step] = manifest
-        moved = sum(manifest.files[r].size for r in todo)
+                if not self.create_exclusive(self._path(step, COMMIT_MARKER), marker.read_bytes()):
+                    raise StepExists(
+                        f"{self.step_url(step)} was committed by another writer meanwhile"
+                    )
+        moved = sum(manifest.files[r].size for r in transfer.put)
         return TransferResult(
             step=step,
             bytes_total=total,
             bytes_moved=moved,
             files_total=len(manifest.files),
-            files_skipped=len(manifest.files) - len(todo),
+            files_skipped=len(manifest.files) - len(transfer.put),
             seconds=time.monotonic() - started,
+            manifest=manifest,
         )
 
-    def _matches(self, rel: str, entry: FileEntry, info: dict[str, Any], *, step: int) -> bool:
-        if info.get("size") != entry.size:
-            return False
-        crc = _entry_crc32c(info)
-        if crc is None:
-            crc = self._read_crc32c(step, rel)
-        return crc == entry.crc32c
+    def _remote_facts(self, step: int, manifest: Manifest, *, under: str) -> dict[str, RemoteFile]:
+        """Size and crc32c of every object under the step (or its ``under`` folder). The crc32c
+        comes from the listing where the backend keeps one (GCS); otherwise it is read back,
+        streamed, only for objects whose size already matches the manifest."""
+        remote = self._remote_files(step, under=under)
+        facts: dict[str, RemoteFile] = {}
+        for rel, info in remote.items():
+            size = int(info.get("size", -1))
+            crc = _entry_crc32c(info)
+            entry = manifest.files.get(rel)
+            if crc is None and entry is not None and size == entry.size:
+                crc = self._read_crc32c(step, under + rel)
+            facts[rel] = RemoteFile(size=size, crc32c=crc)
+        return facts
 
     def _read_crc32c(self, step: int, rel: str) -> int:
-        with translate_errors(f"reading back {rel} of {self.step_url(step)}"):
-            return crc32c_of_bytes(self.fs.cat_file(self._path(step, rel)))
+        """The crc32c of an object, streamed in bounded reads: never the whole object at once."""
+        with (
+            translate_errors(f"reading back {rel} of {self.step_url(step)}"),
+            self.fs.open(self._path(step, rel), "rb", **self._stream_options()) as f,
+        ):
+            return crc32c_of_stream(f)[1]
+
+    def _stream_options(self) -> dict[str, Any]:
+        # Each read is one ranged request of the size asked for; no read-ahead cache.
+        return {} if self.protocol == "file" else {"block_size": _CHUNK, "cache_type": "none"}
+
+    # -- moving a step aside --
+
+    def displace_step(self, step: int, *, now: float) -> str:
+        """Move a committed step whole to ``.tiered/displaced/<step>-<time>/`` (a name no
+        orbax reader takes for a step), so a different step of the same number can take its
+        place; return the new name. On ``file://`` this is one rename. On object stores the
+        objects are copied server-side, the marker last, and the original is then deleted
+        marker first: a crash leaves the original committed or the copy whole, never neither.
+        """
+        if not self._has_marker(step):
+            raise CommitError(f"{self.step_url(step)} is not committed: nothing to move aside")
+        name = displaced_name(step, now)
+        dest = f"{self.root}/{DISPLACED_DIR}/{name}"
+        with translate_errors(f"moving {self.step_url(step)} aside"):
+            if self.protocol == "file":
+                Path(dest).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(self._path(step), dest)
+                self.fs.invalidate_cache(self.root)
+                return name
+            objects = self._remote_files(step)
+        data = sorted(rel for rel in objects if rel != COMMIT_MARKER)
+
+        def copy(rel: str) -> None:
+            with translate_errors(f"copying {rel} of {self.step_url(step)} aside"):
+                self.fs.cp_file(self._path(step, rel), f"{dest}/{rel}")
+
+        self._run_parallel(copy, data)
+        if COMMIT_MARKER in objects:
+            copy(COMMIT_MARKER)
+        self.delete_step(step)
+        return name
+
+    def list_displaced(self) -> list[Displaced]:
+        """Steps moved aside, oldest first."""
+        out = []
+        for name in self.list_names(DISPLACED_DIR):
+            parsed = parse_displaced(name)
+            if parsed is not None:
+                out.append(parsed)
+        return sorted(out, key=lambda d: (d.moved_at or 0.0, d.name))
 
     def verify_step(
         self, step: int, manifest: Manifest | None = None, *, read_back: bool = True
@@ -682,7 +896,6 @@ class DurableTier:
                     "%s was already committed by another writer; kept its marker",
                     self.step_url(step),
                 )
-        self._manifests[step] = fresh[self.node_rank]
         return []
 
     def _check_part_shapes(self, step: int, parts: dict[int, Manifest]) -> None:
@@ -699,14 +912,14 @@ class DurableTier:
         ``file://`` a temporary name is renamed into place, so a reader (another node polling
         for a part marker or a decision) never sees half of it."""
         if self.protocol == "file":
-            _publish_local_file(path, data, exclusive=False)
+            publish_file(path, data)
         else:
             self.fs.pipe_file(path, data)
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create an object only if it does not exist; False when it already did."""
         if self.protocol == "file":
-            return _publish_local_file(path, data, exclusive=True)
+            return publish_file(path, data, exclusive=True)
         try:
             self.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
@@ -756,17 +969,16 @@ class DurableTier:
     ) -> TransferResult:
         """Download a committed step into ``dest`` (which must not exist), verifying each file.
 
-        Files land in ``dest`` + ``.partial`` first; the directory is renamed into place only
-        once every file matches the manifest, so ``dest`` is either whole or absent.
+        Files land under a temporary name of this writer's own first; the directory is renamed
+        into place only once every file matches the manifest, so ``dest`` is either whole or
+        absent.
         """
         started = time.monotonic()
         if not self._has_marker(step):
             raise CommitError(f"{self.step_url(step)} is not committed")
         manifest, under = self._restore_manifest(step)
-        partial = dest.with_name(dest.name + ".partial")
+        partial = dest.with_name(tmp_name(dest.name))
         with translate_errors(f"preparing {partial}"):
-            if partial.exists():
-                shutil.rmtree(partial)
             partial.mkdir(parents=True)
         total = manifest.total_bytes
         done = 0
@@ -806,6 +1018,7 @@ class DurableTier:
             files_total=len(manifest.files),
             files_skipped=0,
             seconds=time.monotonic() - started,
+            manifest=manifest,
         )
 
     def _restore_manifest(self, step: int) -> tuple[Manifest, str]:
@@ -891,30 +1104,6 @@ class DurableTier:
                 raise err
 
 
-def _publish_local_file(path: str, data: bytes, *, exclusive: bool) -> bool:
-    """Put ``data`` at ``path`` in one step: written to a temporary name and synced, then
-    renamed over ``path``, or with ``exclusive`` hard-linked to it, which fails (returning
-    False) when ``path`` already exists."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not exclusive:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def _copy_with_crc32c(src: Path, dest: Path) -> tuple[int, int]:
     """Copy a file, checksumming the bytes as they are written; the file appears whole or not
     at all (written to a temporary name, synced, then renamed)."""
@@ -923,18 +1112,23 @@ def _copy_with_crc32c(src: Path, dest: Path) -> tuple[int, int]:
     checksum = google_crc32c.Checksum()
     size = 0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tiered-partial")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        while chunk := fin.read(8 * 1024 * 1024):
-            checksum.update(chunk)
-            fout.write(chunk)
-            size += len(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, dest)
+    tmp = dest.with_name(tmp_name(dest.name))
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                checksum.update(chunk)
+                fout.write(chunk)
+                size += len(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return size, int.from_bytes(checksum.digest(), "big")
 
 
+_CHUNK = 8 * 1024 * 1024
 _RANGED_MIN_BYTES = 64 * 1024 * 1024
 # Each range arrives as one bytes object. Kept well under 32 MiB, glibc's ceiling for serving an
 # allocation from the reusable heap: at 32 MiB every range was a fresh mmap, zero-filled page by
