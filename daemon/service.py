@@ -554,8 +554,8 @@ class Daemon:
             return replace(
                 state, scan_requested=True, retry_at=with_item(state.retry_at, step, retry)
             )
-        if isinstance(err, FileNotFoundError):
-            log.warning("Step %d: a file vanished during its %s: %s", step, kind, err)
+        if isinstance(err, FileNotFoundError) and not self.local.step_dir(step).exists():
+            log.warning("Step %d left the local tier during its %s: %s", step, kind, err)
             return replace(state, scan_requested=True)
         if not isinstance(err, TieredError | OSError):
             raise err

@@ -4,8 +4,9 @@ The service checks, then watches, then checks again, and also rescans on a timer
 can drop events (queue overflow) and the daemon may have been down while steps appeared. Only
 events that can change a decision wake it: a step directory moved or created at the top level
 (orbax renames a finished save into place, so one non-recursive watch of the root suffices),
-a commit marker closed or moved into place, a step deleted, and orbax's protocol files. Writes
-inside ``.tiered/`` (our own status file) and inside orbax's tmp directories are ignored.
+a commit marker closed or moved into place, a step deleted, orbax's protocol files, and
+``.tiered/`` itself going away (the lock with it). Writes inside ``.tiered/`` and inside orbax's
+tmp directories are ignored.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def is_interesting(root: Path, path: str) -> bool:
     except ValueError:
         return False
     parts = rel.parts
+    if parts == (TIERED_DIR,):
+        return True  # removed or replaced: the daemon's lock went with it; take it back now
     if not parts or parts[0] == TIERED_DIR or is_tmp_name(parts[0]):
         return False
     if len(parts) == 1:

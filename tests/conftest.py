@@ -118,6 +118,19 @@ def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"gs://{make_bucket()}/run/checkpoints"
 
 
+@pytest.fixture(params=["file", "gs", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """(durable URL, storage options) on each real backend: a directory, the GCS emulator and
+    moto's S3 server."""
+    if request.param == "file":
+        return f"file://{tmp_path}/durable", {}
+    if request.param == "gs":
+        request.getfixturevalue("gcs_emulator")
+        return f"gs://{make_bucket()}/run/checkpoints", {"token": "anon"}
+    endpoint = request.getfixturevalue("moto_server")
+    return f"s3://{s3_bucket(endpoint)}/run/checkpoints", s3_storage_options(endpoint)
+
+
 @pytest.fixture
 def gs_url(gcs_emulator: GcsEmulator | None) -> str:
     return f"gs://{make_bucket()}/run/checkpoints"

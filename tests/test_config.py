@@ -150,3 +150,44 @@ def test_readme_yaml_example_is_a_valid_config() -> None:
     assert cfg.checkpoint_period == 5000 and cfg.local_checkpoint_period == 1000
     assert cfg.tiered.daemon_nice == 10 and cfg.tiered.upload_bandwidth_mbps == 400
     assert cfg.tiered.local_compression is False
+
+
+@pytest.mark.parametrize(
+    ("local", "durable", "why"),
+    [
+        ("{t}/ckpt", "{t}/ckpt", "are the same directory"),
+        ("{t}/ckpt", "file://{t}/ckpt/", "are the same directory"),
+        ("{t}/ckpt", "{t}/ckpt/durable", "the durable tier is inside the local one"),
+        ("{t}/durable/local", "{t}/durable", "the local tier is inside the durable one"),
+        ("{t}/link", "{t}/real", "are the same directory"),  # one is a symlink to the other
+    ],
+)
+def test_overlapping_tiers_are_refused_naming_both_keys(
+    tmp_path: Path, local: str, durable: str, why: str
+) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    mapping = {
+        "local_checkpoint_directory": local.format(t=tmp_path),
+        "checkpoint_dir": durable.format(t=tmp_path),
+    }
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(mapping, env={})
+    message = str(info.value)
+    assert "local_checkpoint_directory" in message and "checkpoint_dir" in message
+    assert why in message and "\n" not in message
+
+
+def test_a_derived_durable_directory_inside_the_local_one_is_refused(tmp_path: Path) -> None:
+    mapping = {
+        "local_checkpoint_directory": str(tmp_path),
+        "base_output_directory": str(tmp_path / "out"),
+        "run_name": "r",
+    }
+    with pytest.raises(
+        ConfigError, match=r"checkpoint_dir \(from base_output_directory and run_name\)"
+    ):
+        config_from_mapping(mapping, env={})
+    # Neighbours are fine.
+    mapping["base_output_directory"] = str(tmp_path.parent / f"{tmp_path.name}-out")
+    config_from_mapping(mapping, env={})

@@ -118,6 +118,12 @@ def test_kill_9_trainer_mid_save_leaves_tmp_that_nobody_mistakes(tmp_path: Path)
         mgr.save(10, {{"w": jnp.ones((1000,))}})
         mgr.wait_until_finished()
         mgr.save(20, {{"w": jnp.ones((60_000_000,))}})  # 240 MB, asynchronous
+        import pathlib, time
+        root = pathlib.Path({str(cfg.local_dir)!r})
+        for _ in range(500):  # kill it once the save is under way (its tmp directory exists)
+            if any(".orbax-checkpoint-tmp" in p.name for p in root.iterdir()):
+                break
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), timeout=120)

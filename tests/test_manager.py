@@ -82,6 +82,29 @@ def test_corrupt_durable_step_falls_back_with_warning(
     assert 100 not in local.committed_steps()  # the bad copy never became a local step
 
 
+def test_a_rolled_back_run_saves_its_step_numbers_again(tmp_path: Path) -> None:
+    """Step 30 fails to load, so the run resumes from 20 and reaches 30 again: that save must
+    happen (the old 30 is set aside, not silently kept), and restore then returns the new one."""
+    _, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        for step in (10, 20, 30):
+            mgr.save(step, advance(example_state(), step))
+    broken = max((cfg.local_dir / "30").rglob("*"), key=lambda p: p.stat().st_size)
+    broken.write_bytes(b"not what orbax wrote")
+    again = advance(example_state(), 1000)
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        restored = mgr.restore(example_state())
+        assert restored is not None and restored.step == 20
+        assert mgr.save(30, again) is True
+        assert mgr.save(30, again) is False  # saved already, by this run
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        restored = mgr.restore(example_state())
+    assert restored is not None and restored.step == 30
+    assert_trees_equal(restored.state, again)
+    (aside,) = LocalTier(cfg.local_dir).displaced()
+    assert aside.step == 30 and (cfg.local_dir / ".tiered" / "displaced" / aside.name).is_dir()
+
+
 def test_no_checkpoint_anywhere_returns_none(tmp_path: Path) -> None:
     _, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
     with CheckpointManager(cfg, install_signal_handlers=False) as mgr:

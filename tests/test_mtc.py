@@ -153,3 +153,29 @@ def test_fatal_replicator_yaml_makes_the_client_raise_with_our_reason(tmp_path: 
             mtc._wait_for_replicator_file_to_disappear(local, timeout_seconds=30)
     finally:
         daemon.terminate()
+
+
+def test_a_newer_durable_step_wins_over_an_older_local_one(tmp_path: Path) -> None:
+    """The one restore choice: the protocol offers what `tiered status` says restore uses."""
+    from tiered import promote_step
+
+    config_path, cfg = mtc_config(tmp_path, f"file://{tmp_path}/durable")
+    states = {10: example_state(10), 100: example_state(100)}
+    trainer = Trainer(cfg.local_dir)
+    trainer.save(10, states[10])
+    trainer.close()
+    elsewhere = Trainer(tmp_path / "other-node")
+    elsewhere.save(100, states[100])
+    elsewhere.close()
+    promote_step(LocalTier(tmp_path / "other-node"), DurableTier(cfg.durable_url), 100)
+    daemon = DaemonProc(config_path, cfg)
+    try:
+        daemon.wait_ready()
+        status = json.loads(daemon.get("/status")[1])
+        assert status["latest"]["restorable"] == 100
+        client_handshake(cfg.local_dir)
+        assert (cfg.local_dir / "100").is_symlink()
+        assert "Offered step 100 (from the durable tier)" in daemon.log()
+        assert_trees_equal(orbax_restore(str(cfg.local_dir), 100, example_state(5)), states[100])
+    finally:
+        daemon.terminate()

@@ -149,7 +149,7 @@ def node_files(step_dir: Path) -> set[str]:
     return {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("nodes", [2, 4])
+@pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) -> None:
     cluster = Cluster(tmp_path, gs_url, nodes, tiered={"local_max_to_keep": 2})
     cluster.start_daemons()
@@ -193,7 +193,7 @@ def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) ->
         cluster.stop_daemons()
 
 
-@pytest.mark.parametrize("nodes", [2, 4])
+@pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_replicator_checkpoint_manager_across_processes(
     gs_url: str, tmp_path: Path, nodes: int
 ) -> None:

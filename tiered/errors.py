@@ -5,8 +5,9 @@
     ├── LayoutError        a name or entry on disk is not what the protocol allows
     ├── ChecksumMismatch   bytes on a tier differ from the step's manifest
     ├── StorageError       a tier could not be read or written
-    │     .transient = True   worth retrying (timeouts, 5xx, connection resets)
-    │     .transient = False  retrying will not help (auth, missing bucket, full disk)
+    │     .transient = True   worth retrying (timeouts, 5xx, connection resets, a full disk)
+    │     .transient = False  retrying will not help (auth, a rejected name, a missing bucket)
+    │     └── NotFound     an object, a file or a bucket is not there (also a FileNotFoundError)
     └── CommitError        a step could not be committed or restored as a whole
           └── StepExists   the durable step is already committed, with other content
 
@@ -39,6 +40,17 @@ class StorageError(TieredError):
     def __init__(self, message: str, *, transient: bool) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class NotFound(StorageError, FileNotFoundError):
+    """Something a tier was asked for is not there. It is a ``FileNotFoundError`` too, so code
+    that asks "is it there?" reads naturally; writing to a bucket that does not exist raises it."""
+
+    def __init__(self, message: str) -> None:
+        StorageError.__init__(self, message, transient=False)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class CommitError(TieredError):

@@ -34,7 +34,15 @@ import fsspec
 from tiered import faults
 from tiered.atomic import publish_file
 from tiered.config import normalize_url, redact_url
-from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StepExists, StorageError
+from tiered.errors import (
+    ChecksumMismatch,
+    CommitError,
+    LayoutError,
+    NotFound,
+    StepExists,
+    StorageError,
+    TieredError,
+)
 from tiered.layout import (
     CHECKPOINT_METADATA,
     COMMIT_MARKER,
@@ -121,42 +129,68 @@ def plan_transfer(manifest: Manifest, remote: dict[str, RemoteFile]) -> Transfer
 
 # -- error translation --------------------------------------------------------------------------
 
+# One table maps what fsspec, the OS and the network raise onto tiered's errors. Whatever it does
+# not name is a permanent StorageError; programming errors (TypeError, AttributeError, KeyError,
+# AssertionError) pass through as they are, since hiding a bug as an I/O error helps nobody.
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+_ERRNO = {
+    # retrying will not help: the name, the permission or the filesystem says no
+    errno.EACCES: (False, "permission denied"),
+    errno.EPERM: (False, "operation not permitted"),
+    errno.EROFS: (False, "read-only filesystem"),
+    errno.ENAMETOOLONG: (False, "file name too long for the filesystem"),
+    errno.EINVAL: (False, "invalid argument (a name the filesystem rejects?)"),
+    errno.ENOTDIR: (False, "a path component is a file, not a directory"),
+    errno.EISDIR: (False, "is a directory"),
+    errno.ELOOP: (False, "too many symbolic links"),
+    # worth retrying with backoff: space can be freed, devices and links recover
+    errno.ENOSPC: (True, "no space left on device"),
+    errno.EDQUOT: (True, "disk quota exceeded"),
+    errno.EIO: (True, "I/O error"),
+    errno.ETIMEDOUT: (True, "timed out"),
+    errno.ECONNRESET: (True, "connection reset"),
+    errno.ECONNREFUSED: (True, "connection refused"),
+    errno.EHOSTUNREACH: (True, "host unreachable"),
+    errno.ENETUNREACH: (True, "network unreachable"),
+}
+_TRANSIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google")
 
 
-def _is_transient(err: BaseException) -> bool:
+def _classify(err: BaseException) -> tuple[bool, str]:
+    """(transient, a one-line description) of a foreign error."""
+    text = (str(err) or type(err).__name__).splitlines()[0][:300]
     code = getattr(err, "code", None) or getattr(err, "status", None)
-    if isinstance(code, int):
-        return code in _TRANSIENT_HTTP
-    if isinstance(err, PermissionError | FileNotFoundError | NotADirectoryError):
-        return False
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        return False
-    return isinstance(err, OSError | TimeoutError | ConnectionError) or type(
+    if isinstance(code, int) and not isinstance(err, OSError):
+        return code in _TRANSIENT_HTTP, text
+    if isinstance(err, OSError) and err.errno in _ERRNO:
+        transient, words = _ERRNO[err.errno]
+        return transient, f"{words}: {err.filename}" if err.filename else words
+    if isinstance(err, PermissionError):
+        return False, text
+    if isinstance(err, ValueError):
+        return False, text
+    transient = isinstance(err, OSError | TimeoutError | ConnectionError) or type(
         err
-    ).__module__.startswith(("aiohttp", "botocore", "urllib3", "requests"))
-
-
-def _describe(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return "no space left on device"
-    text = str(err) or type(err).__name__
-    return text.splitlines()[0][:300]
+    ).__module__.startswith(_TRANSIENT_MODULES)
+    return transient, text
 
 
 @contextlib.contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Turn backend errors into ``StorageError``; tiered's own errors pass through."""
+def translate_errors(what: str, *, missing: str | None = None) -> Iterator[None]:
+    """Turn backend errors into tiered's (``StorageError``, ``NotFound``); tiered's own errors
+    pass through. ``missing`` is what a ``FileNotFoundError`` means here (say, "the bucket does
+    not exist" for a write to an object store)."""
     try:
         yield
-    except (StorageError, ChecksumMismatch, LayoutError, CommitError):  # StepExists too
+    except TieredError:
         raise
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        raise NotFound(f"{what}: {missing or 'not found'}") from err
+    except (TypeError, AttributeError, KeyError, AssertionError):
         raise
     except Exception as err:
-        if isinstance(err, ValueError | TypeError | KeyError | AttributeError | AssertionError):
-            raise
-        raise StorageError(f"{what}: {_describe(err)}", transient=_is_transient(err)) from err
+        transient, text = _classify(err)
+        raise StorageError(f"{what}: {text}", transient=transient) from err
 
 
 # -- local tier ----------------------------------------------------------------------------------
@@ -650,7 +684,10 @@ class DurableTier:
             remote_path = self._path(step, under + rel)
             if self._limiter:
                 self._limiter.take(manifest.files[rel].size)
-            with translate_errors(f"uploading {rel} to {self.step_url(step)}"):
+            with translate_errors(
+                f"uploading {rel} to {self.step_url(step)}",
+                missing="not found (the local file vanished, or the bucket does not exist)",
+            ):
                 if self.protocol == "file":
                     size, crc = _copy_with_crc32c(step_dir / rel, Path(remote_path))
                     check_entry(
