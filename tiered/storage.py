@@ -565,9 +565,7 @@ class DurableTier:
         """Committed steps this tier can verify (foreign ones are left out)."""
         return [f.step for f in self.scan() if f.kept]
 
-    def _step_manifest(
-        self, step: int, version: str
-    ) -> tuple[Manifest | None, str | None, bool]:
+    def _step_manifest(self, step: int, version: str) -> tuple[Manifest | None, str | None, bool]:
         """(this node's manifest or None, why not, whether a tiered manifest is there). With
         several nodes that is this node's own part marker: the merged manifest lists every
         node's files, and a thousand nodes each reading it would move a thousand times its
