@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,22 @@ class MtcProtocol:
         pid, coordinator = self.jax_init_info
         _write_atomic(self.root / JAX_INIT_INFO, f"{pid}\n{coordinator}\n")
         log.info("Wrote %s (process %d, coordinator %s)", JAX_INIT_INFO, pid, coordinator)
+
+    def coordinator_up(self) -> bool | None:
+        """Whether the JAX coordinator of ``jax-init-info.txt`` accepts a TCP connection now;
+        None when there is no such file (or it names no address)."""
+        try:
+            lines = (self.root / JAX_INIT_INFO).read_text().splitlines()
+        except OSError:
+            return None
+        host, sep, port = (lines[1].strip() if len(lines) > 1 else "").rpartition(":")
+        if not sep or not port.isdigit():
+            return None
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=0.3).close()
+        except OSError:
+            return False
+        return True
 
     def consume(self) -> ReplicatorConfig | None:
         """Validate and delete a new ``replicator.yaml``; return it when it is usable."""

@@ -135,6 +135,7 @@ class Daemon:
             )
         self._started = time.time()
         self._started_mono = time.monotonic()
+        self._probed_at = 0.0
         self.server: StatusServer | None = None
         self.watcher: Any = None
 
@@ -223,8 +224,7 @@ class Daemon:
             self._mtc_cycle()
         self._maybe_list_durable()
         self._check_disk()
-        if not self.state.trainer_seen and self.trainer_lock.holder() is not None:
-            self.state = replace(self.state, trainer_seen=True)
+        self._watch_trainer()
         snap = self._snapshot(self.state)
         decided = plan(snap, self.rules)
         self._execute(decided)
@@ -255,7 +255,7 @@ class Daemon:
         # The run is over when a trainer this daemon saw holding its lock is gone (the kernel
         # frees the lock even after kill -9), or when the daemon drains with no trainer there
         # (a client that takes no lock, such as orbax's, only ever ends that way).
-        trainer_there = self.trainer_lock.holder() is not None
+        trainer_there = self.trainer_lock.holder() is not None or state.coordinator_up
         ended = not trainer_there and (state.trainer_seen or self.draining)
         busy = {job.step for job in (self.transfer.job, self.local_lane.job) if job and job.step}
         choice = self.restore_choice
@@ -274,6 +274,7 @@ class Daemon:
             pruned=state.pruned,
             disk_pressure=state.disk_pressure,
             run_ended=ended,
+            trainer_running=trainer_there,
         )
 
     def _execute(self, decided: Plan) -> None:
@@ -325,6 +326,25 @@ class Daemon:
         commits = decided.of(Commit)
         if commits and not self.durable_lane.busy:
             self.durable_lane.submit(self._commit_job(commits))
+
+    def _watch_trainer(self) -> None:
+        """Is a trainer there? A ``tiered.CheckpointManager`` holds its lock; orbax's multi-tier
+        client takes none, but its JAX coordinator (named in ``jax-init-info.txt``) accepts
+        connections for as long as the job runs. Once either was seen, its going away means the
+        run ended, and the newest local step is owed to the durable tier."""
+        now = time.monotonic()
+        if now - self._probed_at < 2.0:
+            return
+        self._probed_at = now
+        up = self.mtc.coordinator_up() if self.mtc is not None else None
+        held = self.trainer_lock.holder() is not None
+        state = self.state
+        seen = state.trainer_seen or held or bool(up)
+        if up is not None and up != state.coordinator_up:
+            log.info(
+                "The trainer's JAX coordinator is %s", "up" if up else "gone: the run has ended"
+            )
+        self.state = replace(state, trainer_seen=seen, coordinator_up=bool(up))
 
     def _prune(self, deletes: list[Delete]) -> None:
         busy = {job.step for job in (self.transfer.job, self.local_lane.job) if job}
@@ -751,6 +771,7 @@ class Daemon:
             },
         )
         self.server.start()
+        self.lock.annotate(self.server.address)
         if self.mtc is not None:
             self.mtc.ensure_jax_init_info()
         log.info(

@@ -82,7 +82,9 @@ class DaemonState:
     disk_pressure: bool = False
     scan_requested: bool = False
     trainer_seen: bool = False
-    """A ``tiered.CheckpointManager`` held its lock while this daemon watched."""
+    """A trainer was seen while this daemon watched (its lock held, or its JAX coordinator)."""
+    coordinator_up: bool = False
+    """The JAX coordinator named in ``jax-init-info.txt`` accepted a connection just now."""
 
     def error(self, kind: str, message: str, now: float) -> DaemonState:
         return replace(

@@ -1,21 +1,20 @@
 """A MaxText-style training process using orbax's multi-tier checkpointing, unmodified.
 
-    python tests/mtc_client.py LOCAL_DIR STEPS [NPROCS]
+    eval "$(tiered jax-env ...)"; python tests/mtc_client.py LOCAL_DIR STEPS [NPROCS]
 
 It calls ``initialize_multi_tier_checkpointing`` (which waits for the daemon's
 ``jax-init-info.txt``, writes ``replicator.yaml`` and takes the ``.restore`` entry), then trains
 with ``ReplicatorCheckpointManager``, saving locally every 10 steps with a backup every 50. The
-state is one float32 vector of 64 values, sharded over the NPROCS processes (default 1). The
-only concession to running on CPUs of one machine: ``jax.distributed.initialize`` gets
-``num_processes`` (a real cluster supplies it through its environment) and the CPU collectives
-are gloo.
+state is one float32 vector of 64 values, sharded over the NPROCS processes (default 1).
+``jax.distributed`` is not patched: the process count comes from the environment that
+``tiered jax-env`` prints, as it would for MaxText on a plain VM. The only concession to running
+on CPUs of one machine is the gloo CPU collectives.
 
 Prints ``RESTORED step=N w=[...]`` (this process's shard) or ``FRESH``, then ``DONE step=N``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -35,9 +34,7 @@ from orbax.checkpoint.experimental.emergency.multi_tier_checkpointing import (  
     replicator_checkpoint_manager as rcm,
 )
 
-NPROCS = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize = functools.partial(jax.distributed.initialize, num_processes=NPROCS)
 
 
 def state_at(step: int) -> np.ndarray:

@@ -27,8 +27,15 @@ def test_defaults_follow_maxtext_and_design() -> None:
 
 
 def test_shipped_configs_load() -> None:
-    for name in ("demo.yml", "latency_network.yml", "maxtext_mtc.yml"):
+    for name in ("demo.yml", "latency_network.yml"):
         load_config(ROOT / "configs" / name, env={})
+    mtc = load_config(
+        ROOT / "configs" / "tiered_maxtext.yml",
+        maxtext=ROOT / "configs" / "maxtext_mtc.yml",
+        overrides=["run_name=r"],
+        env={},
+    )
+    assert mtc.speaks_mtc and mtc.durable_url == "gs://my-training-bucket/runs/r/checkpoints"
     c = load_config(ROOT / "configs" / "latency_network.yml", env={})
     assert (c.local_checkpoint_period, c.durable_period) == (1000, 5000)
     assert c.durable_url.startswith("gs://")
@@ -191,3 +198,98 @@ def test_a_derived_durable_directory_inside_the_local_one_is_refused(tmp_path: P
     # Neighbours are fine.
     mapping["base_output_directory"] = str(tmp_path.parent / f"{tmp_path.name}-out")
     config_from_mapping(mapping, env={})
+
+
+# -- MaxText's file and tiered's own ---------------------------------------------------------
+
+
+def test_maxtext_file_overrides_and_a_tiered_file_make_one_config(tmp_path: Path) -> None:
+    (tmp_path / "base.yml").write_text("checkpoint_period: 10000\nlocal_checkpoint_period: 20\n")
+    maxtext = tmp_path / "run.yml"
+    maxtext.write_text(
+        "base_config: base.yml\nrun_name: from-file\nbase_output_directory: gs://b/runs\n"
+        "local_checkpoint_directory: /local\nenable_multi_tier_checkpointing: true\n"
+        "per_device_batch_size: 1\n"
+    )
+    ours = tmp_path / "tiered.yml"
+    ours.write_text("tiered:\n  local_max_to_keep: 4\n")
+    c = load_config(
+        ours, maxtext=maxtext, overrides=["run_name=from-cli", "local_checkpoint_period=10"], env={}
+    )
+    assert c.run_name == "from-cli" and c.durable_url == "gs://b/runs/from-cli/checkpoints"
+    assert (c.checkpoint_period, c.local_checkpoint_period) == (10000, 10)
+    assert c.tiered.local_max_to_keep == 4 and c.speaks_mtc
+    # tiered's file is optional
+    assert load_config(maxtext=maxtext, env={}).tiered.local_max_to_keep == 2
+    # and the environment still wins
+    assert load_config(maxtext=maxtext, env={"TIERED_RUN_NAME": "env"}).run_name == "env"
+
+
+@pytest.mark.parametrize(
+    ("maxtext", "ours", "overrides", "message"),
+    [
+        ("run_name: r\ntiered:\n  local_max_to_keep: 3\n", None, [], "makes MaxText refuse it"),
+        ("run_name: r\n", "run_name: x\ntiered: {}\n", [], "holds only the tiered: section"),
+        ("run_name: r\n", None, ["run_name"], "expected key=value"),
+        ("base_config: run.yml\n", None, [], "loops back"),
+    ],
+)
+def test_maxtext_split_mistakes_are_one_line(
+    tmp_path: Path, maxtext: str, ours: str | None, overrides: list[str], message: str
+) -> None:
+    (tmp_path / "run.yml").write_text(maxtext + "local_checkpoint_directory: /l\n")
+    path = None
+    if ours is not None:
+        path = tmp_path / "tiered.yml"
+        path.write_text(ours)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path, maxtext=tmp_path / "run.yml", overrides=overrides, env={})
+    assert "\n" not in str(info.value)
+
+
+def test_overrides_need_the_maxtext_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="go with --maxtext-config"):
+        load_config(ROOT / "configs" / "demo.yml", overrides=["run_name=x"], env={})
+    with pytest.raises(ConfigError, match="give --config"):
+        load_config(env={})
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yml"
+    bad.write_bytes("run_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as info:
+        load_config(bad, env={})
+    assert "\n" not in str(info.value)
+
+
+def test_a_near_miss_of_a_checkpointing_key_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        cfg(local_checkpoint_perod=10, per_device_batch_size=8)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        "'local_checkpoint_perod'" in m and "'local_checkpoint_period'" in m for m in messages
+    )
+    assert not any("per_device_batch_size" in m for m in messages)
+
+
+def test_the_shipped_maxtext_file_holds_only_maxtext_keys() -> None:
+    """configs/maxtext_mtc.yml goes to MaxText as is: checked against MaxText's own list of
+    keys (its base.yml) where maxtext is installed (make test-maxtext runs this too), and
+    against the keys tiered reads everywhere."""
+    import yaml
+
+    from tiered.config import TieredConfig, _maxtext_package_config
+
+    ours = yaml.safe_load((ROOT / "configs" / "maxtext_mtc.yml").read_text())
+    assert "tiered" not in ours
+    assert set(ours) - {"base_config"} <= set(TieredConfig.model_fields) - {"tiered"}
+    base = _maxtext_package_config("base.yml")
+    if base is None:
+        pytest.skip("maxtext is not installed here (make test-maxtext checks it)")
+    assert set(ours) - {"base_config"} <= set(yaml.safe_load(base.read_text()))
+    side = yaml.safe_load((ROOT / "configs" / "tiered_maxtext.yml").read_text())
+    assert set(side) == {"tiered"}

@@ -20,6 +20,7 @@ from orbax.checkpoint.experimental.emergency.multi_tier_checkpointing import (
 )
 
 from tiered import DurableTier, LocalTier
+from tiered.jaxenv import jax_env
 
 from conftest import ROOT, DaemonProc, free_port, subprocess_env, wait_for, write_config
 from helpers import Trainer, assert_trees_equal, example_state, orbax_restore
@@ -51,12 +52,14 @@ def expected_w(step: int) -> list[float]:
     return (np.arange(64, dtype=np.float32) * 0.5 + step).tolist()
 
 
-def run_client(local: Path, steps: int) -> str:
+def run_client(local: Path, steps: int, *, coordinator: str) -> str:
+    """The unmodified client, in the environment `tiered jax-env` prints for a one-node job."""
+    env = {**subprocess_env(), **jax_env(rank=0, nodes=1, coordinator=coordinator, job="mtc")}
     out = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "mtc_client.py"), str(local), str(steps)],
         capture_output=True,
         text=True,
-        env=subprocess_env(),
+        env=env,
         cwd=ROOT,
         timeout=180,
     )
@@ -86,22 +89,26 @@ def test_replicator_checkpoint_manager_end_to_end(gs_url: str, tmp_path: Path) -
     daemon = DaemonProc(config_path, cfg)
     try:
         daemon.wait_ready()
-        assert "FRESH" in run_client(local, 120)
-        # saves every 10 steps, backup interval 50 from replicator.yaml (not checkpoint_period)
-        wait_for(lambda: durable.committed_steps() == [50, 100], timeout=60, what=daemon.log())
-        for step in (50, 100):
+        coordinator = cfg.tiered.coordinator_address or ""
+        assert "FRESH" in run_client(local, 120, coordinator=coordinator)
+        # saves every 10 steps, backup interval 50 from replicator.yaml (not checkpoint_period);
+        # the client's exit (its JAX coordinator gone) owes its last step, 110, as final
+        wait_for(lambda: durable.committed_steps() == [50, 100, 110], timeout=60, what=daemon.log())
+        for step in (50, 100, 110):
             durable.verify_step(step)
+        assert durable.read_manifest(110).reason == "final"
+        assert "the run has ended" in daemon.log()
         # restart with local steps present: the newest local step, no download
-        out = run_client(local, 125)
+        out = run_client(local, 125, coordinator=coordinator)
         restored = restored_values(out)
         assert restored is not None and restored[0] == 110
         assert restored[1] == expected_w(110)
         assert "Fetched" not in daemon.log()
     finally:
         assert daemon.terminate() == 0
-    # The drain owed the run's last step (120, not a multiple of 50) to the durable tier:
-    # orbax's steps carry no reason, and the run is over when its sidecar is stopped.
-    assert durable.committed_steps() == [50, 100, 120]
+    # The second run's last step (120, not a multiple of 50) is durable too: orbax's steps
+    # carry no reason, and the run is over when its coordinator goes (or its sidecar stops).
+    assert durable.committed_steps() == [50, 100, 110, 120]
     assert durable.read_manifest(120).reason == "final"
 
     # A fresh node: the local directory is wiped and both restart.
@@ -110,7 +117,7 @@ def test_replicator_checkpoint_manager_end_to_end(gs_url: str, tmp_path: Path) -
     daemon = DaemonProc(config_path, cfg)
     try:
         daemon.wait_ready()
-        out = run_client(local, 125)
+        out = run_client(local, 125, coordinator=coordinator)
         restored = restored_values(out)
         assert restored is not None and restored[0] == 120
         assert restored[1] == expected_w(120)  # bit-exact float32 values

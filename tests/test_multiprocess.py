@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tiered import DurableTier, LocalTier, config_from_mapping
+from tiered.jaxenv import jax_env
 from tiered.layout import COMMIT_MARKER, node_dir
 
 from conftest import ROOT, DaemonProc, config_dict, free_port, subprocess_env, wait_for
@@ -75,14 +76,24 @@ class Cluster:
         )
 
     def run(
-        self, argv_for: Any, *, timeout: float = 240, extra_env: dict[str, str] | None = None
+        self,
+        argv_for: Any,
+        *,
+        timeout: float = 240,
+        extra_env: dict[str, str] | None = None,
+        env_for: Any = None,
     ) -> list[str]:
         """Run one process per node at once; return their stdouts (all must succeed)."""
         procs = [
             subprocess.Popen(
                 [sys.executable, *argv_for(rank)],
                 cwd=ROOT,
-                env={**subprocess_env(), **self.env(rank), **(extra_env or {})},
+                env={
+                    **subprocess_env(),
+                    **self.env(rank),
+                    **(extra_env or {}),
+                    **(env_for(rank) if env_for else {}),
+                },
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -115,13 +126,17 @@ class Cluster:
         )
 
     def mtc(self, steps: int) -> list[str]:
+        """orbax's unmodified client on every node, in the environment `tiered jax-env` prints
+        for that node (jax.distributed takes the process count from it)."""
+        coordinator = self.data["tiered"].get("coordinator_address")
         return self.run(
             lambda r: [
                 str(ROOT / "tests" / "mtc_client.py"),
                 str(self.local[r]),
                 str(steps),
                 str(self.nodes),
-            ]
+            ],
+            env_for=lambda r: jax_env(rank=r, nodes=self.nodes, coordinator=coordinator, job="j"),
         )
 
     def wait_committed(self, steps: list[int], timeout: float = 90) -> None:

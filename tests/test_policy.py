@@ -452,3 +452,26 @@ def test_every_step_gets_a_verdict_with_a_reason_in_words() -> None:
         70: "partial",
         100: "conflict",
     }
+
+
+def test_with_no_lock_to_tell_an_idle_run_owes_its_newest_step() -> None:
+    """MaxText takes no lock: a run that stopped saving for a while has ended, so its last
+    (off-period, reason-less) step is owed as final; a trainer holding its lock has not."""
+    local = tuple(L(s, "unknown", t=t) for s, t in ((20, 300.0), (30, 400.0), (37, 500.0)))
+
+    def uploads(now: float, floor: float, **kw: Any) -> list[Upload]:
+        rules = replace(RULES, final_after_idle_seconds=floor, local_period=10)
+        return plan(Snapshot(now=now, local=local, durable=(), **kw), rules).uploads
+
+    assert uploads(1000.0, floor=600.0) == []  # 500 s idle, below the floor
+    assert uploads(1000.0, floor=400.0) == [Upload(37, "final")]
+    assert uploads(1000.0, floor=400.0, trainer_running=True) == []
+    # The floor is small, but the run saves every 100 s: three intervals must pass first.
+    assert uploads(750.0, floor=1.0) == []
+    assert uploads(850.0, floor=1.0) == [Upload(37, "final")]
+
+
+def test_reasonless_steps_on_the_local_period_show_as_periodic() -> None:
+    rules = replace(RULES, local_period=10)
+    p = plan(snap([L(20, "unknown"), L(37, "unknown")], []), rules)
+    assert p.verdicts[20].reason == "periodic" and p.verdicts[37].reason == "unknown"

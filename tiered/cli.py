@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,15 @@ from typing import Any
 from tiered.config import TieredConfig, load_config
 from tiered.errors import ChecksumMismatch, TieredError
 from tiered.lock import DaemonLock
-from tiered.ops import apply_deletes, fetch_step, human_bytes, open_tiers, promote_step, snapshot
+from tiered.ops import (
+    apply_deletes,
+    export_step,
+    fetch_step,
+    human_bytes,
+    open_tiers,
+    promote_step,
+    snapshot,
+)
 from tiered.policy import plan, rules_for
 from tiered.status import collect_status, is_settled, render_table
 from tiered.storage import LocalTier
@@ -108,6 +117,17 @@ def cmd_restore(cfg: TieredConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(cfg: TieredConfig, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    local, durable = open_tiers(cfg)
+    dest = Path(args.dest).expanduser().absolute()
+    export_step(local, durable, args.step, dest, item=args.item, progress=_progress_bar("export"))
+    what = f"item {args.item!r} of step {args.step}" if args.item else f"step {args.step}"
+    print(f"{what} is in {dest}, verified: a plain orbax checkpoint")
+    return 0
+
+
 def cmd_verify(cfg: TieredConfig, args: argparse.Namespace) -> int:
     local, durable = open_tiers(cfg)
     manifest = durable.read_manifest(args.step)
@@ -143,6 +163,28 @@ def cmd_prune(cfg: TieredConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jax_env(cfg: TieredConfig, args: argparse.Namespace) -> int:
+    from tiered.jaxenv import jax_env, render
+
+    devices: list[int] = []
+    if args.local_devices:
+        try:
+            devices = [int(d) for d in args.local_devices.split(",")]
+        except ValueError:
+            raise TieredError(
+                f"--local-devices {args.local_devices!r}: expected device ids such as 0,1,2,3"
+            ) from None
+    env = jax_env(
+        rank=cfg.tiered.node_rank if args.rank is None else args.rank,
+        nodes=cfg.tiered.num_nodes if args.nodes is None else args.nodes,
+        coordinator=args.coordinator or cfg.tiered.coordinator_address,
+        job=cfg.run_name or str(cfg.local_dir),
+        local_devices=devices,
+    )
+    sys.stdout.write(render(env, fmt=args.format))
+    return 0
+
+
 def cmd_daemon(cfg: TieredConfig, args: argparse.Namespace) -> int:
     from daemon.service import run_daemon
 
@@ -158,8 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", required=True, help="the YAML config file")
+        p.add_argument(
+            "--config",
+            help="tiered's YAML file (MaxText's keys and a tiered: section; only the tiered: "
+            "section when --maxtext-config is given)",
+        )
+        p.add_argument(
+            "--maxtext-config",
+            metavar="FILE",
+            help="MaxText's own YAML, read as MaxText reads it (base_config, then the key=value "
+            "overrides after the command)",
+        )
         return p
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        """``key=value`` words anywhere on the line are MaxText-style overrides (``main`` takes
+        them out before argparse sees the rest); listed here for the help text."""
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="MaxText-style overrides of --maxtext-config (run_name=... and so on)",
+        )
 
     p = add("status", "show both tiers, each step's state, and the daemon's health")
     p.add_argument("--json", action="store_true", help="print the JSON form (docs/status.md)")
@@ -172,28 +234,69 @@ def build_parser() -> argparse.ArgumentParser:
         help="first wait (up to SECONDS) until no upload is running and every preemption or "
         "final checkpoint is durable; exit 1 if that does not happen (for preStop hooks)",
     )
+    overrides(p)
     p.set_defaults(func=cmd_status)
     p = add("promote", "upload, verify and commit one local step to the durable tier now")
     p.add_argument("step", type=int)
+    overrides(p)
     p.set_defaults(func=cmd_promote)
     p = add("restore", "download a durable step into the local tier, verified")
     p.add_argument("--step", type=int, default=None, help="default: the newest durable step")
+    overrides(p)
     p.set_defaults(func=cmd_restore)
+    p = add(
+        "export",
+        "write a standard orbax checkpoint of a step (or of one item: --item state for "
+        "MaxText's load_full_state_path) into a new directory, verified",
+    )
+    p.add_argument("step", type=int)
+    p.add_argument("dest", help="a new (or empty) local directory")
+    p.add_argument("--item", default=None, help="one item of the step, such as state")
+    overrides(p)
+    p.set_defaults(func=cmd_export)
     p = add("verify", "check a step's files against its manifest")
     p.add_argument("step", type=int)
     p.add_argument("--tier", choices=("local", "durable"), default="durable")
+    overrides(p)
     p.set_defaults(func=cmd_verify)
     p = add("prune", "apply the retention policy to both tiers")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted")
+    overrides(p)
     p.set_defaults(func=cmd_prune)
+    p = add(
+        "jax-env",
+        "print the environment jax.distributed needs off GKE (MaxText's multi-tier start on "
+        'plain VMs, GPU hosts, laptops): eval "$(tiered jax-env ...)" before the trainer',
+    )
+    p.add_argument("--rank", type=int, default=None, help="default: tiered.node_rank")
+    p.add_argument("--nodes", type=int, default=None, help="default: tiered.num_nodes")
+    p.add_argument(
+        "--coordinator", default=None, help="HOST:PORT; default: tiered.coordinator_address"
+    )
+    p.add_argument(
+        "--local-devices",
+        default=None,
+        metavar="IDS",
+        help="with one process per host of several accelerators: all their ids (0,1,...,7)",
+    )
+    p.add_argument("--format", choices=("sh", "env"), default="sh")
+    overrides(p)
+    p.set_defaults(func=cmd_jax_env)
     p = add("daemon", "run the sidecar: watch, promote, verify, commit, prune, report")
     p.add_argument("--log-format", choices=("text", "json"), default=None)
+    overrides(p)
     p.set_defaults(func=cmd_daemon)
     return parser
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    overrides = [w for w in words if _OVERRIDE.fullmatch(w)]
+    args = build_parser().parse_args([w for w in words if not _OVERRIDE.fullmatch(w)])
+    args.overrides = overrides
     if args.command != "daemon":
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO,
@@ -201,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stderr,
         )
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, maxtext=args.maxtext_config, overrides=args.overrides or ())
         rc: int = args.func(cfg, args)
         return rc
     except ChecksumMismatch as err:

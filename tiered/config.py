@@ -1,23 +1,31 @@
-"""Configuration: one YAML file read by both the trainer and the daemon.
+"""Configuration: MaxText's checkpointing keys, plus tiered's own settings.
 
-Top-level keys carry MaxText's names and meanings, so a MaxText config file works as is; every
-other top-level key is ignored (a MaxText file has hundreds). Our own settings live under a
-``tiered:`` section, where an unknown key is an error that suggests the nearest valid one.
+Two ways in, one model:
 
-``TIERED_<KEY>`` environment variables override file values (``TIERED_CHECKPOINT_PERIOD=100``,
-``TIERED_LOCAL_MAX_TO_KEEP=3``); values are parsed as YAML scalars.
+- **The native API** reads one file: MaxText's key names at the top level (anything else there is
+  ignored) and tiered's own settings under a ``tiered:`` section.
+- **MaxText** refuses any key it does not know, so its file can hold only its own keys. The
+  daemon reads that file as MaxText does (``--maxtext-config FILE``, following ``base_config``,
+  then MaxText's ``key=value`` overrides), and takes its own settings from a second file
+  (``--config tiered.yml``) that may hold only the ``tiered:`` section.
+
+``TIERED_<KEY>`` environment variables override both (``TIERED_CHECKPOINT_PERIOD=100``,
+``TIERED_LOCAL_MAX_TO_KEEP=3``); values are parsed as YAML scalars, as MaxText parses its
+overrides. An unknown key in the ``tiered:`` section is an error that suggests the nearest valid
+one; a top-level key one edit away from a MaxText checkpointing key is warned about.
 
 Every error is a ``ConfigError`` whose message names the offending key. This module reads the
-file and the environment mapping it is given, and does no other I/O.
+files and the environment mapping it is given, and does no other I/O.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tiered.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "TIERED_"
 
@@ -73,6 +83,7 @@ class TieredSettings(BaseModel):
     num_nodes: int = Field(1, ge=1)
     restore_agreement_timeout_seconds: float = Field(600.0, gt=0)
     local_compression: bool = False
+    final_after_idle_seconds: float | None = Field(900.0, gt=0)
     daemon_nice: int = Field(10, ge=0, le=19)
     log_format: Literal["text", "json"] = "text"
 
@@ -280,6 +291,35 @@ def _check_tiers_apart(cfg: TieredConfig) -> None:
         )
 
 
+def near_miss(key: str) -> str | None:
+    """The MaxText checkpointing key ``key`` is one edit away from, if it is not one itself
+    (``local_checkpoint_perod``): MaxText's files hold hundreds of other keys, so only these
+    near misses are worth a word."""
+    fields = set(TieredConfig.model_fields) - {"tiered"}
+    if key in fields:
+        return None
+    for field_name in sorted(fields):
+        if _one_edit(key, field_name):
+            return field_name
+    return None
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether one insertion, deletion, substitution or swap of neighbours turns ``a`` into
+    ``b``."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        diffs = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(diffs) == 1:
+            return True
+        i, j = diffs[0], diffs[-1]
+        return len(diffs) == 2 and j == i + 1 and a[i] == b[j] and a[j] == b[i]
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    i = next((i for i in range(len(short)) if short[i] != long[i]), len(short))
+    return short[i:] == long[i + 1 :]
+
+
 def _nearest(key: str, valid: list[str]) -> str:
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
@@ -329,6 +369,16 @@ def config_from_mapping(
         for key in section:
             if key not in TieredSettings.model_fields:
                 raise ConfigError(f"{source}: unknown key tiered.{key}{_nearest(str(key), valid)}")
+    for key in data:
+        near = near_miss(str(key))
+        if near is not None:
+            log.warning(
+                "%s: %r is not a key tiered knows, and is one edit away from %r: a typo? "
+                "(it is ignored)",
+                source,
+                key,
+                near,
+            )
     data = _apply_env(data, env if env is not None else {})
     known = {k: v for k, v in data.items() if k in TieredConfig.model_fields}
     try:
@@ -342,17 +392,19 @@ def config_from_mapping(
     return cfg
 
 
-def load_config(
-    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
-) -> TieredConfig:
-    """Read and validate a YAML config file. ``env`` defaults to ``os.environ``."""
-    path = Path(path)
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: {what} is a directory, not a file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: {what} is not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from None
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {err.strerror}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -361,9 +413,107 @@ def load_config(
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}"
         )
-    return config_from_mapping(raw, env=os.environ if env is None else env, source=str(path))
+    return raw
+
+
+def read_maxtext_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict:
+    """A MaxText config as MaxText reads it: its ``base_config`` chain (relative to each file),
+    then the ``key=value`` overrides of MaxText's command line. A base config that is not there
+    (MaxText's own ``base.yml`` when maxtext is not installed here) is skipped: the checkpointing
+    keys tiered needs are the ones a run sets."""
+    merged: dict[str, Any] = {}
+    chain: list[dict[str, Any]] = []
+    current: Path | None = Path(path).expanduser()
+    seen: set[Path] = set()
+    while current is not None:
+        if current.resolve() in seen:
+            raise ConfigError(f"{current}: base_config loops back to a file already read")
+        seen.add(current.resolve())
+        data = _read_yaml(current, "MaxText config")
+        chain.append(data)
+        base = data.get("base_config")
+        current = None
+        if isinstance(base, str) and base:
+            candidate = (
+                (Path(path).expanduser().parent / base)
+                if not Path(base).is_absolute()
+                else Path(base)
+            )
+            if not candidate.exists():
+                candidate = _maxtext_package_config(base) or candidate
+            current = candidate if candidate.exists() else None
+    for data in reversed(chain):
+        merged.update({k: v for k, v in data.items() if k != "base_config"})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise ConfigError(f"override {item!r}: expected key=value, as MaxText takes them")
+        merged[key] = _parse_env_value(value)
+    return merged
+
+
+def _maxtext_package_config(name: str) -> Path | None:
+    """MaxText's own configs (``base.yml``), when maxtext is importable here."""
+    try:
+        spec = importlib.util.find_spec("maxtext")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        for candidate in (Path(root) / "configs" / name, Path(root).parent / "configs" / name):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    maxtext: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> TieredConfig:
+    """Read and validate the configuration. ``env`` defaults to ``os.environ``.
+
+    ``path`` alone: one file with MaxText's keys and a ``tiered:`` section. With ``maxtext``:
+    MaxText's checkpointing keys come from that file (and ``overrides``), and ``path``, if
+    given, may hold only the ``tiered:`` section.
+    """
+    environ = os.environ if env is None else env
+    if maxtext is None:
+        if path is None:
+            raise ConfigError(
+                "no configuration: give --config (tiered's file) or --maxtext-config (MaxText's "
+                "own YAML), or both"
+            )
+        if overrides:
+            raise ConfigError(
+                f"key=value overrides ({overrides[0]!r}) go with --maxtext-config, as on "
+                "MaxText's command line; use TIERED_<KEY> variables with --config alone"
+            )
+        raw = _read_yaml(Path(path).expanduser(), "config file")
+        return config_from_mapping(raw, env=environ, source=str(path))
+    data = read_maxtext_config(maxtext, overrides)
+    if "tiered" in data:
+        raise ConfigError(
+            f"{maxtext}: a tiered: section in MaxText's config makes MaxText refuse it "
+            "(ValueError: 'tiered' not in ...); move it to the file given with --config"
+        )
+    source = str(maxtext)
+    if path is not None:
+        ours = _read_yaml(Path(path).expanduser(), "config file")
+        extra = sorted(k for k in ours if k != "tiered")
+        if extra:
+            raise ConfigError(
+                f"{path}: with --maxtext-config this file holds only the tiered: section, but it "
+                f"also sets {extra[0]!r}; set MaxText's keys in {maxtext} or as {extra[0]}=VALUE"
+            )
+        data["tiered"] = ours.get("tiered")
+        source = f"{maxtext} + {path}"
+    return config_from_mapping(data, env=environ, source=source)

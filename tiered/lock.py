@@ -45,11 +45,28 @@ class DaemonLock:
         os.write(fd, f"{os.getpid()}\n{self.what}\n".encode())
         self._fd = fd
 
-    def _read_holder(self) -> tuple[int | None, str | None]:
+    def annotate(self, note: str) -> None:
+        """Record one more line in the lock file (the daemon's status address), for whoever
+        finds the directory taken."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n{self.what}\n{note}\n".encode(), 0)
+
+    def note(self) -> str | None:
+        """The holder's note (see ``annotate``), when the lock is held."""
+        if self.holder() is None:
+            return None
+        lines = self._lines()
+        return lines[2].strip() or None if len(lines) > 2 else None
+
+    def _lines(self) -> list[str]:
         try:
-            lines = self.path.read_text(errors="replace").splitlines()
+            return self.path.read_text(errors="replace").splitlines()
         except OSError:
-            return None, None
+            return []
+
+    def _read_holder(self) -> tuple[int | None, str | None]:
+        lines = self._lines()
         pid = int(lines[0]) if lines and lines[0].strip().isdigit() else None
         return pid, (lines[1].strip() or None) if len(lines) > 1 else None
 

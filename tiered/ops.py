@@ -6,6 +6,7 @@ tiers, and logs one line a user cares about.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -18,9 +19,11 @@ from typing import Any
 from tiered import faults
 from tiered.config import TieredConfig
 from tiered.coord import Decision, Rendezvous
-from tiered.layout import COMMIT_MARKER, step_name
+from tiered.errors import TieredError
+from tiered.layout import COMMIT_MARKER, step_name, tmp_name
+from tiered.manifest import check_entry
 from tiered.policy import Delete, Snapshot
-from tiered.storage import DurableTier, LocalTier, Progress, TransferResult
+from tiered.storage import DurableTier, LocalTier, Progress, TransferResult, copy_with_crc32c
 from tiered.types import Reason, Topology
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ def open_durable(
         cfg.durable_url,
         storage_options=cfg.tiered.storage_options,
         concurrency=concurrency or cfg.tiered.upload_concurrency,
+        download_concurrency=cfg.tiered.download_concurrency,
         bandwidth_mbps=cfg.tiered.upload_bandwidth_mbps,
         node_rank=topo.rank,
         num_nodes=topo.nodes,
@@ -183,6 +187,54 @@ def apply_deletes(
         log.info("Pruned %s step %d (%s)", d.tier, d.step, d.why)
         done.append(d)
     return done
+
+
+def export_step(
+    local: LocalTier,
+    durable: DurableTier,
+    step: int,
+    dest: Path,
+    *,
+    item: str | None = None,
+    progress: Any = None,
+) -> Path:
+    """Write a standard orbax checkpoint of ``step`` (or of one ``item`` of it) into ``dest``,
+    verified byte for byte, from the local copy when there is one and from the durable tier
+    otherwise.
+
+    An item exported alone is a plain orbax PyTree directory outside any step, which is what
+    MaxText's ``load_full_state_path`` reads (``--item state`` for a MaxText step: pointed at
+    ``<step>/state`` itself, orbax refuses a sub-directory of a checkpoint, and at ``<step>``
+    it finds no pytree named ``items``).
+    """
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise TieredError(f"{dest}: exists and is not an empty directory; choose a new path")
+    with contextlib.suppress(OSError):
+        dest.rmdir()
+    manifest = local.cached_manifest(step) if step in local.committed_steps() else None
+    if manifest is None:
+        durable.download_step(step, dest, progress=progress, only=item)
+        log.info("Exported step %d of %s to %s", step, durable.url, dest)
+        return dest
+    prefix = f"{item.strip('/')}/" if item else ""
+    files = {r[len(prefix) :]: e for r, e in manifest.files.items() if r.startswith(prefix)}
+    if not files:
+        raise TieredError(f"local step {step} has no item {item!r}")
+    partial = dest.with_name(tmp_name(dest.name))
+    try:
+        for rel, entry in sorted(files.items()):
+            src = local.step_dir(step) / (prefix + rel)
+            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            size, crc = copy_with_crc32c(src, partial / rel)
+            check_entry(str(src), entry, size=size, crc32c=crc)
+        if not item:
+            shutil.copyfile(local.step_dir(step) / COMMIT_MARKER, partial / COMMIT_MARKER)
+        os.replace(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    log.info("Exported local step %d to %s", step, dest)
+    return dest
 
 
 def fetch_step(local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None) -> Path:

@@ -16,7 +16,9 @@ What happens to step N, in order:
 2. **Owed.** A committed local step that is not a copy is owed to the durable tier when its
    reason is preemption or final, when N is a positive multiple of the durable period, when the
    backup interval has passed since the step that is durable before it (or the clock jumped
-   back), or when it is the newest local step of a run that ended.
+   back), or when it is the newest local step of a run that ended (the trainer's lock was
+   released, the daemon drains with no trainer, or, with no lock to tell, nothing was saved for
+   ``final_after_idle_seconds`` and three usual save intervals).
 3. **Not wanted after all.** An owed step is skipped when durable retention would delete it at
    once (``superseded`` by steps already committed), when this daemon pruned the same content
    from the durable tier before, or when ``backlog: newest`` passes over it. A skipped step is no
@@ -42,6 +44,7 @@ with ``AnyOf``; each takes the steps, oldest first, and returns a keep-mask alig
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -126,6 +129,11 @@ class Rules:
     keep_period: int | None = None
     backlog: Literal["all", "newest"] = "all"
     topology: Topology = field(default_factory=Topology)
+    local_period: int | None = None
+    """Steps that are multiples of this and carry no recorded reason were saved periodically."""
+    final_after_idle_seconds: float | None = None
+    """With no trainer lock to tell, the run counts as ended once its newest local step is this
+    old, and at least three of its usual save intervals: that step is then owed as final."""
 
     def __post_init__(self) -> None:
         if self.durable_period <= 0:
@@ -173,6 +181,8 @@ class Snapshot:
     run_ended: bool = False
     """The trainer is gone (or the daemon drains with no trainer running): the newest local step
     is owed to the durable tier whatever its number."""
+    trainer_running: bool = False
+    """A ``tiered.CheckpointManager`` holds its lock: the run has not ended, however idle."""
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -356,6 +366,14 @@ class _Row:
             return self.local.reason
         return self.durable.reason if self.durable is not None else "unknown"
 
+    def inferred_reason(self, rules: Rules) -> Reason:
+        """The recorded reason, or "periodic" for a reason-less multiple of the local period
+        (MaxText records none)."""
+        reason = self.reason
+        if reason == "unknown" and rules.local_period and self.step % rules.local_period == 0:
+            return "periodic"
+        return reason
+
     @property
     def commit_time(self) -> float | None:
         if self.local is not None and self.local.commit_time is not None:
@@ -374,6 +392,7 @@ def owed_steps(rows: Sequence[_Row], snap: Snapshot, rules: Rules) -> dict[int, 
     reason each is owed (a reason-less step owed as the end of a run counts as ``final``)."""
     interval = rules.backup_interval_seconds
     newest_local = max((r.step for r in rows if r.local is not None), default=None)
+    ended = snap.run_ended or (not snap.trainer_running and _idle(rows, snap, rules))
     reference: float | None = None  # when the step durable before this one was saved
     owed: dict[int, Reason] = {}
     for row in rows:
@@ -394,13 +413,25 @@ def owed_steps(rows: Sequence[_Row], snap: Snapshot, rules: Rules) -> dict[int, 
             and (reference is None or when - reference >= interval or when < reference)
         ):
             reason = row.reason if row.reason != "unknown" else "periodic"
-        elif snap.run_ended and row.step == newest_local:
+        elif ended and row.step == newest_local:
             reason = "final"
         if reason is not None:
             owed[row.step] = reason
             if when is not None:
                 reference = when
     return owed
+
+
+def _idle(rows: Sequence[_Row], snap: Snapshot, rules: Rules) -> bool:
+    """Whether the newest local step is old enough that the run has probably stopped saving."""
+    floor = rules.final_after_idle_seconds
+    times = sorted(r.local.commit_time for r in rows if r.local and r.local.commit_time)
+    if floor is None or not times:
+        return False
+    recent = times[-4:]
+    gaps = [b - a for a, b in itertools.pairwise(recent) if b > a]
+    usual = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
+    return snap.now - times[-1] >= max(floor, 3 * usual)
 
 
 def _superseded(step: int, own_durable: Sequence[int], rules: Rules) -> bool:
@@ -423,7 +454,7 @@ def plan(snap: Snapshot, rules: Rules) -> Plan:
     skips: dict[int, Skip] = {}
 
     def verdict(step: int, state: State, why: str, *, tiers: tuple[Tier, ...] = ("local",)) -> None:
-        reason = owed.get(step, by_step[step].reason)
+        reason = owed.get(step, by_step[step].inferred_reason(rules))
         verdicts[step] = Verdict(state, why, tiers, reason)
 
     def engaged(step: int) -> bool:
@@ -585,4 +616,6 @@ def rules_for(cfg: TieredConfig, *, topology: Topology | None = None) -> Rules:
         keep_period=cfg.tiered.keep_period,
         backlog=cfg.tiered.backlog,
         topology=topology or Topology(cfg.tiered.node_rank, cfg.tiered.num_nodes),
+        local_period=cfg.local_checkpoint_period,
+        final_after_idle_seconds=cfg.tiered.final_after_idle_seconds,
     )

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tiered.config import TieredConfig, redact_url
+from tiered.lock import DaemonLock
 from tiered.ops import human_bytes, open_tiers
 from tiered.policy import Plan, Snapshot, plan, rules_for
-from tiered.storage import StorageError
+from tiered.storage import LocalTier, StorageError
 from tiered.types import Displaced
 
 SCHEMA_VERSION = 1
@@ -170,11 +171,27 @@ def query_daemon(address: str, *, timeout: float = 2.0) -> dict[str, Any] | None
 
 
 def collect_status(cfg: TieredConfig, *, ask_daemon: bool = True) -> TierStatus:
-    """Status as ``tiered status`` shows it: from the daemon when it answers, else the tiers."""
+    """Status as ``tiered status`` shows it: from the daemon when it answers, else the tiers.
+
+    The daemon is asked at ``tiered.status_address``, and then at the address it recorded in
+    its lock file (the two differ when the daemon was started with other settings)."""
+    live: dict[str, Any] | None = None
     if ask_daemon:
-        answer = query_daemon(cfg.tiered.status_address)
-        if answer is not None and answer.get("local_dir") == str(cfg.local_dir):
-            return status_from_dict(answer)
+        lock = DaemonLock(LocalTier(cfg.local_dir).tiered_dir)
+        recorded = lock.note()
+        for address in dict.fromkeys([cfg.tiered.status_address, recorded]):
+            answer = query_daemon(address) if address else None
+            if answer is not None and answer.get("local_dir") == str(cfg.local_dir):
+                return status_from_dict(answer)
+        pid = lock.holder()
+        if pid is not None:
+            live = {
+                "running": True,
+                "pid": pid,
+                "health": "not answering",
+                "last_error": f"the daemon (pid {pid}) holds the lock but does not answer at "
+                f"{recorded or cfg.tiered.status_address}",
+            }
     local, durable = open_tiers(cfg)
     local_steps = tuple(local.scan(with_size=True))
     try:
@@ -184,7 +201,7 @@ def collect_status(cfg: TieredConfig, *, ask_daemon: bool = True) -> TierStatus:
     except StorageError as err:
         durable_steps, displaced, error = None, local.displaced(), str(err)
     snap = Snapshot(now=time.time(), local=local_steps, durable=durable_steps)
-    return build_status(cfg, snapshot=snap, live=None, durable_error=error, displaced=displaced)
+    return build_status(cfg, snapshot=snap, live=live, durable_error=error, displaced=displaced)
 
 
 def _human_age(seconds: float | None) -> str:

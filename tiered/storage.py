@@ -444,6 +444,7 @@ class DurableTier:
         *,
         storage_options: dict[str, Any] | None = None,
         concurrency: int = 8,
+        download_concurrency: int | None = None,
         bandwidth_mbps: float | None = None,
         node_rank: int = 0,
         num_nodes: int = 1,
@@ -458,6 +459,7 @@ class DurableTier:
             self.fs, self.root = fsspec.core.url_to_fs(raw_url, **options)
         self.root = self.root.rstrip("/")
         self.concurrency = concurrency
+        self.download_concurrency = download_concurrency or concurrency
         self._limiter = _RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None
         self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
         self.node_rank = 0
@@ -687,7 +689,7 @@ class DurableTier:
                 missing="not found (the local file vanished, or the bucket does not exist)",
             ):
                 if self.protocol == "file":
-                    size, crc = _copy_with_crc32c(step_dir / rel, Path(remote_path))
+                    size, crc = copy_with_crc32c(step_dir / rel, Path(remote_path))
                     check_entry(
                         f"{self.step_url(step)}/{rel}", manifest.files[rel], size=size, crc32c=crc
                     )
@@ -1000,18 +1002,33 @@ class DurableTier:
     # -- restore --
 
     def download_step(
-        self, step: int, dest: Path, *, progress: Progress | None = None
+        self,
+        step: int,
+        dest: Path,
+        *,
+        progress: Progress | None = None,
+        only: str | None = None,
     ) -> TransferResult:
         """Download a committed step into ``dest`` (which must not exist), verifying each file.
 
         Files land under a temporary name of this writer's own first; the directory is renamed
         into place only once every file matches the manifest, so ``dest`` is either whole or
-        absent.
+        absent. With ``only`` (an item of the step, such as ``state``), just that folder's
+        files are downloaded, into ``dest`` itself.
         """
         started = time.monotonic()
         if not self._has_marker(step):
             raise CommitError(f"{self.step_url(step)} is not committed")
         manifest, under = self._restore_manifest(step)
+        if only is not None:
+            prefix = only.strip("/") + "/"
+            files = {r[len(prefix) :]: e for r, e in manifest.files.items() if r.startswith(prefix)}
+            if not files:
+                items = sorted({r.split("/")[0] for r in manifest.files if "/" in r})
+                raise CommitError(
+                    f"{self.step_url(step)} has no item {only!r} (it has {', '.join(items)})"
+                )
+            manifest, under = replace(manifest, files=files), under + prefix
         partial = dest.with_name(tmp_name(dest.name))
         with translate_errors(f"preparing {partial}"):
             partial.mkdir(parents=True)
@@ -1038,9 +1055,10 @@ class DurableTier:
                     progress(done, total)
 
         try:
-            self._run_parallel(get, sorted(manifest.files), workers=self.concurrency)
-            with translate_errors(f"downloading the commit marker of {self.step_url(step)}"):
-                self.fs.get_file(self._path(step, COMMIT_MARKER), str(partial / COMMIT_MARKER))
+            self._run_parallel(get, sorted(manifest.files), workers=self.download_concurrency)
+            if only is None:
+                with translate_errors(f"downloading the commit marker of {self.step_url(step)}"):
+                    self.fs.get_file(self._path(step, COMMIT_MARKER), str(partial / COMMIT_MARKER))
             with translate_errors(f"moving {partial} into place"):
                 os.replace(partial, dest)
         except BaseException:
@@ -1139,7 +1157,7 @@ class DurableTier:
                 raise err
 
 
-def _copy_with_crc32c(src: Path, dest: Path) -> tuple[int, int]:
+def copy_with_crc32c(src: Path, dest: Path) -> tuple[int, int]:
     """Copy a file, checksumming the bytes as they are written; the file appears whole or not
     at all (written to a temporary name, synced, then renamed)."""
     import google_crc32c

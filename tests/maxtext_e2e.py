@@ -1,0 +1,321 @@
+"""`make test-maxtext`: the real MaxText trainer, unmodified, against the real daemon.
+
+    .venv/bin/python tests/maxtext_e2e.py --maxtext-python .venv-maxtext/bin/python
+
+MaxText (``maxtext[tpu]==0.2.5``, Python 3.12, on the CPU) trains a tiny model on synthetic data
+with ``enable_multi_tier_checkpointing: true``, from ``configs/maxtext_mtc.yml`` as shipped plus
+MaxText's own ``key=value`` overrides; its environment for ``jax.distributed`` comes from
+``tiered jax-env``. The daemon reads the same MaxText file and overrides, and its own settings
+from a second file. Each check prints one line; the script exits non-zero at the first failure.
+
+1. configs/maxtext_mtc.yml holds only keys MaxText knows;
+2. a fresh start: the durable steps are the backup-interval multiples, plus the run's last
+   step (off period, reason-less) once the run is over;
+3. kill -9 mid-run, then resume: MaxText restores the newest local step the daemon offers;
+4. SIGTERM: MaxText stops without saving; the newest local step reaches the durable tier;
+5. a fresh node (the local tier wiped): MaxText restores the newest durable step, downloaded
+   and verified by the daemon;
+6. `tiered export STEP DIR --item state`, then a new MaxText run with load_full_state_path=DIR
+   continues from that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TIERED = [sys.executable, "-m", "tiered.cli"]
+LOCAL_PERIOD, BACKUP = 5, 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check(ok: bool, what: str, detail: str = "") -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {what}", flush=True)
+    if not ok:
+        if detail:
+            print(detail[-6000:], flush=True)
+        sys.exit(1)
+
+
+class Run:
+    def __init__(self, work: Path, maxtext_python: str) -> None:
+        self.work = work
+        self.python = maxtext_python
+        self.local = work / "local"
+        self.out = work / "out"
+        self.status = f"127.0.0.1:{free_port()}"
+        self.coordinator = f"127.0.0.1:{free_port()}"
+        self.tiered_yml = work / "tiered.yml"
+        self.tiered_yml.write_text(
+            "tiered:\n"
+            "  local_max_to_keep: 3\n"
+            f"  status_address: {self.status}\n"
+            "  write_jax_init_info: true\n"
+            f"  coordinator_address: {self.coordinator}\n"
+            "  rescan_seconds: 2\n"
+            "  shutdown_grace_seconds: 60\n"
+        )
+        self.overrides = [
+            "run_name=tiny",
+            f"base_output_directory={self.out}",
+            f"local_checkpoint_directory={self.local}",
+            f"local_checkpoint_period={LOCAL_PERIOD}",
+            f"multi_tier_checkpointing_backup_interval_steps={BACKUP}",
+        ]
+        self.config_args = [
+            "--maxtext-config",
+            str(ROOT / "configs" / "maxtext_mtc.yml"),
+            "--config",
+            str(self.tiered_yml),
+            *self.overrides,
+        ]
+        self.durable = self.out / "tiny" / "checkpoints"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon_log = work / "daemon.log"
+        self.runs = 0
+
+    # -- the daemon ---
+
+    def start_daemon(self) -> None:
+        self.local.mkdir(parents=True, exist_ok=True)
+        log = open(self.daemon_log, "ab")  # noqa: SIM115
+        self.daemon = subprocess.Popen(
+            [*TIERED, "daemon", *self.config_args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        for _ in range(300):
+            if self.status_json() is not None:
+                return
+            time.sleep(0.1)
+        check(False, "the daemon answers", self.daemon_log.read_text())
+
+    def stop_daemon(self) -> int:
+        assert self.daemon is not None
+        self.daemon.terminate()
+        rc = self.daemon.wait(120)
+        self.daemon = None
+        return rc
+
+    def status_json(self) -> dict | None:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.status}/status", timeout=2) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            return None
+
+    def durable_steps(self) -> list[int]:
+        if not self.durable.exists():
+            return []
+        return sorted(
+            int(p.name)
+            for p in self.durable.iterdir()
+            if p.name.isdigit() and (p / "commit_success.txt").exists()
+        )
+
+    def local_steps(self) -> list[int]:
+        return sorted(
+            int(p.name)
+            for p in self.local.iterdir()
+            if p.name.isdigit() and (p / "commit_success.txt").exists()
+        )
+
+    def wait(self, predicate, what: str, timeout: float = 90) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.5)
+        check(False, what, self.daemon_log.read_text())
+
+    # -- MaxText ---
+
+    def jax_env(self) -> dict[str, str]:
+        out = subprocess.run(
+            [*TIERED, "jax-env", "--format", "env", *self.config_args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def maxtext(self, steps: int, *extra: str, overrides: list[str] | None = None) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            "maxtext.trainers.pre_train.train",
+            str(ROOT / "configs" / "maxtext_mtc.yml"),
+            *(self.overrides if overrides is None else overrides),
+            "model_name=gpt3-52k",
+            "dataset_type=synthetic",
+            "per_device_batch_size=1",
+            "max_target_length=64",
+            "enable_goodput_recording=false",
+            f"steps={steps}",
+            *extra,
+        ]
+
+    def start_trainer(self, steps: int, *extra: str, **kw) -> tuple[subprocess.Popen[str], Path]:  # type: ignore[no-untyped-def]
+        self.runs += 1
+        log = self.work / f"maxtext-{self.runs}.log"
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", **self.jax_env()}
+        proc = subprocess.Popen(
+            self.maxtext(steps, *extra, **kw),
+            cwd=self.work,
+            env=env,
+            stdout=open(log, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        return proc, log
+
+    def train(self, steps: int, *extra: str, **kw) -> Path:  # type: ignore[no-untyped-def]
+        proc, log = self.start_trainer(steps, *extra, **kw)
+        rc = proc.wait(900)
+        check(rc == 0, f"MaxText trains to step {steps - 1}", log.read_text())
+        return log
+
+
+def restored_step(log: Path) -> int | None:
+    found = re.findall(r"Found a restore directory at step (\d+)", log.read_text())
+    return int(found[-1]) if found else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--maxtext-python", required=True)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tiered-maxtext-"))
+    run = Run(work, args.maxtext_python)
+    print(f"work directory: {work}", flush=True)
+    try:
+        # 1. the shipped MaxText file holds only MaxText's keys
+        keys = subprocess.run(
+            [
+                args.maxtext_python,
+                "-c",
+                "import yaml, maxtext, pathlib; p = pathlib.Path(maxtext.__file__).parent; "
+                "print(' '.join(yaml.safe_load(open(p / 'configs' / 'base.yml'))))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        import yaml
+
+        ours = set(yaml.safe_load((ROOT / "configs" / "maxtext_mtc.yml").read_text()))
+        ours.discard("base_config")  # MaxText's own include key, not a setting
+        check(ours <= set(keys), f"configs/maxtext_mtc.yml holds only MaxText keys ({len(ours)})")
+
+        # 2. fresh start: multiples of the backup interval, then the last step once it is over
+        run.start_daemon()
+        log = run.train(23)
+        check(
+            "told the client to start fresh" in run.daemon_log.read_text()
+            and restored_step(log) is None,
+            "MaxText started fresh",
+        )
+        run.wait(lambda: run.durable_steps() == [10, 20, 22], "durable holds 10, 20 and 22")
+        manifest = json.loads((run.durable / "22" / "tiered-manifest.json").read_text())
+        check(manifest["reason"] == "final", "the last step (22) went up as final")
+        status = run.status_json() or {}
+        reasons = {s["step"]: s["reason"] for s in status.get("steps", [])}
+        check(reasons.get(20) == "periodic", f"status shows real reasons: {reasons}")
+
+        # 3. kill -9 mid-run, then resume from the newest local step
+        proc, log = run.start_trainer(400)
+        run.wait(lambda: max(run.local_steps(), default=0) >= 60, "the run passes step 60", 300)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+        newest = max(run.local_steps())
+        log = run.train(newest + 8)
+        check(restored_step(log) == newest, f"after kill -9, MaxText resumed from {newest}")
+
+        # 4. SIGTERM: MaxText stops without saving; its newest local step becomes durable
+        proc, log = run.start_trainer(400)
+        run.wait(lambda: max(run.local_steps(), default=0) >= newest + 40, "the run goes on", 300)
+        proc.send_signal(signal.SIGTERM)
+        check(proc.wait(120) == 0, "MaxText exits 0 on SIGTERM", log.read_text())
+        text = log.read_text()
+        stopped = int(re.findall(r"Reached preemption sync point, step=(\d+)", text)[-1])
+        last = max(run.local_steps())
+        check(last < stopped, f"SIGTERM at step {stopped} saved nothing (last save {last})")
+        run.wait(lambda: last in run.durable_steps(), f"step {last} reaches the durable tier")
+        check(run.stop_daemon() == 0, "the daemon drains and exits 0")
+
+        # 5. a fresh node: the newest durable step, downloaded and verified
+        shutil.rmtree(run.local)
+        run.start_daemon()
+        newest_durable = max(run.durable_steps())
+        log = run.train(newest_durable + 3)
+        check(
+            restored_step(log) == newest_durable,
+            f"a fresh node restored durable step {newest_durable}",
+            log.read_text(),
+        )
+        check(
+            f"Fetched step {newest_durable}" in run.daemon_log.read_text(),
+            "the daemon fetched it, verified",
+        )
+        check(run.stop_daemon() == 0, "the daemon drains and exits 0")
+
+        # 6. load_full_state_path from `tiered export --item state`
+        exported = work / "exported-state"
+        out = subprocess.run(
+            [
+                *TIERED,
+                "export",
+                str(newest_durable),
+                str(exported),
+                "--item",
+                "state",
+                *run.config_args,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        check(out.returncode == 0, "tiered export --item state", out.stderr)
+        other = [
+            "run_name=reader",
+            f"base_output_directory={work / 'reader'}",
+            "enable_multi_tier_checkpointing=false",
+            f"load_full_state_path={exported}",
+            "skip_jax_distributed_system=true",
+        ]
+        log = run.train(newest_durable + 3, overrides=other)
+        text = log.read_text()
+        check(
+            f"completed step: {newest_durable + 1}," in text,
+            f"load_full_state_path continued from step {newest_durable}",
+            text,
+        )
+    finally:
+        if run.daemon is not None:
+            run.daemon.kill()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print("make test-maxtext: every check passed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
