@@ -77,6 +77,7 @@ from tiered.policy import (
     restore_options,
     rules_for,
 )
+from tiered.status import within
 from tiered.types import DurableStep, Topology, as_reason
 
 log = logging.getLogger("daemon")
@@ -136,13 +137,30 @@ class Daemon:
         self._started = time.time()
         self._started_mono = time.monotonic()
         self._probed_at = 0.0
+        self.heartbeat = time.monotonic()
+        self._tick = min(cfg.tiered.rescan_seconds, cfg.tiered.prune_interval_seconds, 5.0)
         self.server: StatusServer | None = None
         self.watcher: Any = None
 
     # -- what other threads read --------------------------------------------------------------
 
+    def alive(self) -> tuple[bool, str]:
+        """Liveness: the loop is making progress. Only this is worth a restart; a store that is
+        away is not (a restarted sidecar finds it just as away)."""
+        quiet = time.monotonic() - self.heartbeat
+        limit = max(60.0, 6 * self._tick)
+        if quiet > limit:
+            return False, f"the daemon's loop has not run for {quiet:.0f} s"
+        return True, "alive"
+
     def health(self) -> tuple[bool, str]:
+        """Readiness: the durable tier answers, and promotion has not been failing for longer
+        than ``tiered.unhealthy_after_seconds``."""
         state = self.state
+        if state.durable_error is not None:
+            return False, f"the durable tier does not answer: {state.durable_error}"
+        if state.durable is None:
+            return False, "waiting for the durable tier's first answer"
         if state.failing_since is not None:
             failing = time.time() - state.failing_since
             if failing > self.cfg.tiered.unhealthy_after_seconds:
@@ -153,6 +171,7 @@ class Daemon:
 
     def live_state(self) -> dict[str, Any]:
         healthy, health = self.health()
+        alive, _why = self.alive()
         state = self.state
         job = self.transfer.job
         current = None
@@ -171,6 +190,10 @@ class Daemon:
             "running": True,
             "pid": os.getpid(),
             "health": health if healthy else "unhealthy",
+            "ready": healthy,
+            "ready_reason": health,
+            "alive": alive,
+            "loop_seconds_ago": round(time.monotonic() - self.heartbeat, 1),
             "started_at": self._started,
             "current_upload": current,
             "skipped": view.decided.skipped if view else [],
@@ -216,6 +239,7 @@ class Daemon:
     # -- the cycle -----------------------------------------------------------------------------
 
     def cycle(self, *, force_rescan: bool = False) -> Plan:
+        self.heartbeat = time.monotonic()
         self._check_lock()
         self._apply_outcomes()
         if force_rescan:
@@ -362,9 +386,20 @@ class Daemon:
             self.state = self.state.pruned_now(d.tier, d.step, time.time())
 
     def _maybe_list_durable(self) -> None:
+        """List the durable tier every ``rescan_seconds`` (and after our own writes); while it
+        does not answer, retry with capped exponential backoff, for as long as it takes."""
         state = self.state
-        due = time.monotonic() - state.listed_at >= self.cfg.tiered.rescan_seconds
-        if (due or state.scan_requested or state.listed_at == 0.0) and not self.durable_lane.busy:
+        tiered = self.cfg.tiered
+        if state.list_failures:
+            every = min(
+                tiered.retry_max_seconds,
+                tiered.retry_initial_seconds * 2 ** (state.list_failures - 1),
+            )
+            requested = False  # our own writes cannot have happened: wait for the backoff
+        else:
+            every, requested = tiered.rescan_seconds, state.scan_requested
+        due = time.monotonic() - state.listed_at >= every
+        if (due or requested or state.listed_at == 0.0) and not self.durable_lane.busy:
             self.state = replace(state, scan_requested=False)
             self.durable_lane.submit(self._list_job())
 
@@ -466,11 +501,18 @@ class Daemon:
     def _list_job(self) -> Job:
         durable, multi = self.durable, self.topology.multi
         version = self.state.durable_version
+        timeout = self.cfg.tiered.durable_timeout_seconds
 
-        def run(_p: Progress) -> tuple[list[DurableStep], int, list]:
+        def listing() -> tuple[list[DurableStep], int, list]:
+            durable.check()  # a missing bucket says so, instead of listing as empty
             steps = durable.scan()
             epoch = Rendezvous(durable).current_epoch() if multi else 0
             return steps, epoch, durable.list_displaced()
+
+        def run(_p: Progress) -> tuple[list[DurableStep], int, list]:
+            # Storage clients retry on their own for a minute or more (gcsfs: six tries);
+            # readiness should not wait that long to say the store is away.
+            return within(timeout, listing)
 
         return Job("list", None, run, data=version)
 
@@ -508,12 +550,22 @@ class Daemon:
             err = outcome.error
             if not isinstance(err, TieredError | OSError):
                 raise err
-            log.warning("Cannot list the durable tier: %s", err)
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            failures = self.state.list_failures + 1
+            if message != self.state.durable_error or failures % 20 == 0:
+                log.warning(
+                    "The durable tier does not answer (%d attempt%s; the local tier is kept, "
+                    "nothing owed is pruned): %s",
+                    failures,
+                    "" if failures == 1 else "s",
+                    message,
+                )
             self.state = replace(
-                self.state.error("list", str(err), time.time()),
+                self.state.error("list", message, time.time()),
                 durable=None,
-                durable_error=str(err),
+                durable_error=message,
                 listed_at=now_mono,
+                list_failures=failures,
             )
             self.metrics.errors.labels(kind="list").inc()
             return
@@ -522,10 +574,16 @@ class Daemon:
             # We wrote the durable tier while this listing ran: it may predate the write.
             self.state = replace(self.state, scan_requested=True)
             return
+        if self.state.list_failures:
+            log.info(
+                "The durable tier answers again, after %d failed attempts",
+                self.state.list_failures,
+            )
         self.state = replace(
             self.state,
             durable=tuple(steps),
             durable_error=None,
+            list_failures=0,
             listed_at=now_mono,
             epoch=epoch,
             displaced=tuple(displaced),
@@ -759,7 +817,8 @@ class Daemon:
         self.local.ensure()
         self.lock.acquire()
         self.local.empty_trash()
-        self.durable.check()
+        # The durable tier is not checked here: the daemon starts, serves its probes and keeps
+        # the local tier safe however long the store is away (the first listing says why).
         self.watcher = Watcher(self.local.root, self.wake)
         self.watcher.start()
         self.server = StatusServer(
@@ -768,6 +827,7 @@ class Daemon:
                 "/status": lambda: (200, "application/json", self.status_json().encode()),
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render()),
                 "/healthz": self._healthz,
+                "/readyz": self._readyz,
             },
         )
         self.server.start()
@@ -784,14 +844,18 @@ class Daemon:
         )
 
     def _healthz(self) -> tuple[int, str, bytes]:
-        healthy, why = self.health()
-        return (200 if healthy else 503), "text/plain", f"{why}\n".encode()
+        alive, why = self.alive()
+        return (200 if alive else 503), "text/plain", f"{why}\n".encode()
+
+    def _readyz(self) -> tuple[int, str, bytes]:
+        ready, why = self.health()
+        return (200 if ready else 503), "text/plain", f"{why}\n".encode()
 
     def run(self) -> int:
         self.start()
         try:
             self.cycle(force_rescan=True)
-            tick = min(self.cfg.tiered.rescan_seconds, self.cfg.tiered.prune_interval_seconds, 5.0)
+            tick = self._tick
             while not self.stopping.is_set():
                 # Node 0 polls for the other nodes' parts every second while a commit waits.
                 waiting = self.state.parts and self.topology.committer
@@ -915,26 +979,44 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+_LIBRARIES = (
+    "urllib3",
+    "botocore",
+    "aiobotocore",
+    "gcsfs",
+    "fsspec",
+    "watchdog",
+    "google",
+    "asyncio",
+    "s3fs",
+    "aiohttp",
+)
+
+
+class _OneLineFromLibraries(logging.Filter):
+    """Storage clients log their own retries and failures, with tracebacks (gcsfs: "out of
+    retries on exception", 40 lines). tiered reports the same failure itself, in one line, so a
+    library's record keeps its first line and loses its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in _LIBRARIES:
+            record.msg = record.getMessage().splitlines()[0] if record.getMessage() else ""
+            record.args = ()
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
 def configure_logging(fmt: str, *, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_OneLineFromLibraries())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in (
-        "urllib3",
-        "botocore",
-        "aiobotocore",
-        "gcsfs",
-        "fsspec",
-        "watchdog",
-        "google",
-        "asyncio",
-        "s3fs",
-    ):
+    for noisy in _LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

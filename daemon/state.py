@@ -60,6 +60,8 @@ class DaemonState:
     durable: tuple[DurableStep, ...] | None = None
     """The last durable listing; None until one succeeds, and again while it fails."""
     durable_error: str | None = None
+    list_failures: int = 0
+    """Consecutive failed listings of the durable tier, for the backoff."""
     listed_at: float = 0.0
     """When (monotonic) the durable tier was last listed; 0 for never."""
     durable_version: int = 0

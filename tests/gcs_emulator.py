@@ -6,6 +6,9 @@
   launcher splits the body on the boundary exactly.
 - Generations. Downloads carry ``x-goog-generation``, and uploads honour ``ifGenerationMatch``
   and ``ifGenerationNotMatch`` (412 when they fail).
+- Resumable uploads in linear time. The emulator appends each chunk by copying everything
+  received so far (``bytes += chunk``), so a 2 GiB object in 24 MiB chunks copied about 90 GB
+  and uploaded at 27 MB/s; chunks now go into one growing buffer per upload.
 
 Otherwise it is the emulator's own ``main``.
 
@@ -22,8 +25,9 @@ from typing import Any
 
 from gcp_storage_emulator import server
 from gcp_storage_emulator.__main__ import main
-from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.exceptions import BadRequest, NotFound
 from gcp_storage_emulator.handlers import objects
+from gcp_storage_emulator.storage import Storage
 
 _original_read_data = server._read_data
 
@@ -114,6 +118,30 @@ for _regex, _methods in server.HANDLERS:
             _methods[_method] = _download
         elif _handler is _original_insert:
             _methods[_method] = _insert
+
+_pending: dict[str, bytearray] = {}
+
+
+def _add_to_resumable_upload(
+    self: Any, file_id: str, content: bytes, total_size: int | None = None, expected_start=None
+) -> bytes | None:
+    safe_id = self.safe_id(file_id)
+    buf = _pending.setdefault(safe_id, bytearray())
+    if expected_start is not None and expected_start != len(buf):
+        raise BadRequest(f"Invalid Content-Range start: expected {len(buf)}, got {expected_start}")
+    buf += content or b""
+    if total_size is None or len(buf) < total_size:
+        return None
+    del _pending[safe_id]
+    return bytes(memoryview(buf)[:total_size])
+
+
+def _get_resumable_byte_count(self: Any, file_id: str) -> int:
+    return len(_pending.get(self.safe_id(file_id), b""))
+
+
+Storage.add_to_resumable_upload = _add_to_resumable_upload
+Storage.get_resumable_byte_count = _get_resumable_byte_count
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -203,6 +203,7 @@ def main() -> int:
     parser.add_argument("--maxtext-python", required=True)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    args.maxtext_python = os.path.abspath(args.maxtext_python)  # the trainer runs elsewhere
     work = Path(tempfile.mkdtemp(prefix="tiered-maxtext-"))
     run = Run(work, args.maxtext_python)
     print(f"work directory: {work}", flush=True)
@@ -241,7 +242,7 @@ def main() -> int:
         check(reasons.get(20) == "periodic", f"status shows real reasons: {reasons}")
 
         # 3. kill -9 mid-run, then resume from the newest local step
-        proc, log = run.start_trainer(400)
+        proc, log = run.start_trainer(100_000)
         run.wait(lambda: max(run.local_steps(), default=0) >= 60, "the run passes step 60", 300)
         proc.send_signal(signal.SIGKILL)
         proc.wait(60)
@@ -250,14 +251,26 @@ def main() -> int:
         check(restored_step(log) == newest, f"after kill -9, MaxText resumed from {newest}")
 
         # 4. SIGTERM: MaxText stops without saving; its newest local step becomes durable
-        proc, log = run.start_trainer(400)
+        proc, log = run.start_trainer(100_000)
         run.wait(lambda: max(run.local_steps(), default=0) >= newest + 40, "the run goes on", 300)
         proc.send_signal(signal.SIGTERM)
         check(proc.wait(120) == 0, "MaxText exits 0 on SIGTERM", log.read_text())
         text = log.read_text()
-        stopped = int(re.findall(r"Reached preemption sync point, step=(\d+)", text)[-1])
+        check("Job received termination signal" in text, "MaxText stopped on SIGTERM", text)
+        stopped = int(re.findall(r"completed step: (\d+),", text)[-1])
+        noticed = min(
+            (
+                i
+                for i in (text.find("Reached preemption sync point"), text.find("Training stopped"))
+                if i >= 0
+            ),
+        )
         last = max(run.local_steps())
-        check(last < stopped, f"SIGTERM at step {stopped} saved nothing (last save {last})")
+        check(
+            last <= stopped and "Saving checkpoint" not in text[noticed:],
+            f"SIGTERM after step {stopped} saved nothing (the last save was {last})",
+            text[noticed - 3000 :],
+        )
         run.wait(lambda: last in run.durable_steps(), f"step {last} reaches the durable tier")
         check(run.stop_daemon() == 0, "the daemon drains and exits 0")
 

@@ -72,8 +72,8 @@ def test_http_endpoints(tmp_path: Path) -> None:
         daemon.wait_ready()
         orbax_save(cfg.local_dir, 50, example_state())
         wait_for(lambda: durable_of(cfg).committed_steps() == [50], what="promotion")
-        code, body = daemon.get("/healthz")
-        assert (code, body) == (200, b"ok\n")
+        assert daemon.get("/healthz") == (200, b"alive\n")  # liveness: the loop runs
+        assert daemon.get("/readyz") == (200, b"ok\n")  # readiness: the store answers
         status = json.loads(daemon.get("/status")[1])
         assert status["daemon"]["last_promotion"]["step"] == 50
         step50 = next(s for s in status["steps"] if s["step"] == 50)
@@ -194,55 +194,86 @@ def test_kill_9_mid_upload_then_restart_completes(durable_url: str, tmp_path: Pa
         daemon.terminate()
 
 
-def test_emulator_outage_retries_keeps_local_and_catches_up(tmp_path: Path) -> None:
-    from conftest import GcsEmulator, free_port, make_bucket
-
-    emu = GcsEmulator(free_port())
-    emu.start()
-    env = {"STORAGE_EMULATOR_HOST": emu.url}
+def test_a_store_down_from_the_start_degrades_the_daemon_and_it_catches_up(
+    tmp_path: Path,
+) -> None:
+    """The store is away when the daemon starts: it serves its status and probes all along
+    (alive, not ready), keeps every owed step local, `tiered status` answers in seconds with
+    the local tier and one line about the store, and once the store is back it catches up."""
     import os
+    import time
 
+    from conftest import GcsEmulator, free_port
+
+    emu = GcsEmulator(free_port())  # not started yet
+    env = {"STORAGE_EMULATOR_HOST": emu.url}
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = emu.url
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # no 60 s gRPC probe here either
+    bucket = "tiered-outage"
+    config_path, cfg = write_config(
+        tmp_path,
+        f"gs://{bucket}/run",
+        tiered={
+            "local_max_to_keep": 1,
+            "retry_attempts": 1,
+            "retry_max_seconds": 2,
+            "durable_timeout_seconds": 8,
+            "storage_options": {"token": "anon"},
+        },
+    )
+    trainer = Trainer(cfg.local_dir)
+    for step in (50, 60, 70):
+        trainer.save(step, example_state())
+    trainer.close()
+    daemon = DaemonProc(config_path, cfg, env=env)
     try:
-        bucket = make_bucket()
-        config_path, cfg = write_config(
-            tmp_path,
-            f"gs://{bucket}/run",
-            tiered={
-                "local_max_to_keep": 1,
-                "retry_attempts": 2,
-                "retry_max_seconds": 1,
-                "storage_options": {"token": "anon"},
-            },
+        daemon.wait_ready()
+        assert daemon.get("/healthz") == (200, b"alive\n")
+        assert daemon.get("/readyz") == (503, b"waiting for the durable tier's first answer\n")
+        wait_for(
+            lambda: b"the durable tier does not answer" in daemon.get("/readyz")[1],
+            timeout=120,
+            what=daemon.log(),
         )
-        daemon = DaemonProc(config_path, cfg, env=env)
-        try:
-            daemon.wait_ready()
-            emu.stop()
-            trainer = Trainer(cfg.local_dir)
-            for step in (50, 60, 70):
-                trainer.save(step, example_state())
-            trainer.close()
-            wait_for(
-                lambda: json.loads(daemon.get("/status")[1])["daemon"]["last_error"],
-                timeout=60,
-                what="the status to show the error",
-            )
-            status = json.loads(daemon.get("/status")[1])
-            assert status["daemon"]["health"] in ("degraded", "unhealthy")
-            # step 50 is due and not durable: it must still be local; 60 may go
-            local = LocalTier(cfg.local_dir)
-            assert 50 in local.committed_steps()
-            emu.start()
-            bucket_fs_recreated = make_bucket_named(bucket)
-            assert bucket_fs_recreated
-            durable = durable_of(cfg)
-            wait_for(lambda: durable.committed_steps() == [50], timeout=60, what=daemon.log())
-            wait_for(lambda: local.committed_steps() == [70], timeout=30, what="catch-up prune")
-        finally:
-            daemon.terminate()
+        assert daemon.get("/readyz")[0] == 503
+        status = json.loads(daemon.get("/status")[1])
+        assert status["durable_error"] and status["daemon"]["health"] == "unhealthy"
+        assert daemon.get("/metrics")[0] == 200
+        local = LocalTier(cfg.local_dir)
+        assert local.committed_steps() == [50, 70]  # 50 is owed: kept; 60 is not: pruned
+        started = time.monotonic()
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tiered.cli",
+                "status",
+                "--no-daemon",
+                "--config",
+                str(config_path),
+            ],
+            capture_output=True,
+            text=True,
+            env={**subprocess_env(), **env},
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert out.returncode == 0 and time.monotonic() - started < 15
+        assert "durable tier unreachable" in out.stdout and "Traceback" not in out.stderr
+        assert "50" in out.stdout and "due" in out.stdout
+        assert daemon.log().count("Traceback") == 0
+        assert daemon.get("/healthz")[0] == 200  # alive throughout: a restart would not help
+
+        emu.start()
+        make_bucket_named(bucket)
+        durable = durable_of(cfg)
+        wait_for(lambda: durable.committed_steps() == [50], timeout=120, what=daemon.log())
+        wait_for(lambda: local.committed_steps() == [70], timeout=30, what="catch-up prune")
+        wait_for(lambda: daemon.get("/readyz") == (200, b"ok\n"), timeout=30, what="ready")
+        assert "answers again" in daemon.log()
     finally:
+        daemon.terminate()
         emu.stop()
         if old is not None:
             os.environ["STORAGE_EMULATOR_HOST"] = old

@@ -73,8 +73,9 @@ def test_pod_template_matches_config(manifest: str, overlay: str | None) -> None
         trainer = next(c for c in spec["containers"] if c["name"] == "trainer")
         assert sidecar["restartPolicy"] == "Always"  # a native sidecar
         assert [p["containerPort"] for p in sidecar["ports"]] == [port]
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert sidecar[probe]["httpGet"]["path"] == "/healthz"
+        # liveness is the daemon's loop; readiness is the store's health
+        assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
         config_arg = sidecar["args"][sidecar["args"].index("--config") + 1]
         assert config_arg == trainer["args"][trainer["args"].index("--config") + 1]
         for container in (sidecar, trainer):

@@ -210,13 +210,17 @@ def test_outage_shows_in_status_and_loses_nothing(tmp_path: Path) -> None:
         cfg_dict = yaml.safe_load(config_path.read_text())
         daemon = DaemonProc(config_path, cfg)
         try:
-            # The bucket check at start fails too: the daemon reports it and exits 2.
-            assert daemon.proc.wait(120) == 2
-            assert "503" in daemon.log() or "injected" in daemon.log()
+            # The store refuses even the bucket check: the daemon stays up, alive but not ready,
+            # says why in one line, and keeps every owed step.
+            daemon.wait_ready()
+            wait_for(lambda: daemon.get("/readyz")[0] == 503, timeout=150, what=daemon.log())
+            wait_for(lambda: "does not answer" in daemon.log(), timeout=150, what=daemon.log())
+            assert daemon.get("/healthz")[0] == 200 and daemon.proc.poll() is None
+            assert "Traceback" not in daemon.log()
         finally:
-            daemon.kill()
+            daemon.terminate()
         assert cfg_dict["tiered"]["storage_options"]["endpoint_url"] == proxy.url
-    assert LocalTier(cfg.local_dir).committed_steps() == [40, 50, 60, 70]
+    assert LocalTier(cfg.local_dir).committed_steps() == [50, 70]  # 50 is owed: kept
 
 
 # -- a full local disk ----------------------------------------------------------------------------

@@ -84,6 +84,7 @@ class TieredSettings(BaseModel):
     restore_agreement_timeout_seconds: float = Field(600.0, gt=0)
     local_compression: bool = False
     final_after_idle_seconds: float | None = Field(900.0, gt=0)
+    durable_timeout_seconds: float = Field(60.0, gt=0)
     daemon_nice: int = Field(10, ge=0, le=19)
     log_format: Literal["text", "json"] = "text"
 

@@ -11,12 +11,13 @@ ever added within a schema version.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tiered.config import TieredConfig, redact_url
 from tiered.lock import DaemonLock
@@ -170,7 +171,40 @@ def query_daemon(address: str, *, timeout: float = 2.0) -> dict[str, Any] | None
         return None
 
 
-def collect_status(cfg: TieredConfig, *, ask_daemon: bool = True) -> TierStatus:
+def _scan_durable(cfg: TieredConfig) -> tuple[list, list]:
+    durable = open_tiers(cfg)[1]
+    return durable.scan(), durable.list_displaced()
+
+
+T = TypeVar("T")
+
+
+def within(seconds: float, fn: Callable[[], T]) -> T:
+    """``fn()``, or a transient ``StorageError`` when it takes longer than ``seconds`` (object-
+    store clients retry for a minute or more; the thread is left to finish on its own)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller below
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name="tiered-status-durable", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise StorageError(
+            f"no answer within {seconds:g} s (tiered.durable_timeout_seconds)", transient=True
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def collect_status(
+    cfg: TieredConfig, *, ask_daemon: bool = True, durable_timeout: float = 5.0
+) -> TierStatus:
     """Status as ``tiered status`` shows it: from the daemon when it answers, else the tiers.
 
     The daemon is asked at ``tiered.status_address``, and then at the address it recorded in
@@ -192,11 +226,12 @@ def collect_status(cfg: TieredConfig, *, ask_daemon: bool = True) -> TierStatus:
                 "last_error": f"the daemon (pid {pid}) holds the lock but does not answer at "
                 f"{recorded or cfg.tiered.status_address}",
             }
-    local, durable = open_tiers(cfg)
+    local = LocalTier(cfg.local_dir)
     local_steps = tuple(local.scan(with_size=True))
     try:
-        durable_steps: tuple | None = tuple(durable.scan())
-        displaced = [*durable.list_displaced(), *local.displaced()]
+        scanned, moved = within(durable_timeout, lambda: _scan_durable(cfg))
+        durable_steps: tuple | None = tuple(scanned)
+        displaced = [*moved, *local.displaced()]
         error = None
     except StorageError as err:
         durable_steps, displaced, error = None, local.displaced(), str(err)
