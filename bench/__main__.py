@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--per-node-mb", type=int, default=128, help="state per process for the scaling scenario"
     )
+    p.add_argument(
+        "--memory-mb", type=int, default=2048, help="file size for the footprint's memory table"
+    )
     p.add_argument("--report-only", action="store_true", help="only regenerate the docs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -85,7 +88,7 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
             size_mb=args.size_mb, reps=args.reps, step_ms=args.step_ms, work=work
         )
     if name == "footprint":
-        return scenarios.footprint(work=work)
+        return scenarios.footprint(work=work, memory_mb=args.memory_mb)
     if name == "scaling":
         return scenarios.scaling(per_node_mb=args.per_node_mb, reps=min(args.reps, 2), work=work)
     if name == "physical":

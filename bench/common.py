@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -81,6 +82,59 @@ def gcs_emulator(*, on_disk: bool = False) -> Iterator[str]:
 
         for cls in list(fsspec.registry.values()):
             cls.clear_instance_cache()
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server on loopback; yields its endpoint URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+S3_CREDENTIALS = {"key": "bench", "secret": "bench"}
+
+
+def s3_options(endpoint: str) -> dict[str, Any]:
+    return {
+        **S3_CREDENTIALS,
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+
+
+def new_s3_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"bench-{uuid.uuid4().hex[:10]}"
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    ).create_bucket(Bucket=name)
+    return name
 
 
 def new_bucket() -> str:

@@ -183,7 +183,31 @@ def _footprint(r: dict[str, Any]) -> list[str]:
         "|---|---|",
         f"| {r['idle_cpu_percent']:.2f}% ({_ok(r['idle_cpu_percent'] < 1)}, bar < 1%) | "
         f"{r['rss_mb']:.0f} MB ({_ok(r['rss_mb'] < 150)}, bar < 150 MB) |",
+        *_memory(r.get("memory")),
     ]
+
+
+def _memory(m: dict[str, Any] | None) -> list[str]:
+    """Peak RSS per backend and command, beside a plain fsspec copy of the same file."""
+    if not m:
+        return []
+    rows = [
+        "",
+        f"Peak resident memory (MB) moving a step of one {m['params']['size_mb']} MB file: each "
+        "`tiered` command as users run it, beside one plain fsspec `put_file` / `get_file` of "
+        "the same file with the client's defaults. Bar: every `tiered` command under 200 MB.",
+        "",
+        "| backend | tiered promote | tiered verify | tiered restore | fsspec put | fsspec get | bar |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, p in m["peak_rss_mb"].items():
+        worst = max(p["tiered_promote"], p["tiered_verify"], p["tiered_restore"])
+        rows.append(
+            f"| {name} | {p['tiered_promote']:.0f} | {p['tiered_verify']:.0f} | "
+            f"{p['tiered_restore']:.0f} | {p['fsspec_put']:.0f} | {p['fsspec_get']:.0f} | "
+            f"{_ok(worst < 200)} |"
+        )
+    return rows
 
 
 def _physical(r: dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    ROOT,
     config_mapping,
     daemon,
     drop_bucket,
@@ -443,7 +445,7 @@ def interference(*, size_mb: int, reps: int, step_ms: float, work: Path) -> dict
 
 
 def footprint(
-    *, work: Path, steps: int = 50, files: int = 1000, seconds: float = 30.0
+    *, work: Path, steps: int = 50, files: int = 1000, seconds: float = 30.0, memory_mb: int = 2048
 ) -> dict[str, Any]:
     local = work / "footprint-local"
     for i in range(steps):
@@ -474,6 +476,72 @@ def footprint(
         "idle_cpu_percent": cpu * 100,
         "rss_mb": rss,
         "bars": {"idle CPU under 1%": 1.0, "RSS under 150 MB": 150.0},
+        "memory": memory(size_mb=memory_mb, work=work) if memory_mb else None,
+    }
+
+
+def memory(*, size_mb: int, work: Path) -> dict[str, Any]:
+    """Peak resident memory of ``tiered promote``, ``verify`` and ``restore`` of a step with one
+    file of ``size_mb``, on each backend, beside one plain fsspec ``put_file`` / ``get_file`` of
+    the same file with the client's defaults. Each figure is the process's own ``VmHWM``
+    (``bench/peak.py``)."""
+    from bench.common import moto_server, new_s3_bucket, s3_options
+
+    local = work / "memory-local"
+    step = local / "50"
+    step.mkdir(parents=True)
+    with open(step / "weights.bin", "wb") as f:
+        for _ in range(size_mb):
+            f.write(os.urandom(1 << 20))
+    (step / "commit_success.txt").write_text("ok")
+    rows: dict[str, dict[str, float]] = {}
+
+    def peak(*argv: str) -> float:
+        out = work / "peak.txt"
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.peak", str(out), *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {done.stderr[-2000:]}")
+        return float(out.read_text())
+
+    with moto_server() as endpoint:
+        stores = {
+            "file": (f"file://{work}/memory-durable", {}),
+            "gs": (f"gs://{new_bucket()}/run", {"token": "anon"}),
+            "s3": (f"s3://{new_s3_bucket(endpoint)}/run", s3_options(endpoint)),
+        }
+        for name, (url, options) in stores.items():
+            cfg = write_config(
+                work / f"memory-{name}.yml",
+                config_mapping(local, url, tiered={"storage_options": options}),
+            )
+            c = str(cfg)
+            row = {"tiered_promote": peak("tiered.cli", "promote", "50", "--config", c)}
+            row["tiered_verify"] = peak("tiered.cli", "verify", "50", "--config", c)
+            moved = work / "memory-moved"
+            shutil.move(step, moved)
+            row["tiered_restore"] = peak("tiered.cli", "restore", "--step", "50", "--config", c)
+            shutil.rmtree(step)
+            shutil.move(moved, step)
+            remote = f"{url.removeprefix('file://')}/baseline.bin"
+            opts = json.dumps(options)
+            row["fsspec_put"] = peak(
+                "bench.fscopy", "put", str(step / "weights.bin"), remote, url, opts
+            )
+            row["fsspec_get"] = peak(
+                "bench.fscopy", "get", remote, str(work / "back.bin"), url, opts
+            )
+            (work / "back.bin").unlink()
+            rows[name] = row
+    shutil.rmtree(local, ignore_errors=True)
+    return {
+        "params": {"size_mb": size_mb},
+        "peak_rss_mb": rows,
+        "bars": {"tiered commands under 200 MB": 200.0},
     }
 
 

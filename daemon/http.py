@@ -6,10 +6,13 @@ other method gets 405. It reads the daemon's state and never changes it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tiered import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,18 @@ class StatusServer:
     def __init__(self, address: str, routes: dict[str, Route]) -> None:
         host, _, port = address.rpartition(":")
         handler = type("Handler", (_Handler,), {"routes": routes})
-        self.httpd = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
+        try:
+            self.httpd = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
+        except OSError as err:
+            why = {
+                errno.EADDRINUSE: "the address is in use (another daemon, or another program?)",
+                errno.EADDRNOTAVAIL: "no interface of this host has that address",
+                errno.EACCES: "a port below 1024 needs privileges",
+            }.get(err.errno or 0, err.strerror or str(err))
+            raise ConfigError(
+                f"tiered.status_address {address}: {why}; choose another with "
+                "tiered.status_address or TIERED_STATUS_ADDRESS"
+            ) from None
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="tiered-http", daemon=True

@@ -406,7 +406,7 @@ class Daemon:
     def _check_disk(self) -> None:
         floor = self.cfg.tiered.min_free_local_fraction
         try:
-            free = self.local.free_fraction()
+            free = self.local.free_fraction(self.cfg.tiered.local_capacity)
         except OSError:
             return
         pressure = free < floor
@@ -1044,19 +1044,22 @@ def run_daemon(cfg: TieredConfig, *, log_format: str = "text") -> int:
     configure_logging(log_format)
     nice = lower_cpu_priority(cfg.tiered.daemon_nice)
     log.info("Running at nice %d (tiered.daemon_nice: %d)", nice, cfg.tiered.daemon_nice)
-    daemon = Daemon(cfg)
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("Received %s", signal.Signals(signum).name)
-        daemon.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     # `kill -USR1 <pid>` prints every thread's stack: stuck work is visible without a debugger.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
+        daemon = Daemon(cfg)
+
+        def on_signal(signum: int, frame: object) -> None:
+            log.info("Received %s", signal.Signals(signum).name)
+            daemon.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
         return daemon.run()
     except TieredError as err:
-        log.error("%s", err)
         print(f"tiered: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # what start-up meets on a path a user gave: say which, in a line
+        where = f": {err.filename}" if err.filename else ""
+        print(f"tiered: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2

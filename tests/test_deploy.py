@@ -159,3 +159,22 @@ def test_jobset_gives_every_host_the_same_shape() -> None:
         )
     assert envs[0]["TIERED_NODE_RANK"] == envs[1]["TIERED_NODE_RANK"]
     assert "--distributed" in trainer["args"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [K8S / "base" / "job.yaml", K8S / "base" / "jobset.yaml", K8S / "maxtext" / "jobset.yaml"],
+)
+def test_the_sidecar_knows_the_local_volume_limit(path: Path) -> None:
+    """tiered.local_capacity equals the emptyDir sizeLimit: free space is measured against
+    what the kubelet enforces, not the node's disk."""
+    from tiered.config import parse_bytes
+
+    for doc in docs(path):
+        for spec in pod_specs(doc):
+            volume = next(v for v in spec["volumes"] if v["name"] == "local-ssd")
+            sidecar = next(c for c in spec["initContainers"] if c["name"] == "tiered-daemon")
+            env = {e["name"]: e.get("value") for e in sidecar.get("env", [])}
+            assert parse_bytes(env["TIERED_LOCAL_CAPACITY"]) == parse_bytes(
+                volume["emptyDir"]["sizeLimit"]
+            )

@@ -511,3 +511,30 @@ def test_two_trainers_on_one_directory_are_refused(tmp_path: Path) -> None:
         CheckpointManager(cfg, install_signal_handlers=False)
     with CheckpointManager(cfg, install_signal_handlers=False):
         pass  # released on close: the next trainer gets it
+
+
+def test_local_capacity_is_the_pod_limit_not_the_filesystem(tmp_path: Path) -> None:
+    """An emptyDir sizeLimit is not what the filesystem reports free: with tiered.local_capacity
+    set, the daemon measures its floor against it (and shrinks the local tier to the newest and
+    pinned steps), long before the kubelet would evict the pod."""
+    config_path, cfg = write_config(
+        tmp_path,
+        f"file://{tmp_path}/durable",
+        checkpoint_period=1000,
+        tiered={"local_max_to_keep": 3, "local_capacity": "2Mi", "min_free_local_fraction": 0.5},
+    )
+    assert cfg.tiered.local_capacity == 2 * 2**20
+    trainer = Trainer(cfg.local_dir)
+    state = {"w": np.random.default_rng(0).standard_normal(100_000).astype(np.float32)}  # 400 KB
+    for step in (10, 20, 30):
+        trainer.save(step, state)
+    trainer.close()
+    daemon = DaemonProc(config_path, cfg)
+    try:
+        daemon.wait_ready()
+        wait_for(lambda: "Local disk pressure" in daemon.log(), what=daemon.log())
+        wait_for(lambda: LocalTier(cfg.local_dir).committed_steps() == [30], what=daemon.log())
+        # pruned to the newest step, the tier is back above its floor
+        wait_for(lambda: "Local disk pressure over" in daemon.log(), what=daemon.log())
+    finally:
+        daemon.terminate()

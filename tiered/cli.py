@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from tiered.config import TieredConfig, load_config
 from tiered.errors import ChecksumMismatch, TieredError
@@ -130,6 +130,13 @@ def cmd_export(cfg: TieredConfig, args: argparse.Namespace) -> int:
 
 def cmd_verify(cfg: TieredConfig, args: argparse.Namespace) -> int:
     local, durable = open_tiers(cfg)
+    steps = durable.committed_steps()
+    if args.step not in steps:
+        raise TieredError(
+            f"step {args.step} is not committed on {durable.url} (committed: {steps or 'none'})"
+        )
+    if args.tier == "local" and args.step not in local.committed_steps():
+        raise TieredError(f"step {args.step} is not a committed step in {local.root}")
     manifest = durable.read_manifest(args.step)
     if args.tier == "durable":
         durable.verify_step(args.step, manifest)
@@ -191,12 +198,17 @@ def cmd_daemon(cfg: TieredConfig, args: argparse.Namespace) -> int:
     return run_daemon(cfg, log_format=args.log_format or cfg.tiered.log_format)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"tiered: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tiered", description="Two-tier checkpointing for JAX training."
-    )
+    parser = _Parser(prog="tiered", description="Two-tier checkpointing for JAX training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log DEBUG detail")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -313,8 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TieredError as err:
         print(f"tiered: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
-        print(f"tiered: error: not found: {err}", file=sys.stderr)
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"tiered: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tiered: interrupted", file=sys.stderr)

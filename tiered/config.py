@@ -84,9 +84,25 @@ class TieredSettings(BaseModel):
     restore_agreement_timeout_seconds: float = Field(600.0, gt=0)
     local_compression: bool = False
     final_after_idle_seconds: float | None = Field(900.0, gt=0)
+    local_capacity: int | None = None
+    """Bytes the local tier may use (``200Gi``, ``50G``, ``1048576``): free space is measured
+    against it instead of the filesystem's figure, which an emptyDir ``sizeLimit`` or a quota
+    does not change."""
     durable_timeout_seconds: float = Field(60.0, gt=0)
     daemon_nice: int = Field(10, ge=0, le=19)
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("local_capacity", mode="before")
+    @classmethod
+    def _bytes(cls, value: object) -> object:
+        return parse_bytes(value) if isinstance(value, str) else value
+
+    @field_validator("local_capacity")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be a positive size, got {value}")
+        return value
 
     @field_validator("status_address")
     @classmethod
@@ -121,7 +137,7 @@ class TieredConfig(BaseModel):
 
     @property
     def local_dir(self) -> Path:
-        return Path(_strip_file_scheme(self.local_checkpoint_directory)).absolute()
+        return Path(_strip_file_scheme(self.local_checkpoint_directory)).expanduser().absolute()
 
     @property
     def durable_url(self) -> str:
@@ -158,13 +174,41 @@ class TieredConfig(BaseModel):
         )
 
 
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``200Gi``, ``50G``, ``1.5Ti``, ``1048576``: Kubernetes' quantities, in bytes."""
+    raw = text.strip()
+    number = raw.rstrip("KMGTiBkmgtb")
+    unit = raw[len(number) :].lower().removesuffix("b")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"expected a size such as 200Gi or 50G, got {text!r}") from None
+    if unit not in _UNITS or not math.isfinite(value):
+        raise ValueError(f"expected a size such as 200Gi or 50G, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
 def normalize_url(raw: str) -> str:
     """``/a/b`` and ``file:///a/b`` become ``file:///a/b``; ``gs://b/p/`` becomes ``gs://b/p``."""
     if "://" not in raw:
-        return "file://" + str(Path(raw).absolute())
+        return "file://" + str(Path(raw).expanduser().absolute())
     scheme, _, rest = raw.partition("://")
     if scheme in ("file", "local"):
-        return "file://" + str(Path("/" + rest.lstrip("/")).absolute())
+        path = Path(rest).expanduser() if rest.startswith("~") else Path("/" + rest.lstrip("/"))
+        return "file://" + str(path.absolute())
     return f"{scheme}://{rest.rstrip('/')}"
 
 

@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from tiered.errors import TieredError
+from tiered.errors import ConfigError, TieredError
 from tiered.layout import LOCK_NAME
 
 
@@ -29,8 +29,15 @@ class DaemonLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(
+                f"local_checkpoint_directory {self.path.parent.parent}: cannot take the lock "
+                f"{self.path.relative_to(self.path.parent.parent)}: "
+                f"{err.strerror or err}; the local tier must be a writable directory"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -255,7 +255,7 @@ class CheckpointManager:
         sizes = [f.size for f in steps if f.committed and f.size]
         if not sizes:
             return
-        free = self.local.free_bytes()
+        free = self.local.free_bytes(self.config.tiered.local_capacity)
         if free < sizes[-1] * 1.1:
             log.warning(
                 "Local tier %s has %d MB free and the last checkpoint took %d MB: the next save "

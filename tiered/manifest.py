@@ -125,18 +125,14 @@ def crc32c_of_file(path: str | os.PathLike[str]) -> tuple[int, int]:
         return crc32c_of_stream(f)
 
 
-def crc32c_of_stream(f: BinaryIO) -> tuple[int, int]:
-    """(size, crc32c) of everything left to read in ``f``, in bounded chunks."""
+def crc32c_of_stream(f: BinaryIO, *, chunk: int = _CHUNK) -> tuple[int, int]:
+    """(size, crc32c) of everything left to read in ``f``, in reads of ``chunk`` bytes."""
     checksum = google_crc32c.Checksum()
     size = 0
-    while chunk := f.read(_CHUNK):
-        checksum.update(chunk)
-        size += len(chunk)
+    while data := f.read(chunk):
+        checksum.update(data)
+        size += len(data)
     return size, int.from_bytes(checksum.digest(), "big")
-
-
-def crc32c_of_bytes(data: bytes) -> int:
-    return int.from_bytes(google_crc32c.Checksum(data).digest(), "big")
 
 
 def _check_relpath(rel: str) -> None:

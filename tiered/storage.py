@@ -190,6 +190,9 @@ def translate_errors(what: str, *, missing: str | None = None) -> Iterator[None]
         raise
     except Exception as err:
         transient, text = _classify(err)
+        filename = getattr(err, "filename", None)
+        if filename and str(filename) in what:  # said once is enough
+            text = text.removesuffix(f": {filename}")
         raise StorageError(f"{what}: {text}", transient=transient) from err
 
 
@@ -410,12 +413,28 @@ class LocalTier:
             for entry in self.trash_dir.iterdir():
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def free_fraction(self) -> float:
-        usage = shutil.disk_usage(self.root)
-        return usage.free / usage.total if usage.total else 1.0
+    def used_bytes(self) -> int:
+        """Bytes under the local directory: every file once (symlinked steps are not followed;
+        their staged targets are counted where they are), saves in progress included."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.root, followlinks=False):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+        return total
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+    def free_bytes(self, capacity: int | None = None) -> int:
+        """Free bytes: what ``capacity`` leaves when it is set (an emptyDir ``sizeLimit``, a
+        quota, which the filesystem does not report), else the filesystem's own figure; the
+        smaller of the two when both apply."""
+        disk = shutil.disk_usage(self.root).free
+        if capacity is None:
+            return disk
+        return max(0, min(disk, capacity - self.used_bytes()))
+
+    def free_fraction(self, capacity: int | None = None) -> float:
+        total = capacity if capacity is not None else shutil.disk_usage(self.root).total
+        return self.free_bytes(capacity) / total if total else 1.0
 
 
 # -- durable tier --------------------------------------------------------------------------------
@@ -767,15 +786,22 @@ class DurableTier:
 
     def _read_crc32c(self, step: int, rel: str) -> int:
         """The crc32c of an object, streamed in bounded reads: never the whole object at once."""
+        block = self._read_block()
         with (
             translate_errors(f"reading back {rel} of {self.step_url(step)}"),
-            self.fs.open(self._path(step, rel), "rb", **self._stream_options()) as f,
+            self._budget.reserve(block),
+            self.fs.open(self._path(step, rel), "rb", **self._stream_options(block)) as f,
         ):
-            return crc32c_of_stream(f)[1]
+            return crc32c_of_stream(f, chunk=block)[1]
 
-    def _stream_options(self) -> dict[str, Any]:
+    def _read_block(self) -> int:
+        # S3 has no crc32c in its listings, so uploads are read back; each read is one ranged
+        # GET, and fewer, larger ones cost less per byte.
+        return _S3_PART * 2 if self.protocol in ("s3", "s3a") else _CHUNK
+
+    def _stream_options(self, block: int) -> dict[str, Any]:
         # Each read is one ranged request of the size asked for; no read-ahead cache.
-        return {} if self.protocol == "file" else {"block_size": _CHUNK, "cache_type": "none"}
+        return {} if self.protocol == "file" else {"block_size": block, "cache_type": "none"}
 
     # -- moving a step aside --
 
