@@ -137,7 +137,13 @@ def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
     assert proc.stdout.readline().startswith("FRESH")
     import time
 
-    time.sleep(2.0)
+    # Past the first periodic save, however slow JAX's start was on this machine: a signal
+    # before step 1 would stop at step 0, which tells nothing.
+    first = cfg.local_dir / "1000" / "commit_success.txt"
+    deadline = time.monotonic() + 90
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
