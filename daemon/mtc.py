@@ -28,19 +28,19 @@ from typing import Any
 
 import yaml
 
-from tiered import LocalTier, TieredError
-from tiered.atomic import publish_file
-from tiered.layout import (
+from tiered import LocalTier, ReplicatorConfigError
+from tiered.sidecar import (
     JAX_INIT_INFO,
     REPLICATOR_ERRORS,
     REPLICATOR_FAILED,
     REPLICATOR_FILE,
     RESTORE_SUFFIX,
+    Topology,
     parse_restore,
+    publish_file,
     restore_name,
     staging_path,
 )
-from tiered.types import Topology
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ _KNOWN_KEYS = {
     "backup-interval-minutes",
     "backup-interval-steps",
 }
-
-
-class ReplicatorConfigError(TieredError):
-    """replicator.yaml is unusable; the reason goes to replicator.failed."""
 
 
 @dataclass(frozen=True)

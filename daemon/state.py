@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from tiered.types import Displaced, DurableStep
+from tiered.sidecar import Displaced, DurableStep
 
 K = TypeVar("K")
 V = TypeVar("V")

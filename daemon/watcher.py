@@ -18,7 +18,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from tiered.layout import (
+from tiered.sidecar import (
     COMMIT_MARKER,
     REPLICATOR_FILE,
     TIERED_DIR,

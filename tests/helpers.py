@@ -79,7 +79,7 @@ def corrupt_largest_file(durable: Any, step: int) -> str:
     """Flip one bit in the biggest object of a durable step; return its relative path."""
     manifest = durable.read_manifest(step)
     victim = max(manifest.files, key=lambda r: manifest.files[r].size)
-    data = bytearray(durable.fs.cat_file(durable._path(step, victim)))
+    data = bytearray(durable.fs.cat_file(durable.object_path(step, victim)))
     data[len(data) // 2] ^= 0x01
-    durable.fs.pipe_file(durable._path(step, victim), bytes(data))
+    durable.fs.pipe_file(durable.object_path(step, victim), bytes(data))
     return str(victim)

@@ -66,7 +66,7 @@ def test_verify_reports_corruption_with_exit_3(tmp_path: Path) -> None:
     durable = DurableTier(cfg.durable_url)
     manifest = durable.read_manifest(50)
     victim = sorted(manifest.files)[-1]
-    path = Path(durable._path(50, victim))
+    path = Path(durable.object_path(50, victim))
     path.write_bytes(path.read_bytes()[:-1] + b"\x00")
     out = tiered("verify", "50", "--config", str(config_path))
     assert out.returncode == 3

@@ -282,7 +282,8 @@ def test_the_shipped_maxtext_file_holds_only_maxtext_keys() -> None:
     against the keys tiered reads everywhere."""
     import yaml
 
-    from tiered.config import TieredConfig, _maxtext_package_config
+    from tiered.config import TieredConfig
+    from tiered.config_files import _maxtext_package_config
 
     ours = yaml.safe_load((ROOT / "configs" / "maxtext_mtc.yml").read_text())
     assert "tiered" not in ours

@@ -119,7 +119,7 @@ def test_lower_cpu_priority_only_lowers() -> None:
     """Nice values are per thread on Linux: try it in a thread of its own."""
     import threading
 
-    from daemon.service import lower_cpu_priority
+    from daemon.main import lower_cpu_priority
 
     seen: dict[str, int] = {}
     before = os.getpriority(os.PRIO_PROCESS, 0)

@@ -347,15 +347,17 @@ def test_damaged_durable_step_falls_back(damage: str, tmp_path: Path, gs_url: st
     if damage == "truncate":
         manifest = durable.read_manifest(100)
         victim = max(manifest.files, key=lambda r: manifest.files[r].size)
-        data = durable.fs.cat_file(durable._path(100, victim))
-        durable.fs.pipe_file(durable._path(100, victim), data[: len(data) // 2])
+        data = durable.fs.cat_file(durable.object_path(100, victim))
+        durable.fs.pipe_file(durable.object_path(100, victim), data[: len(data) // 2])
     else:
         corrupt_largest_file(durable, 100)
         # ...and a manifest that lies to match: sizes right, checksum of the original file
-        text = json.loads(durable.fs.cat_file(durable._path(100, "tiered-manifest.json")))
+        text = json.loads(durable.fs.cat_file(durable.object_path(100, "tiered-manifest.json")))
         first = sorted(text["files"])[0]
         text["files"][first]["crc32c"] = "AAAAAA=="
-        durable.fs.pipe_file(durable._path(100, "tiered-manifest.json"), json.dumps(text).encode())
+        durable.fs.pipe_file(
+            durable.object_path(100, "tiered-manifest.json"), json.dumps(text).encode()
+        )
     with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
         restored = mgr.restore(example_state())
     assert restored is not None and restored.step == 50

@@ -115,8 +115,8 @@ def test_commit_marker_is_created_only_once(backend: tuple[str, dict], tmp_path:
     precondition through tests/gcs_emulator.py, as a real bucket does."""
     (node,) = tiers(backend, 1)
     path = f"{node.root}/guard/marker"
-    assert node.create_exclusive(path, b"first")
-    assert node.create_exclusive(path, b"second") is False
+    assert node.store.create_exclusive(path, b"first")
+    assert node.store.create_exclusive(path, b"second") is False
     assert node.fs.cat_file(path) == b"first"
 
 
@@ -177,23 +177,19 @@ def test_restore_agreement_rounds(backend: tuple[str, dict], tmp_path: Path) -> 
 
 
 def test_a_node_that_never_asks_holds_the_agreement(tmp_path: Path) -> None:
-    from tiered import StorageError
+    from tiered.errors import AgreementTimeout
 
     url = f"file://{tmp_path}/durable"
     node0 = DurableTier(url, node_rank=0, num_nodes=2)
-    with pytest.raises(StorageError, match=r"nodes \[1\] have not asked to restore"):
+    with pytest.raises(AgreementTimeout, match=r"nodes \[1\] have not asked to restore"):
         Rendezvous(node0, poll_seconds=0.05).agree([10], timeout=0.5)
 
 
 def test_status_shows_what_node_0_waits_for(tmp_path: Path) -> None:
-    from tiered import (
-        DurableStep,
-        LocalStep,
-        Snapshot,
-        build_status,
-        config_from_mapping,
-        render_table,
-    )
+    from tiered import config_from_mapping
+    from tiered.policy import Snapshot
+    from tiered.report import build_status, render_table
+    from tiered.types import DurableStep, LocalStep
 
     cfg = config_from_mapping(
         {

@@ -33,7 +33,7 @@ def copy_like_a_tool(durable: DurableTier, step_dir: Path, step: int) -> None:
     """What a copy tool (or plain orbax) leaves: every file and the marker, no tiered manifest."""
     files = [(rel, full) for rel, full in iter_step_files(step_dir) if rel != COMMIT_MARKER]
     for rel, full in [*files, (COMMIT_MARKER, step_dir / COMMIT_MARKER)]:
-        durable.fs.put_file(str(full), durable._path(step, rel))
+        durable.fs.put_file(str(full), durable.object_path(step, rel))
 
 
 def identities(durable: DurableTier) -> dict[int, str | None]:

@@ -62,7 +62,7 @@ def test_partial_upload_is_not_a_checkpoint_and_is_completed(
     durable = tier(durable_url)
     manifest = build_manifest(local_steps.step_dir(50), step=50)
     first = sorted(manifest.files)[0]
-    durable.fs.put_file(str(local_steps.step_dir(50) / first), durable._path(50, first))
+    durable.fs.put_file(str(local_steps.step_dir(50) / first), durable.object_path(50, first))
     facts = durable.scan()
     assert [(f.step, f.committed) for f in facts] == [(50, False)]
     assert durable.committed_steps() == []
@@ -89,7 +89,7 @@ def test_delete_removes_marker_first_then_everything(
     assert durable.committed_steps() == [50]
     assert [f.step for f in durable.scan()] == [50]
     with pytest.raises(FileNotFoundError):
-        durable.fs.info(durable._path(10, MANIFEST_NAME))
+        durable.fs.info(durable.object_path(10, MANIFEST_NAME))
 
 
 def test_symlink_out_of_step_is_refused(tmp_path: Path, local_steps: LocalTier) -> None:
@@ -146,8 +146,8 @@ def test_large_objects_download_in_ranges_and_verify(tmp_path: Path, gs_url: str
     durable.upload_step(step_dir, step=50)
     durable.download_step(50, tmp_path / "back")
     assert (tmp_path / "back" / "big.bin").read_bytes() == (step_dir / "big.bin").read_bytes()
-    data = durable.fs.cat_file(durable._path(50, "big.bin"))
-    durable.fs.pipe_file(durable._path(50, "big.bin"), data[: len(data) - 1000])
+    data = durable.fs.cat_file(durable.object_path(50, "big.bin"))
+    durable.fs.pipe_file(durable.object_path(50, "big.bin"), data[: len(data) - 1000])
     with pytest.raises(ChecksumMismatch):
         durable.download_step(50, tmp_path / "back2")
     assert not (tmp_path / "back2").exists()

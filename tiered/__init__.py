@@ -1,37 +1,33 @@
 """tiered: two-tier checkpointing for JAX training.
 
-The public surface. ``CheckpointManager`` imports jax and orbax, so it is loaded only when first
-used; everything else here is light enough for the sidecar daemon.
+The public surface: what a training script, a notebook or an operator's tool imports. The
+sidecar's plumbing is in ``tiered.sidecar``. ``CheckpointManager`` imports jax and orbax, so it
+is loaded only when first used; everything else here is light enough for the sidecar daemon.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tiered.config import TieredConfig, config_from_mapping, load_config
+from tiered.config import TieredConfig, config_from_mapping
+from tiered.config_files import load_config
 from tiered.errors import (
+    AgreementTimeout,
+    AlreadyRunning,
     ChecksumMismatch,
     CommitError,
     ConfigError,
     LayoutError,
+    NotFound,
+    ReplicatorConfigError,
+    StepExists,
     StorageError,
     TieredError,
 )
-from tiered.layout import StepRef, parse_step
-from tiered.manifest import Manifest, build_manifest
-from tiered.ops import (
-    apply_deletes,
-    commit_parts,
-    fetch_step,
-    open_tiers,
-    promote_step,
-    snapshot,
-    stage_step,
-)
-from tiered.policy import Plan, RestoreOption, Rules, Snapshot, plan, restore_options, rules_for
-from tiered.status import TierStatus, build_status, collect_status, render_table
-from tiered.storage import DurableTier, LocalTier, TransferResult
-from tiered.types import DurableStep, LocalStep, Topology
+from tiered.manifest import Manifest
+from tiered.report import TierStatus, collect_status
+from tiered.storage import DurableTier, LocalTier
+from tiered.tiers import fetch_step, promote_step
 
 if TYPE_CHECKING:
     from tiered.manager import CheckpointManager, Restored
@@ -39,45 +35,28 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgreementTimeout",
+    "AlreadyRunning",
     "CheckpointManager",
     "ChecksumMismatch",
     "CommitError",
     "ConfigError",
-    "DurableStep",
     "DurableTier",
     "LayoutError",
-    "LocalStep",
     "LocalTier",
     "Manifest",
-    "Plan",
-    "RestoreOption",
+    "NotFound",
+    "ReplicatorConfigError",
     "Restored",
-    "Rules",
-    "Snapshot",
-    "StepRef",
+    "StepExists",
     "StorageError",
     "TierStatus",
     "TieredConfig",
     "TieredError",
-    "Topology",
-    "TransferResult",
-    "apply_deletes",
-    "build_manifest",
-    "build_status",
-    "collect_status",
-    "commit_parts",
     "config_from_mapping",
     "fetch_step",
     "load_config",
-    "open_tiers",
-    "parse_step",
-    "plan",
     "promote_step",
-    "render_table",
-    "restore_options",
-    "rules_for",
-    "snapshot",
-    "stage_step",
     "status",
 ]
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-from tiered.config import TieredConfig, load_config
+from tiered.config import TieredConfig
+from tiered.config_files import load_config, split_overrides
 from tiered.errors import ChecksumMismatch, TieredError
-from tiered.lock import DaemonLock
-from tiered.ops import (
+from tiered.lock import DirectoryLock
+from tiered.policy import plan, rules_for
+from tiered.report import collect_status, is_settled, render_table
+from tiered.storage import LocalTier
+from tiered.tiers import (
     apply_deletes,
     export_step,
     fetch_step,
@@ -27,9 +30,6 @@ from tiered.ops import (
     promote_step,
     snapshot,
 )
-from tiered.policy import plan, rules_for
-from tiered.status import collect_status, is_settled, render_table
-from tiered.storage import LocalTier
 
 log = logging.getLogger("tiered")
 
@@ -77,7 +77,7 @@ def cmd_status(cfg: TieredConfig, args: argparse.Namespace) -> int:
 def _sole_writer(local: LocalTier, what: str) -> Iterator[None]:
     """Hold the daemon's lock while ``what`` writes the tiers: a running daemon makes this
     refuse, and a daemon started meanwhile is refused until it is done."""
-    lock = DaemonLock(local.tiered_dir, what=f"tiered {what}")
+    lock = DirectoryLock(local.tiered_dir, what=f"tiered {what}")
     holder = lock.holder()
     if holder is not None:
         raise TieredError(
@@ -152,7 +152,7 @@ def cmd_verify(cfg: TieredConfig, args: argparse.Namespace) -> int:
 
 def cmd_prune(cfg: TieredConfig, args: argparse.Namespace) -> int:
     local, durable = open_tiers(cfg)
-    holder = DaemonLock(local.tiered_dir).holder()
+    holder = DirectoryLock(local.tiered_dir).holder()
     if holder is not None and not args.dry_run:
         raise TieredError(
             f"the daemon (pid {holder}) owns {local.root} and prunes it; use --dry-run to see "
@@ -193,7 +193,7 @@ def cmd_jax_env(cfg: TieredConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    from daemon.service import run_daemon
+    from daemon.main import run_daemon
 
     return run_daemon(cfg, log_format=args.log_format or cfg.tiered.log_format)
 
@@ -301,13 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
-    overrides = [w for w in words if _OVERRIDE.fullmatch(w)]
-    args = build_parser().parse_args([w for w in words if not _OVERRIDE.fullmatch(w)])
+    words, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
     args.overrides = overrides
     if args.command != "daemon":
         logging.basicConfig(

@@ -14,18 +14,17 @@ Two ways in, one model:
 overrides. An unknown key in the ``tiered:`` section is an error that suggests the nearest valid
 one; a top-level key one edit away from a MaxText checkpointing key is warned about.
 
-Every error is a ``ConfigError`` whose message names the offending key. This module reads the
-files and the environment mapping it is given, and does no other I/O.
+Every error is a ``ConfigError`` whose message names the offending key. This module validates
+a mapping and the environment mapping it is given; ``tiered.config_files`` reads the files.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,25 +32,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tiered.errors import ConfigError
+from tiered.types import Topology
+from tiered.urls import PROTOCOL_PACKAGES, installed_protocols, normalize_url, strip_file_scheme
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "TIERED_"
-
-# fsspec protocols and the package that implements each, for the "unsupported scheme" message.
-_PROTOCOL_PACKAGES = {
-    "file": "fsspec",
-    "local": "fsspec",
-    "memory": "fsspec",
-    "gs": "gcsfs",
-    "gcs": "gcsfs",
-    "s3": "s3fs",
-    "s3a": "s3fs",
-    "az": "adlfs",
-    "abfs": "adlfs",
-    "hdfs": "pyarrow",
-    "sftp": "paramiko",
-}
 
 
 class TieredSettings(BaseModel):
@@ -137,7 +123,12 @@ class TieredConfig(BaseModel):
 
     @property
     def local_dir(self) -> Path:
-        return Path(_strip_file_scheme(self.local_checkpoint_directory)).expanduser().absolute()
+        return Path(strip_file_scheme(self.local_checkpoint_directory)).expanduser().absolute()
+
+    @property
+    def topology(self) -> Topology:
+        """Which node this process is, of how many (``tiered.node_rank``, ``tiered.num_nodes``)."""
+        return Topology(self.tiered.node_rank, self.tiered.num_nodes)
 
     @property
     def durable_url(self) -> str:
@@ -199,41 +190,6 @@ def parse_bytes(text: str) -> int:
     if unit not in _UNITS or not math.isfinite(value):
         raise ValueError(f"expected a size such as 200Gi or 50G, got {text!r}")
     return int(value * _UNITS[unit])
-
-
-def normalize_url(raw: str) -> str:
-    """``/a/b`` and ``file:///a/b`` become ``file:///a/b``; ``gs://b/p/`` becomes ``gs://b/p``."""
-    if "://" not in raw:
-        return "file://" + str(Path(raw).expanduser().absolute())
-    scheme, _, rest = raw.partition("://")
-    if scheme in ("file", "local"):
-        path = Path(rest).expanduser() if rest.startswith("~") else Path("/" + rest.lstrip("/"))
-        return "file://" + str(path.absolute())
-    return f"{scheme}://{rest.rstrip('/')}"
-
-
-def redact_url(url: str) -> str:
-    """Hide credentials embedded in a URL (``s3://key:secret@bucket`` -> ``s3://***@bucket``)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rpartition("@")[2]
-    return f"{scheme}://{authority}{slash}{path}"
-
-
-def _strip_file_scheme(raw: str) -> str:
-    return raw[len("file://") :] if raw.startswith("file://") else raw
-
-
-def installed_protocols() -> list[str]:
-    """fsspec protocols whose implementing package is importable here."""
-    return sorted(
-        proto
-        for proto, package in _PROTOCOL_PACKAGES.items()
-        if importlib.util.find_spec(package) is not None
-    )
 
 
 def _check_consistency(cfg: TieredConfig) -> None:
@@ -301,7 +257,7 @@ def _check_consistency(cfg: TieredConfig) -> None:
     scheme = cfg.durable_url.partition("://")[0]
     installed = installed_protocols()
     if scheme not in installed:
-        hint = _PROTOCOL_PACKAGES.get(scheme)
+        hint = PROTOCOL_PACKAGES.get(scheme)
         extra = f" (install {hint})" if hint else ""
         raise ConfigError(
             f"checkpoint_dir {cfg.durable_url!r}: unsupported URL scheme {scheme + '://'!r}"
@@ -370,7 +326,7 @@ def _nearest(key: str, valid: list[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
 
 
-def _parse_env_value(value: str) -> Any:
+def parse_scalar(value: str) -> Any:
     try:
         return yaml.safe_load(value) if value != "" else None
     except yaml.YAMLError:
@@ -387,9 +343,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key in top_keys:
-            out[key] = _parse_env_value(value)
+            out[key] = parse_scalar(value)
         elif key in section_keys:
-            section[key] = _parse_env_value(value)
+            section[key] = parse_scalar(value)
     if section:
         out["tiered"] = section
     return out
@@ -435,130 +391,3 @@ def config_from_mapping(
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg
-
-
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: {what} is a directory, not a file") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{path}: {what} is not UTF-8 text (byte {err.start}: {err.reason})"
-        ) from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read {what}: {err.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}"
-        )
-    return raw
-
-
-def read_maxtext_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict:
-    """A MaxText config as MaxText reads it: its ``base_config`` chain (relative to each file),
-    then the ``key=value`` overrides of MaxText's command line. A base config that is not there
-    (MaxText's own ``base.yml`` when maxtext is not installed here) is skipped: the checkpointing
-    keys tiered needs are the ones a run sets."""
-    merged: dict[str, Any] = {}
-    chain: list[dict[str, Any]] = []
-    current: Path | None = Path(path).expanduser()
-    seen: set[Path] = set()
-    while current is not None:
-        if current.resolve() in seen:
-            raise ConfigError(f"{current}: base_config loops back to a file already read")
-        seen.add(current.resolve())
-        data = _read_yaml(current, "MaxText config")
-        chain.append(data)
-        base = data.get("base_config")
-        current = None
-        if isinstance(base, str) and base:
-            candidate = (
-                (Path(path).expanduser().parent / base)
-                if not Path(base).is_absolute()
-                else Path(base)
-            )
-            if not candidate.exists():
-                candidate = _maxtext_package_config(base) or candidate
-            current = candidate if candidate.exists() else None
-    for data in reversed(chain):
-        merged.update({k: v for k, v in data.items() if k != "base_config"})
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not key.replace("_", "").isalnum():
-            raise ConfigError(f"override {item!r}: expected key=value, as MaxText takes them")
-        merged[key] = _parse_env_value(value)
-    return merged
-
-
-def _maxtext_package_config(name: str) -> Path | None:
-    """MaxText's own configs (``base.yml``), when maxtext is importable here."""
-    try:
-        spec = importlib.util.find_spec("maxtext")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        for candidate in (Path(root) / "configs" / name, Path(root).parent / "configs" / name):
-            if candidate.exists():
-                return candidate
-    return None
-
-
-def load_config(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    maxtext: str | os.PathLike[str] | None = None,
-    overrides: Sequence[str] = (),
-    env: Mapping[str, str] | None = None,
-) -> TieredConfig:
-    """Read and validate the configuration. ``env`` defaults to ``os.environ``.
-
-    ``path`` alone: one file with MaxText's keys and a ``tiered:`` section. With ``maxtext``:
-    MaxText's checkpointing keys come from that file (and ``overrides``), and ``path``, if
-    given, may hold only the ``tiered:`` section.
-    """
-    environ = os.environ if env is None else env
-    if maxtext is None:
-        if path is None:
-            raise ConfigError(
-                "no configuration: give --config (tiered's file) or --maxtext-config (MaxText's "
-                "own YAML), or both"
-            )
-        if overrides:
-            raise ConfigError(
-                f"key=value overrides ({overrides[0]!r}) go with --maxtext-config, as on "
-                "MaxText's command line; use TIERED_<KEY> variables with --config alone"
-            )
-        raw = _read_yaml(Path(path).expanduser(), "config file")
-        return config_from_mapping(raw, env=environ, source=str(path))
-    data = read_maxtext_config(maxtext, overrides)
-    if "tiered" in data:
-        raise ConfigError(
-            f"{maxtext}: a tiered: section in MaxText's config makes MaxText refuse it "
-            "(ValueError: 'tiered' not in ...); move it to the file given with --config"
-        )
-    source = str(maxtext)
-    if path is not None:
-        ours = _read_yaml(Path(path).expanduser(), "config file")
-        extra = sorted(k for k in ours if k != "tiered")
-        if extra:
-            raise ConfigError(
-                f"{path}: with --maxtext-config this file holds only the tiered: section, but it "
-                f"also sets {extra[0]!r}; set MaxText's keys in {maxtext} or as {extra[0]}=VALUE"
-            )
-        data["tiered"] = ours.get("tiered")
-        source = f"{maxtext} + {path}"
-    return config_from_mapping(data, env=environ, source=source)

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from tiered.errors import CommitError, StorageError
+from tiered.errors import AgreementTimeout, CommitError
 from tiered.layout import DECISION_NAME, RESTORE_COORD_DIR, restore_request_name
 from tiered.policy import agree_step
 from tiered.storage import DurableTier
@@ -70,8 +70,8 @@ class Rendezvous:
 
     def __init__(self, durable: DurableTier, *, poll_seconds: float | None = None) -> None:
         self.durable = durable
-        self.rank = durable.node_rank
-        self.nodes = durable.num_nodes
+        self.rank = durable.topology.rank
+        self.nodes = durable.topology.nodes
         # Every waiting node reads decision.json once per poll: keep the total near 200 reads
         # a second however many nodes there are.
         self.poll_seconds = (
@@ -79,7 +79,7 @@ class Rendezvous:
         )
 
     def _decision(self) -> Decision | None:
-        text = self.durable.read_text(f"{RESTORE_COORD_DIR}/{DECISION_NAME}")
+        text = self.durable.store.read_text(f"{RESTORE_COORD_DIR}/{DECISION_NAME}")
         if text is None:
             return None
         try:
@@ -96,7 +96,7 @@ class Rendezvous:
 
     def post(self, local_steps: Iterable[int]) -> str:
         nonce = uuid.uuid4().hex
-        self.durable.write_text(
+        self.durable.store.write_text(
             f"{RESTORE_COORD_DIR}/{restore_request_name(self.rank)}",
             json.dumps({"nonce": nonce, "local": sorted(set(local_steps)), "time": time.time()}),
         )
@@ -104,7 +104,8 @@ class Rendezvous:
 
     def try_decide(self) -> Decision | None:
         """Node 0: answer the round once every node has posted a request not yet answered."""
-        assert self.rank == 0, "only node 0 decides"
+        if self.rank != 0:
+            raise CommitError(f"node {self.rank} asked to decide a restore; only node 0 decides")
         previous = self._decision()
         answered = set(previous.nonces.values()) if previous else set()
         requests = self._requests()
@@ -120,7 +121,7 @@ class Rendezvous:
             holders=frozenset(r for r, steps in local.items() if step in steps),
             nonces={r: str(req["nonce"]) for r, req in requests.items()},
         )
-        self.durable.write_text(f"{RESTORE_COORD_DIR}/{DECISION_NAME}", decision.to_json())
+        self.durable.store.write_text(f"{RESTORE_COORD_DIR}/{DECISION_NAME}", decision.to_json())
         log.info(
             "Restore agreement (epoch %d): every node restores %s; %s",
             decision.epoch,
@@ -155,26 +156,26 @@ class Rendezvous:
                 return decision
             if time.monotonic() > deadline or (should_stop and should_stop()):
                 missing = self.missing_requests() if self.rank == 0 else []
-                raise StorageError(
+                raise AgreementTimeout(
                     f"no restore agreement after {timeout:.0f} s through {self.durable.url}: "
                     + (
                         f"nodes {missing} have not asked to restore"
                         if missing
                         else "node 0 has not answered (is its daemon or trainer running?)"
-                    ),
-                    transient=False,
+                    )
                 )
             time.sleep(self.poll_seconds)
 
     def _requests(self, *, all_or_none: bool = True) -> dict[int, dict]:
         """Every node's current request: one listing, then the files read in parallel (at a
         thousand nodes that is a thousand small GETs, so only once all of them are there)."""
-        names = self.durable.list_names(RESTORE_COORD_DIR)
+        names = self.durable.store.list_names(RESTORE_COORD_DIR)
         ranks = [r for r in range(self.nodes) if restore_request_name(r) in names]
         if all_or_none and len(ranks) < self.nodes:
             return {r: {} for r in ranks}
-        texts = self.durable.read_texts(
-            [f"{RESTORE_COORD_DIR}/{restore_request_name(r)}" for r in ranks]
+        texts = self.durable.store.read_texts(
+            [f"{RESTORE_COORD_DIR}/{restore_request_name(r)}" for r in ranks],
+            workers=self.durable.concurrency,
         )
         out = {}
         for rank, text in zip(ranks, texts, strict=True):

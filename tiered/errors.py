@@ -2,6 +2,8 @@
 
     TieredError
     ├── ConfigError        a setting is missing, malformed or inconsistent (names the key)
+    │     └── ReplicatorConfigError   orbax's replicator.yaml is unusable
+    ├── AlreadyRunning     another process holds the directory lock (a daemon, a trainer)
     ├── LayoutError        a name or entry on disk is not what the protocol allows
     ├── ChecksumMismatch   bytes on a tier differ from the step's manifest
     ├── StorageError       a tier could not be read or written
@@ -9,7 +11,8 @@
     │     .transient = False  retrying will not help (auth, a rejected name, a missing bucket)
     │     └── NotFound     an object, a file or a bucket is not there (also a FileNotFoundError)
     └── CommitError        a step could not be committed or restored as a whole
-          └── StepExists   the durable step is already committed, with other content
+          ├── StepExists        the durable step is already committed, with other content
+          └── AgreementTimeout  the nodes did not agree on a restore step in time
 
 fsspec, OS and network errors are translated into ``StorageError`` at the storage boundary
 (``tiered.storage``), so callers above it never see backend-specific exception types.
@@ -24,6 +27,14 @@ class TieredError(Exception):
 
 class ConfigError(TieredError):
     """A configuration value is missing, malformed or inconsistent."""
+
+
+class ReplicatorConfigError(ConfigError):
+    """``replicator.yaml`` is unusable; the reason goes to ``replicator.failed``."""
+
+
+class AlreadyRunning(TieredError):
+    """Another process holds the directory lock."""
 
 
 class LayoutError(TieredError):
@@ -59,3 +70,7 @@ class CommitError(TieredError):
 
 class StepExists(CommitError):
     """The durable step is committed already, with other content: it is never overwritten."""
+
+
+class AgreementTimeout(CommitError):
+    """The nodes did not agree on a restore step in time (a node is down, or never asked)."""

@@ -11,15 +11,11 @@ import fcntl
 import os
 from pathlib import Path
 
-from tiered.errors import ConfigError, TieredError
+from tiered.errors import AlreadyRunning, ConfigError
 from tiered.layout import LOCK_NAME
 
 
-class AlreadyRunning(TieredError):
-    """Another daemon holds the lock."""
-
-
-class DaemonLock:
+class DirectoryLock:
     """One writer's lock of a local directory. ``what`` names this holder; the file records it
     beside the pid, so whoever is refused learns who holds it."""
 

@@ -24,13 +24,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tiered.config import TieredConfig, load_config
+from tiered.config import TieredConfig
+from tiered.config_files import load_config
 from tiered.errors import ChecksumMismatch, CommitError, ConfigError, LayoutError, StorageError
 from tiered.layout import TRAINER_LOCK_NAME
-from tiered.lock import DaemonLock
-from tiered.ops import agree_restore, fetch_step, set_aside_newer
+from tiered.lock import DirectoryLock
 from tiered.policy import RestoreOption, restore_options
 from tiered.storage import DurableTier, LocalTier
+from tiered.tiers import agree_restore, fetch_step, open_durable, set_aside_newer
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class CheckpointManager:
         cfg = self.config
         self.local = LocalTier(cfg.local_dir)
         self.local.ensure()
-        self._lock = DaemonLock(
+        self._lock = DirectoryLock(
             self.local.tiered_dir, name=TRAINER_LOCK_NAME, what="tiered.CheckpointManager"
         )
         self._lock.acquire()
@@ -189,12 +190,8 @@ class CheckpointManager:
     @property
     def durable(self) -> DurableTier:
         if self._durable is None:
-            self._durable = DurableTier(
-                self.config.durable_url,
-                storage_options=self.config.tiered.storage_options,
-                concurrency=self.config.tiered.download_concurrency,
-                node_rank=self.config.tiered.node_rank,
-                num_nodes=self.config.tiered.num_nodes,
+            self._durable = open_durable(
+                self.config, concurrency=self.config.tiered.download_concurrency
             )
         return self._durable
 

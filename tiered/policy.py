@@ -615,7 +615,7 @@ def rules_for(cfg: TieredConfig, *, topology: Topology | None = None) -> Rules:
         max_num_checkpoints_to_keep=cfg.max_num_checkpoints_to_keep,
         keep_period=cfg.tiered.keep_period,
         backlog=cfg.tiered.backlog,
-        topology=topology or Topology(cfg.tiered.node_rank, cfg.tiered.num_nodes),
+        topology=topology or cfg.topology,
         local_period=cfg.local_checkpoint_period,
         final_after_idle_seconds=cfg.tiered.final_after_idle_seconds,
     )

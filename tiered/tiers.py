@@ -33,15 +33,14 @@ def open_durable(
     cfg: TieredConfig, *, topology: Topology | None = None, concurrency: int | None = None
 ) -> DurableTier:
     """The durable tier a config names, for one node of a topology."""
-    topo = topology or Topology(cfg.tiered.node_rank, cfg.tiered.num_nodes)
+    topo = topology or cfg.topology
     return DurableTier(
         cfg.durable_url,
         storage_options=cfg.tiered.storage_options,
         concurrency=concurrency or cfg.tiered.upload_concurrency,
         download_concurrency=cfg.tiered.download_concurrency,
         bandwidth_mbps=cfg.tiered.upload_bandwidth_mbps,
-        node_rank=topo.rank,
-        num_nodes=topo.nodes,
+        topology=topo,
     )
 
 
@@ -79,23 +78,23 @@ def promote_step(
         manifest = replace(manifest, reason=reason)
     faults.hit("after-manifest")
     epoch = 0
-    if durable.multi_node:
+    if durable.topology.multi:
         epoch = Rendezvous(durable).current_epoch()
     result = durable.upload_step(
         local.step_dir(step), step=step, progress=progress, manifest=manifest, epoch=epoch
     )
-    if durable.multi_node:
+    if durable.topology.multi:
         result = replace(result, epoch=epoch, committed=False)
         log.info(
             "Uploaded node %d's part of step %d to %s (%s in %.1f s, %.0f MB/s)",
-            durable.node_rank,
+            durable.topology.rank,
             step,
             durable.step_url(step),
             human_bytes(result.bytes_total),
             result.seconds,
             result.mb_per_s,
         )
-        if durable.node_rank == 0:
+        if durable.topology.committer:
             missing = commit_parts(local, durable, step, epoch=epoch)
             result = replace(result, committed=not missing)
         return result
@@ -117,14 +116,14 @@ def commit_parts(local: LocalTier, durable: DurableTier, step: int, *, epoch: in
     try:
         data = marker.read_bytes()
     except FileNotFoundError:
-        data = f"Committed by tiered node 0 of {durable.num_nodes}\n".encode()
+        data = f"Committed by tiered node 0 of {durable.topology.nodes}\n".encode()
     missing = durable.commit_parts(step, epoch=epoch, marker=data)
     if not missing:
         log.info(
             "Committed step %d at %s: all %d nodes' parts are verified",
             step,
             durable.step_url(step),
-            durable.num_nodes,
+            durable.topology.nodes,
         )
     return missing
 

@@ -19,12 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from tiered.config import TieredConfig, redact_url
-from tiered.lock import DaemonLock
-from tiered.ops import human_bytes, open_tiers
+from tiered.config import TieredConfig
+from tiered.errors import StorageError
+from tiered.lock import DirectoryLock
 from tiered.policy import Plan, Snapshot, plan, rules_for
-from tiered.storage import LocalTier, StorageError
+from tiered.storage import LocalTier
+from tiered.tiers import human_bytes, open_tiers
 from tiered.types import Displaced
+from tiered.urls import redact_url
 
 SCHEMA_VERSION = 1
 
@@ -211,7 +213,7 @@ def collect_status(
     its lock file (the two differ when the daemon was started with other settings)."""
     live: dict[str, Any] | None = None
     if ask_daemon:
-        lock = DaemonLock(LocalTier(cfg.local_dir).tiered_dir)
+        lock = DirectoryLock(LocalTier(cfg.local_dir).tiered_dir)
         recorded = lock.note()
         for address in dict.fromkeys([cfg.tiered.status_address, recorded]):
             answer = query_daemon(address) if address else None

@@ -1,0 +1,48 @@
+"""What the parts of ``Daemon`` share: its attributes, set once by ``Daemon.__init__`` (the state
+alone is replaced, by the loop thread only)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+from daemon.metrics import Metrics
+from daemon.mtc import MtcProtocol
+from daemon.state import DaemonState
+from daemon.workers import Lane, Outcome
+from tiered import DurableTier, LocalTier, TieredConfig
+from tiered.sidecar import Plan, RestoreOption, Rules, Snapshot, Topology
+
+
+@dataclass(frozen=True)
+class View:
+    """The last cycle's snapshot and plan, for the HTTP thread."""
+
+    snapshot: Snapshot
+    decided: Plan
+
+
+class DaemonBase:
+    cfg: TieredConfig
+    topology: Topology
+    rules: Rules
+    local: LocalTier
+    durable: DurableTier
+    metrics: Metrics
+    stopping: threading.Event
+    outbox: queue.Queue[Outcome]
+    transfer: Lane
+    durable_lane: Lane
+    local_lane: Lane
+    state: DaemonState
+    view: View | None
+    mtc: MtcProtocol | None
+    restore_choice: RestoreOption | None
+    heartbeat: float
+    _started: float
+    _started_mono: float
+    _tick: float
+
+    def _snapshot(self, state: DaemonState) -> Snapshot:
+        raise NotImplementedError

@@ -1,0 +1,107 @@
+"""What threads other than the loop read of the daemon: liveness, readiness, the live state and
+the status document. Each reads the current ``DaemonState`` value and changes nothing."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from daemon.base import DaemonBase
+from tiered.sidecar import build_status, plan
+
+
+class Views(DaemonBase):
+    """Part of ``Daemon``: its read-only side."""
+
+    def alive(self) -> tuple[bool, str]:
+        """Liveness: the loop is making progress. Only this is worth a restart; a store that is
+        away is not (a restarted sidecar finds it just as away)."""
+        quiet = time.monotonic() - self.heartbeat
+        limit = max(60.0, 6 * self._tick)
+        if quiet > limit:
+            return False, f"the daemon's loop has not run for {quiet:.0f} s"
+        return True, "alive"
+
+    def health(self) -> tuple[bool, str]:
+        """Readiness: the durable tier answers, and promotion has not been failing for longer
+        than ``tiered.unhealthy_after_seconds``."""
+        state = self.state
+        if state.durable_error is not None:
+            return False, f"the durable tier does not answer: {state.durable_error}"
+        if state.durable is None:
+            return False, "waiting for the durable tier's first answer"
+        if state.failing_since is not None:
+            failing = time.time() - state.failing_since
+            if failing > self.cfg.tiered.unhealthy_after_seconds:
+                message = state.last_error.message if state.last_error else "unknown"
+                return False, f"promotion failing for {failing:.0f}s: {message}"
+            return True, "degraded"
+        return True, "ok"
+
+    def live_state(self) -> dict[str, Any]:
+        healthy, health = self.health()
+        alive, _why = self.alive()
+        state = self.state
+        job = self.transfer.job
+        current = None
+        if job is not None and job.kind == "upload":
+            progress = self.transfer.progress
+            current = {
+                "step": job.step,
+                "elapsed_seconds": round(time.time() - job.started, 1),
+                "bytes_done": progress.bytes_done,
+                "bytes_total": progress.bytes_total,
+                "attempt": progress.attempt,
+            }
+        promo = state.last_promotion
+        view = self.view
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "health": health if healthy else "unhealthy",
+            "ready": healthy,
+            "ready_reason": health,
+            "alive": alive,
+            "loop_seconds_ago": round(time.monotonic() - self.heartbeat, 1),
+            "started_at": self._started,
+            "current_upload": current,
+            "skipped": view.decided.skipped if view else [],
+            "failed": {str(k): v for k, v in state.failed.items()},
+            "last_error": state.last_error.message if state.last_error else None,
+            "last_error_time": state.last_error.time if state.last_error else None,
+            "last_promotion": promo.__dict__ if promo else None,
+            "throughput_mb_s": promo.mb_per_s if promo else None,
+            "recently_pruned": [p.__dict__ for p in state.recently_pruned],
+            "disk_pressure": state.disk_pressure,
+            "mtc_job": self.mtc.active.job_name if self.mtc and self.mtc.active else None,
+            "node": (
+                {
+                    "rank": self.topology.rank,
+                    "nodes": self.topology.nodes,
+                    "epoch": state.epoch,
+                    "committing": {
+                        str(step): {"missing": list(state.missing.get(step, ())) or None}
+                        for step in sorted(state.parts)
+                    },
+                    "abandoned": sorted(state.abandoned),
+                }
+                if self.topology.multi
+                else None
+            ),
+        }
+
+    def status_json(self) -> str:
+        """The status now: the planner's verdicts over a fresh snapshot of the current state
+        (planning is pure, so any thread may do it)."""
+        state = self.state
+        snap = self._snapshot(state)
+        status = build_status(
+            self.cfg,
+            snapshot=snap,
+            live=self.live_state(),
+            decided=plan(snap, self.rules),
+            durable_error=state.durable_error,
+            displaced=[*state.displaced, *self.local.displaced()],
+        )
+        return status.to_json()

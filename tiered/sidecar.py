@@ -1,0 +1,102 @@
+"""The library's surface for the sidecar daemon (``daemon/``): the plumbing it drives, which users
+of the library do not import. The daemon imports ``tiered`` and this module only, so the layers
+below can be rearranged without touching it (``make lint`` checks that it does)."""
+
+from tiered.atomic import publish_file
+from tiered.config_files import split_overrides
+from tiered.coord import Decision, Rendezvous
+from tiered.layout import (
+    COMMIT_MARKER,
+    JAX_INIT_INFO,
+    REPLICATOR_ERRORS,
+    REPLICATOR_FAILED,
+    REPLICATOR_FILE,
+    RESTORE_SUFFIX,
+    TIERED_DIR,
+    TRAINER_LOCK_NAME,
+    is_tmp_name,
+    parse_restore,
+    parse_step,
+    restore_name,
+    staging_path,
+)
+from tiered.lock import DirectoryLock
+from tiered.manifest import Manifest
+from tiered.policy import (
+    Abandon,
+    Commit,
+    Delete,
+    Displace,
+    Fingerprint,
+    ForgetPart,
+    Plan,
+    RestoreOption,
+    Rules,
+    Snapshot,
+    Upload,
+    plan,
+    restore_options,
+    rules_for,
+)
+from tiered.report import build_status, within
+from tiered.storage import TransferResult
+from tiered.tiers import (
+    agree,
+    apply_deletes,
+    commit_parts,
+    open_durable,
+    promote_step,
+    set_aside_newer,
+    stage_step,
+)
+from tiered.types import Displaced, DurableStep, Topology, as_reason
+
+__all__ = [
+    "COMMIT_MARKER",
+    "JAX_INIT_INFO",
+    "REPLICATOR_ERRORS",
+    "REPLICATOR_FAILED",
+    "REPLICATOR_FILE",
+    "RESTORE_SUFFIX",
+    "TIERED_DIR",
+    "TRAINER_LOCK_NAME",
+    "Abandon",
+    "Commit",
+    "Decision",
+    "Delete",
+    "DirectoryLock",
+    "Displace",
+    "Displaced",
+    "DurableStep",
+    "Fingerprint",
+    "ForgetPart",
+    "Manifest",
+    "Plan",
+    "Rendezvous",
+    "RestoreOption",
+    "Rules",
+    "Snapshot",
+    "Topology",
+    "TransferResult",
+    "Upload",
+    "agree",
+    "apply_deletes",
+    "as_reason",
+    "build_status",
+    "commit_parts",
+    "is_tmp_name",
+    "open_durable",
+    "parse_restore",
+    "parse_step",
+    "plan",
+    "promote_step",
+    "publish_file",
+    "restore_name",
+    "restore_options",
+    "rules_for",
+    "set_aside_newer",
+    "split_overrides",
+    "stage_step",
+    "staging_path",
+    "within",
+]

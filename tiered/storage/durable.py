@@ -1,0 +1,461 @@
+"""The durable tier over any fsspec filesystem (``gs://``, ``s3://``, ``file://``, ...).
+
+Commit ordering, stated once: a step is written data first, then ``tiered-manifest.json``, then
+``commit_success.txt``; it is deleted in the reverse order (marker first), so a half-written or
+half-deleted step is never mistaken for a checkpoint. Object stores have no atomic rename, which
+is why the durable tier uses a marker file; how each backend writes is the store's strategy
+(``tiered.storage.stores``). With several nodes each node writes its files and a part marker,
+and node 0 commits (``tiered.storage.parts``).
+
+Two fsspec traps are avoided on purpose: ``exists()`` swallows every error (an auth failure would
+read as "not there"), so ``info()`` is called and real errors let through; and ``mv`` is
+copy-then-delete, so nothing here relies on it being atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tiered import faults
+from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StepExists
+from tiered.layout import (
+    COMMIT_MARKER,
+    DISPLACED_DIR,
+    MANIFEST_NAME,
+    displaced_name,
+    node_dir,
+    parse_displaced,
+    parse_step,
+    step_name,
+)
+from tiered.manifest import Manifest, build_manifest, check_entry, crc32c_of_stream
+from tiered.storage import download, parts
+from tiered.storage.errormap import translate_errors
+from tiered.storage.local import read_step_metadata
+from tiered.storage.stores import Store, listed_crc32c, object_version, open_store
+from tiered.storage.transfer import (
+    TRANSFER_MEMORY,
+    MemoryBudget,
+    Progress,
+    RateLimiter,
+    RemoteFile,
+    TransferResult,
+    plan_transfer,
+    run_parallel,
+)
+from tiered.types import Displaced, DurableStep, Topology, as_reason
+from tiered.urls import normalize_url
+
+
+class DurableTier:
+    """Steps on the durable tier: listed, uploaded and verified, moved aside, downloaded and
+    deleted, one whole step at a time, as one node of a ``Topology``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        concurrency: int = 8,
+        download_concurrency: int | None = None,
+        bandwidth_mbps: float | None = None,
+        topology: Topology | None = None,
+        node_rank: int = 0,
+        num_nodes: int = 1,
+    ) -> None:
+        self.store: Store = open_store(normalize_url(url), storage_options)
+        self.url = self.store.url  # for messages and status; never holds credentials
+        self.topology = topology or Topology(node_rank, num_nodes)
+        self.concurrency = concurrency
+        self.download_concurrency = download_concurrency or concurrency
+        self._limiter = RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None
+        self.budget = MemoryBudget(TRANSFER_MEMORY)
+        self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
+
+    @property
+    def fs(self) -> Any:
+        return self.store.fs
+
+    @property
+    def root(self) -> str:
+        return self.store.root
+
+    @property
+    def protocol(self) -> str:
+        return self.store.protocol
+
+    def __repr__(self) -> str:
+        return f"DurableTier({self.url!r})"
+
+    def object_path(self, step: int, rel: str | None = None) -> str:
+        """The filesystem path of a step, or of an object in it."""
+        base = f"{self.root}/{step_name(step)}"
+        return f"{base}/{rel}" if rel else base
+
+    def step_url(self, step: int) -> str:
+        return f"{self.url}/{step_name(step)}"
+
+    def node_prefix(self) -> str:
+        """Where this node's files go inside a step: ``node-<r>/`` when there are several."""
+        return f"{node_dir(self.topology.rank)}/" if self.topology.multi else ""
+
+    def parallel(self, fn: Callable[[str], None], items: list[str]) -> None:
+        run_parallel(fn, items, workers=self.concurrency)
+
+    # -- listing --
+
+    def check(self) -> None:
+        """Fail with a precise message when the tier cannot be reached or written."""
+        with translate_errors(f"reaching {self.url}"):
+            self.store.prepare()
+
+    def _ls_steps(self) -> list[int]:
+        with translate_errors(f"listing {self.url}"):
+            self.fs.invalidate_cache(self.root)
+            try:
+                entries = self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:
+                return []
+        steps = []
+        for entry in entries:
+            ref = parse_step(str(entry).rstrip("/").rsplit("/", 1)[-1])
+            if ref is not None:
+                steps.append(ref.step)
+        return sorted(set(steps))
+
+    def _marker_version(self, step: int) -> str | None:
+        """A token that changes whenever the step's commit marker is written again; None when
+        the step has no marker."""
+        with translate_errors(f"reading {self.step_url(step)}"):
+            try:
+                info = self.fs.info(self.object_path(step, COMMIT_MARKER))
+            except FileNotFoundError:
+                return None
+        return object_version(info)
+
+    def has_marker(self, step: int) -> bool:
+        return self._marker_version(step) is not None
+
+    def scan(self) -> list[DurableStep]:
+        """Every step prefix on the durable tier, committed or partial, oldest first, each
+        committed one with the identity of its manifest (this node's part, with several nodes)
+        or the reason it has none."""
+        facts = []
+        for step in self._ls_steps():
+            version = self._marker_version(step)
+            if version is None:
+                self._manifests.pop(step, None)
+                facts.append(DurableStep(step=step, committed=False))
+                continue
+            manifest, problem, tiered = self._step_manifest(step, version)
+            facts.append(
+                DurableStep(
+                    step=step,
+                    committed=True,
+                    identity=manifest.identity if manifest else None,
+                    reason=as_reason(manifest.reason) if manifest else "unknown",
+                    commit_time=manifest.commit_time if manifest else None,
+                    size=manifest.total_bytes if manifest else None,
+                    problem=problem,
+                    tiered=tiered,
+                )
+            )
+        return facts
+
+    def committed_steps(self) -> list[int]:
+        """Committed steps this tier can verify (foreign ones are left out)."""
+        return [f.step for f in self.scan() if f.kept]
+
+    def _step_manifest(self, step: int, version: str) -> tuple[Manifest | None, str | None, bool]:
+        """(this node's manifest or None, why not, whether a tiered manifest is there). With
+        several nodes that is this node's own part marker: the merged manifest lists every
+        node's files, and a thousand nodes each reading it would move a thousand times its
+        size. Kept per marker version, so a step written again is read again."""
+        cached = self._manifests.get(step)
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2], cached[3]
+        topo = self.topology
+        manifest: Manifest | None = None
+        problem: str | None = None
+        tiered = True
+        try:
+            manifest = parts.read(self, step, topo.rank) if topo.multi else self.read_manifest(step)
+        except FileNotFoundError:
+            if topo.multi:
+                problem = f"no part for node {topo.rank}: written by a job of another shape"
+            else:
+                problem, tiered = f"no {MANIFEST_NAME}: not written by tiered", False
+        except LayoutError as err:
+            problem, tiered = f"unreadable manifest: {err}", False
+        if manifest is not None and manifest.nodes != topo.nodes:
+            problem = f"written by a job of {manifest.nodes} node(s), this one has {topo.nodes}"
+            manifest = None
+        self._manifests[step] = (version, manifest, problem, tiered)
+        return manifest, problem, tiered
+
+    def read_manifest(self, step: int) -> Manifest:
+        with translate_errors(f"reading the manifest of {self.step_url(step)}"):
+            data = self.fs.cat_file(self.object_path(step, MANIFEST_NAME))
+        manifest = Manifest.from_json(data)
+        if manifest.step != step:
+            raise LayoutError(
+                f"{self.step_url(step)}: manifest is for step {manifest.step}, not {step}"
+            )
+        return manifest
+
+    def remote_files(self, step: int, *, under: str = "") -> dict[str, dict[str, Any]]:
+        """Relative path -> fsspec info of every object under a step (or its ``under`` folder)."""
+        prefix = self.object_path(step, under.rstrip("/")) if under else self.object_path(step)
+        with translate_errors(f"listing {self.step_url(step)}"):
+            self.fs.invalidate_cache(prefix)
+            try:
+                found = self.fs.find(prefix, detail=True)
+            except FileNotFoundError:
+                return {}
+        out = {}
+        for path, info in found.items():
+            path = str(path)
+            if info.get("type") == "directory":
+                continue
+            rel = path[len(prefix) :].lstrip("/")
+            if rel:
+                out[rel] = info
+        return out
+
+    # -- promotion --
+
+    def upload_step(
+        self,
+        step_dir: Path,
+        *,
+        step: int,
+        progress: Progress | None = None,
+        manifest: Manifest | None = None,
+        epoch: int = 0,
+    ) -> TransferResult:
+        """Upload, verify, write the manifest, then the commit marker. Idempotent.
+
+        What moves is decided first (``plan_transfer``): files already there with the right
+        size and checksum are skipped, and objects under the step that the manifest does not
+        list (left by an earlier, different upload) are removed before the commit, so a
+        committed step holds exactly the local step's files. A step that is already committed
+        is never written again: with the same content this is a no-op, with other content it
+        raises ``StepExists`` (the planner moves it aside first).
+
+        With several nodes this node's files go under ``node-<r>/`` and end with its part
+        marker (carrying ``epoch``) instead: node 0 commits the step once every part is there
+        (``commit_parts``).
+        """
+        started = time.monotonic()
+        if manifest is None:
+            reason, commit_time = read_step_metadata(step_dir)
+            manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
+        files = manifest.files
+        version = self._marker_version(step)
+        if version is not None:
+            existing_manifest, _problem, _tiered = self._step_manifest(step, version)
+            if existing_manifest is None or existing_manifest.identity != manifest.identity:
+                raise StepExists(
+                    f"{self.step_url(step)} is already committed with other content; "
+                    "not overwritten"
+                )
+            return TransferResult(
+                step=step,
+                bytes_total=manifest.total_bytes,
+                bytes_moved=0,
+                files_total=len(files),
+                files_skipped=len(files),
+                seconds=time.monotonic() - started,
+                manifest=manifest,
+            )
+        under = self.node_prefix()
+        transfer = plan_transfer(manifest, self._remote_facts(step, manifest, under=under))
+        total = manifest.total_bytes
+        done = total - sum(files[r].size for r in transfer.put)
+        lock = threading.Lock()
+        if progress:
+            progress(done, total)
+
+        def put(rel: str) -> None:
+            nonlocal done
+            if self._limiter:
+                self._limiter.take(files[rel].size)
+            with translate_errors(
+                f"uploading {rel} to {self.step_url(step)}",
+                missing="not found (the local file vanished, or the bucket does not exist)",
+            ):
+                self.store.put(
+                    step_dir / rel, self.object_path(step, under + rel), files[rel], self.budget
+                )
+            faults.hit("upload-file")
+            with lock:
+                done += files[rel].size
+                if progress:
+                    progress(done, total)
+
+        self.parallel(put, list(transfer.put))
+        for rel in transfer.remove:
+            with (
+                translate_errors(f"removing the stray {rel} from {self.step_url(step)}"),
+                contextlib.suppress(FileNotFoundError),
+            ):
+                self.fs.rm_file(self.object_path(step, under + rel))
+        self.verify_files(step, manifest, under=under, read_back=self.store.read_back)
+        if self.topology.multi:
+            parts.write(self, step, manifest, epoch=epoch)
+        else:
+            with translate_errors(f"committing {self.step_url(step)}"):
+                self.store.write_small(
+                    self.object_path(step, MANIFEST_NAME), manifest.to_json().encode()
+                )
+                faults.hit("commit")
+                marker = (step_dir / COMMIT_MARKER).read_bytes()
+                if not self.store.create_exclusive(self.object_path(step, COMMIT_MARKER), marker):
+                    raise StepExists(
+                        f"{self.step_url(step)} was committed by another writer meanwhile"
+                    )
+        return TransferResult(
+            step=step,
+            bytes_total=total,
+            bytes_moved=sum(files[r].size for r in transfer.put),
+            files_total=len(files),
+            files_skipped=len(files) - len(transfer.put),
+            seconds=time.monotonic() - started,
+            manifest=manifest,
+        )
+
+    def _remote_facts(self, step: int, manifest: Manifest, *, under: str) -> dict[str, RemoteFile]:
+        """Size and crc32c of every object under the step (or its ``under`` folder). The crc32c
+        comes from the listing where the backend keeps one (GCS); otherwise it is read back,
+        streamed, only for objects whose size already matches the manifest."""
+        facts: dict[str, RemoteFile] = {}
+        for rel, info in self.remote_files(step, under=under).items():
+            size = int(info.get("size", -1))
+            crc = listed_crc32c(info)
+            entry = manifest.files.get(rel)
+            if crc is None and entry is not None and size == entry.size:
+                crc = self._read_crc32c(step, under + rel)
+            facts[rel] = RemoteFile(size=size, crc32c=crc)
+        return facts
+
+    def _read_crc32c(self, step: int, rel: str) -> int:
+        """The crc32c of an object, streamed in bounded reads: never the whole object at once."""
+        block = self.store.read_block()
+        with (
+            translate_errors(f"reading back {rel} of {self.step_url(step)}"),
+            self.budget.reserve(block),
+            self.fs.open(
+                self.object_path(step, rel), "rb", **self.store.stream_options(block)
+            ) as f,
+        ):
+            return crc32c_of_stream(f, chunk=block)[1]
+
+    # -- verification --
+
+    def verify_step(
+        self, step: int, manifest: Manifest | None = None, *, read_back: bool = True
+    ) -> Manifest:
+        """Check every object of a step against its manifest.
+
+        Sizes always; crc32c from object metadata where the backend gives it (GCS), otherwise
+        by reading the object back, unless ``read_back`` is False.
+        """
+        manifest = manifest or self.read_manifest(step)
+        self.verify_files(step, manifest, read_back=read_back)
+        return manifest
+
+    def verify_files(
+        self, step: int, manifest: Manifest, *, under: str = "", read_back: bool = True
+    ) -> None:
+        remote = self.remote_files(step, under=under)
+        missing = [rel for rel in manifest.files if rel not in remote]
+        if missing:
+            raise ChecksumMismatch(
+                f"{self.step_url(step)}: {len(missing)} file(s) missing, e.g. {under}{missing[0]}"
+            )
+
+        def check(rel: str) -> None:
+            info = remote[rel]
+            crc = listed_crc32c(info)
+            if crc is None and read_back:
+                crc = self._read_crc32c(step, under + rel)
+            check_entry(
+                f"{self.step_url(step)}/{under}{rel}",
+                manifest.files[rel],
+                size=int(info.get("size", -1)),
+                crc32c=crc,
+            )
+
+        self.parallel(check, sorted(manifest.files))
+
+    # -- moving a step aside --
+
+    def displace_step(self, step: int, *, now: float) -> str:
+        """Move a committed step whole to ``.tiered/displaced/<step>-<time>/`` (a name no
+        orbax reader takes for a step), so a different step of the same number can take its
+        place; return the new name. On ``file://`` this is one rename. On object stores the
+        objects are copied server-side, the marker last, and the original is then deleted
+        marker first: a crash leaves the original committed or the copy whole, never neither.
+        """
+        if not self.has_marker(step):
+            raise CommitError(f"{self.step_url(step)} is not committed: nothing to move aside")
+        name = displaced_name(step, now)
+        dest = f"{self.root}/{DISPLACED_DIR}/{name}"
+        with translate_errors(f"moving {self.step_url(step)} aside"):
+            rels = [] if self.store.renames else sorted(self.remote_files(step))
+            gone = self.store.move(self.object_path(step), dest, rels, COMMIT_MARKER, self.parallel)
+        if not gone:
+            self.delete_step(step)
+        return name
+
+    def list_displaced(self) -> list[Displaced]:
+        """Steps moved aside, oldest first."""
+        out = []
+        for name in self.store.list_names(DISPLACED_DIR):
+            parsed = parse_displaced(name)
+            if parsed is not None:
+                out.append(parsed)
+        return sorted(out, key=lambda d: (d.moved_at or 0.0, d.name))
+
+    # -- multi-node --
+
+    def part_ranks(self, step: int) -> list[int]:
+        return parts.ranks(self, step)
+
+    def commit_parts(self, step: int, *, epoch: int, marker: bytes) -> list[int]:
+        return parts.commit(self, step, epoch=epoch, marker=marker)
+
+    # -- restore --
+
+    def download_step(
+        self,
+        step: int,
+        dest: Path,
+        *,
+        progress: Progress | None = None,
+        only: str | None = None,
+    ) -> TransferResult:
+        """Download a committed step into ``dest``, verified (``tiered.storage.download``)."""
+        return download.download_step(self, step, dest, progress=progress, only=only)
+
+    # -- deletion --
+
+    def delete_step(self, step: int) -> None:
+        """Marker first, then the manifest, then the data."""
+        self._manifests.pop(step, None)
+        for rel in (COMMIT_MARKER, MANIFEST_NAME):
+            with (
+                translate_errors(f"deleting {rel} of {self.step_url(step)}"),
+                contextlib.suppress(FileNotFoundError),
+            ):
+                self.fs.rm_file(self.object_path(step, rel))
+        faults.hit("prune-durable")
+        with translate_errors(f"deleting {self.step_url(step)}"):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.object_path(step), recursive=True)
+            self.fs.invalidate_cache(self.root)
