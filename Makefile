@@ -42,6 +42,7 @@ test-maxtext: $(STAMP) $(MAXTEXT_STAMP)
 	$(PY) tests/maxtext_e2e.py --maxtext-python $(MAXTEXT_VENV)/bin/python
 
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

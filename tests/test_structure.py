@@ -1,0 +1,62 @@
+"""The shape of the code, as docs/design.md draws it: layers that import down only, modules of
+one job each, and a public surface that shadows nothing."""
+
+from __future__ import annotations
+
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiered
+
+ROOT = Path(__file__).resolve().parents[1]
+# The planner is one idea (every decision over one snapshot), kept whole on purpose.
+ONE_IDEA = {"tiered/policy.py"}
+
+
+def test_no_import_points_up_a_layer() -> None:
+    lint = Path(sys.executable).parent / "lint-imports"
+    if not lint.exists() and shutil.which("lint-imports") is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    done = subprocess.run(
+        [str(lint) if lint.exists() else "lint-imports"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "BROKEN" not in done.stdout
+
+
+def test_modules_stay_small() -> None:
+    sizes = {
+        str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+        for folder in ("tiered", "daemon")
+        for p in (ROOT / folder).rglob("*.py")
+    }
+    big = {path: n for path, n in sizes.items() if n > 500 and path not in ONE_IDEA}
+    assert not big, f"split these (docs/design.md names each module's job): {big}"
+
+
+def test_the_public_surface_shadows_no_module() -> None:
+    submodules = {m.name for m in pkgutil.iter_modules(tiered.__path__)}
+    for name in tiered.__all__:
+        assert name not in submodules, f"tiered.{name} hides the module tiered/{name}"
+        if name not in ("CheckpointManager", "Restored"):  # loaded lazily: they import jax
+            assert hasattr(tiered, name)
+
+
+def test_design_doc_names_every_module() -> None:
+    design = (ROOT / "docs" / "design.md").read_text()
+    for folder in ("tiered", "daemon"):
+        for p in sorted((ROOT / folder).rglob("*.py")):
+            if p.name.startswith("__"):
+                continue
+            named = re.search(rf"(`|tiered\.|\| ){p.stem}(`|\s|\|)", design)
+            assert named, f"docs/design.md does not name {p.relative_to(ROOT)}'s job"
