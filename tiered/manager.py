@@ -25,10 +25,17 @@ from types import FrameType
 from typing import Any
 
 from tiered.config import TieredConfig
-from tiered.config_files import load_config
-from tiered.errors import ChecksumMismatch, CommitError, ConfigError, LayoutError, StorageError
+from tiered.errors import (
+    ChecksumMismatch,
+    CommitError,
+    ConfigError,
+    LayoutError,
+    NotFound,
+    StorageError,
+)
 from tiered.layout import TRAINER_LOCK_NAME
 from tiered.lock import DirectoryLock
+from tiered.orbax_api import local_manager, resolve_config
 from tiered.policy import RestoreOption, restore_options
 from tiered.storage import DurableTier, LocalTier
 from tiered.tiers import agree_restore, fetch_step, open_durable, set_aside_newer
@@ -66,12 +73,18 @@ class CheckpointManager:
         self,
         config: TieredConfig | str | os.PathLike[str],
         *,
+        options: Any = None,
+        local_dir: str | os.PathLike[str] | None = None,
         install_signal_handlers: bool = True,
     ) -> None:
+        """``config``: a ``TieredConfig``, a YAML file, or, as orbax takes it, the checkpoint
+        directory (then the durable tier), with the node-local directory in ``local_dir`` or
+        ``TIERED_LOCAL_CHECKPOINT_DIRECTORY``. ``options``: orbax's
+        ``CheckpointManagerOptions`` (``tiered.orbax_api`` says which fields apply)."""
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self.config = config if isinstance(config, TieredConfig) else load_config(config)
+        self.config = resolve_config(config, options=options, local_dir=local_dir)
         cfg = self.config
         self.local = LocalTier(cfg.local_dir)
         self.local.ensure()
@@ -85,7 +98,7 @@ class CheckpointManager:
         """The step this manager restored (-1: started fresh), or None before ``restore``."""
         self._saved_here: set[int] = set()
         self._multi = self._check_topology()
-        self._mgr = self._make_manager()
+        self._mgr = local_manager(cfg, multi=self._multi)
         self._signal: int | None = None
         self._stop = False
         self._previous_handlers: dict[int, Any] = {}
@@ -110,59 +123,6 @@ class CheckpointManager:
                 "daemon, so that each node uploads only its own files."
             )
         return True
-
-    def _make_manager(self) -> Any:
-        """The orbax manager for the local tier.
-
-        Local saves are uncompressed unless ``tiered.local_compression`` is on: zstd (level 3
-        under zarr3) is most of a save's host CPU, paid every local period, and over
-        high-entropy weights it saves under 10% of the bytes (docs/configuration.md has the
-        numbers).
-
-        With several processes each local directory holds this process's shards only, as in
-        orbax's own local checkpoints for multi-tier checkpointing: every process writes its own
-        metadata and commit marker (``primary_host=None``) and every shard it holds, replicated
-        or not (``replica_id=None``), so each node's directory restores on its own.
-        """
-        import jax
-
-        ocp = self._ocp
-        cfg = self.config
-        kwargs: dict[str, Any] = {}
-        options: dict[str, Any] = {}
-        if self._multi:
-            mp = ocp.options.MultiprocessingOptions(primary_host=None)
-            kwargs["multiprocessing_options"] = mp
-            kwargs["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(
-                (
-                    jax.Array,
-                    ocp.type_handlers.ArrayHandler(
-                        primary_host=None, replica_id=None, use_replica_parallel=False
-                    ),
-                )
-            )
-            options = {"multiprocessing_options": mp, "enable_per_process_directory_creation": True}
-        handler = ocp.PyTreeCheckpointHandler(
-            use_ocdbt=True,
-            use_zarr3=True,
-            use_compression=cfg.tiered.local_compression,
-            **kwargs,
-        )
-        handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        handlers.add(None, ocp.args.PyTreeSave, handler)
-        handlers.add(None, ocp.args.PyTreeRestore, handler)
-        return ocp.CheckpointManager(
-            str(cfg.local_dir),
-            options=ocp.CheckpointManagerOptions(
-                save_interval_steps=cfg.local_checkpoint_period,
-                max_to_keep=None,
-                enable_async_checkpointing=cfg.async_checkpointing,
-                create=True,
-                cleanup_tmp_directories=True,
-                **options,
-            ),
-            handler_registry=handlers,
-        )
 
     # -- signals --
 
@@ -195,12 +155,25 @@ class CheckpointManager:
             )
         return self._durable
 
-    def save(self, step: int, state: Any, *, force: bool = False, final: bool = False) -> bool:
-        """Save ``state`` locally when due. Returns whether a save was started.
+    def save(
+        self,
+        step: int,
+        state: Any = None,
+        *,
+        args: Any = None,
+        metrics: Any = None,
+        force: bool = False,
+        final: bool = False,
+    ) -> bool:
+        """Save ``state`` (or orbax's ``args``: ``StandardSave``, ``PyTreeSave``, ``Composite``
+        of any registered items) locally when due. Returns whether a save was started.
 
         Periodic saves are asynchronous. A preemption save (after a signal) or a final save
-        waits until the step is committed on disk.
+        waits until the step is committed on disk. ``metrics`` are kept in the step's metadata,
+        as orbax keeps them.
         """
+        if (state is None) == (args is None):
+            raise TypeError("save takes the state, or orbax's args=, not both (and not neither)")
         cfg = self.config
         if not cfg.enable_checkpointing:
             return False
@@ -232,9 +205,11 @@ class CheckpointManager:
             saved = bool(
                 self._mgr.save(
                     step,
-                    args=self._ocp.args.PyTreeSave(state),
+                    args=args if args is not None else self._ocp.args.PyTreeSave(state),
+                    metrics=metrics,
                     force=True,
-                    custom_metadata={"tiered": {"reason": reason, "wall_time": time.time()}},
+                    custom_metadata={"tiered": {"reason": reason, "wall_time": time.time()}}
+                    | ({"metrics": _plain(metrics)} if metrics is not None else {}),
                 )
             )
             if blocking:
@@ -301,16 +276,37 @@ class CheckpointManager:
             durable = []
         return restore_options(self.local.scan(), durable)
 
-    def restore(self, target: Any = None, *, step: int | None = None) -> Restored | None:
+    def restore(self, target: Any = None, args: Any = None, *, step: int | None = None) -> Any:
         """Restore the newest good checkpoint across both tiers (or exactly ``step``).
 
+        Two forms. tiered's, ``restore(target=None, step=None)``, returns a ``Restored`` (the
+        step, the state, the tier it came from), or None when there is no checkpoint anywhere.
+        orbax's, ``restore(step, args=...)`` or ``restore(step)``, returns what orbax returns:
+        the item, or the ``Composite`` of items; with no step it takes the newest good one, and
+        raises ``NotFound`` (a ``FileNotFoundError``, as orbax raises) when there is none.
+
         A durable-only step is downloaded into the local tier and verified against its manifest
-        first. A step that fails to verify or load is skipped with a warning, and the next
-        older one is tried. Returns None when there is no checkpoint anywhere.
+        first. Without an explicit step, a step that fails to verify or load is skipped with a
+        warning, and the next older one is tried.
         """
+        orbax_form = args is not None or (isinstance(target, int) and not isinstance(target, bool))
+        if not orbax_form:
+            return self._restore(target, None, step=step, orbax_form=False)
+        if target is not None and step is not None:
+            raise TypeError("restore takes the step once: restore(step, args=...)")
+        found = self._restore(None, args, step=step if target is None else target, orbax_form=True)
+        if found is None:
+            raise NotFound(
+                f"no checkpoint to restore on either tier ({self.local.root}, {self.durable.url})"
+            )
+        return found.state
+
+    def _restore(
+        self, target: Any, args: Any, *, step: int | None, orbax_form: bool
+    ) -> Restored | None:
         self._mgr.wait_until_finished()
         if self._multi and step is None:
-            return self._restore_agreed(target)
+            return self._restore_agreed(target, args, orbax_form=orbax_form)
         options = self._options()
         if step is not None:
             options = [o for o in options if o.step == step]
@@ -323,8 +319,10 @@ class CheckpointManager:
             try:
                 if source == "durable":
                     self.fetch(s)
-                state = self._load(s, target)
+                state = self._load(s, target, args, orbax_form=orbax_form)
             except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
+                if orbax_form and step is not None:
+                    raise
                 log.warning(
                     "Step %d from the %s tier failed verification: %s; falling back to "
                     "an older step",
@@ -334,6 +332,8 @@ class CheckpointManager:
                 )
                 continue
             except Exception as err:  # orbax raises many types for unreadable data
+                if orbax_form and step is not None:
+                    raise
                 log.warning(
                     "Step %d from the %s tier failed to load: %s: %s; falling back to "
                     "an older step",
@@ -350,7 +350,7 @@ class CheckpointManager:
             log.warning("No checkpoint could be restored (tried steps %s)", order)
         return None
 
-    def _restore_agreed(self, target: Any) -> Restored | None:
+    def _restore_agreed(self, target: Any, args: Any, *, orbax_form: bool) -> Restored | None:
         """Multi-process restore: every process restores the one step the nodes agree on.
 
         The agreement goes through the durable tier (``tiered.coord``): the newest step every
@@ -371,7 +371,7 @@ class CheckpointManager:
         source = "local" if self.config.tiered.node_rank in decision.holders else "durable"
         if source == "durable":
             self.fetch(decision.step)
-        state = self._load(decision.step, target)
+        state = self._load(decision.step, target, args, orbax_form=orbax_form)
         log.info(
             "Restored step %d from the %s tier (agreed by all %d nodes, epoch %d)",
             decision.step,
@@ -385,9 +385,11 @@ class CheckpointManager:
         """Download a durable step into the local tier, verified, and return its directory."""
         return fetch_step(self.local, self.durable, step, progress=progress)
 
-    def _load(self, step: int, target: Any) -> Any:
+    def _load(self, step: int, target: Any, args: Any = None, *, orbax_form: bool = False) -> Any:
         self._mgr.reload()
         ocp = self._ocp
+        if orbax_form:  # orbax's own choice of handler when there are no args, as in orbax
+            return self._mgr.restore(step, args=args)
         if target is not None:
             target = _default_shardings(target)
         restore_args = (
@@ -396,6 +398,43 @@ class CheckpointManager:
         return self._mgr.restore(
             step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
         )
+
+    # -- orbax's queries --
+
+    def all_steps(self) -> list[int]:
+        """Every step a restore could use, on either tier, oldest first."""
+        return sorted({o.step for o in self._options()})
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` would save: a periodic step, or a signal arrived."""
+        if not self.config.enable_checkpointing:
+            return False
+        return self._signal is not None or step % self.config.local_checkpoint_period == 0
+
+    def reached_preemption(self, step: int) -> bool:
+        """orbax's name for "a signal arrived": save now, then stop."""
+        return self._signal is not None
+
+    def reload(self) -> None:
+        self._mgr.reload()
+
+    def item_metadata(self, step: int) -> Any:
+        """orbax's metadata of a local step's items (fetch a durable-only step first)."""
+        self._mgr.reload()
+        if step not in self._mgr.all_steps():
+            where = (
+                "the durable tier only: fetch(step) it" if step in self.all_steps() else "no tier"
+            )
+            raise CommitError(f"step {step} is on {where}")
+        return self._mgr.item_metadata(step)
+
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        """The ``metrics`` saved with a local step (kept in its metadata even without orbax's
+        ``best_fn``, which tiered's retention does not use)."""
+        self._mgr.reload()
+        custom = self._mgr.metadata(step).custom_metadata or {}
+        found = custom.get("metrics")
+        return dict(found) if isinstance(found, dict) else None
 
     # -- lifecycle --
 
@@ -441,3 +480,14 @@ def _is_disk_full(err: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _plain(metrics: Any) -> Any:
+    """Metrics as JSON can hold them (jax and numpy scalars become numbers)."""
+    if isinstance(metrics, dict):
+        return {str(k): _plain(v) for k, v in metrics.items()}
+    if isinstance(metrics, list | tuple):
+        return [_plain(v) for v in metrics]
+    if hasattr(metrics, "item") and getattr(metrics, "shape", None) == ():
+        return metrics.item()
+    return metrics
