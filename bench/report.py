@@ -53,7 +53,8 @@ def _stall(r: dict[str, Any]) -> list[str]:
         "none": "(a) no checkpointing",
         "orbax_durable_every_local": "(b) orbax, durable tier every local period",
         "orbax_durable_every_durable": "(c) orbax, durable tier every durable period",
-        "orbax_local_async": "orbax local async only (reference for the 1.1x bar)",
+        "orbax_local_async": "orbax local async only, zstd (orbax's default)",
+        "orbax_local_async_no_zstd": "orbax local async only, uncompressed (tiered's default)",
         "tiered": "(d) tiered: local every period + daemon",
         "tiered_zstd": "(d') tiered with tiered.local_compression: true",
         "tiered_no_zstd": "(d') tiered with tiered.local_compression: false",
@@ -67,15 +68,16 @@ def _stall(r: dict[str, Any]) -> list[str]:
     over = r["overhead_s"]
     a = r["ratios"]["tiered_vs_orbax_local_async_overhead"]
     b = r["ratios"]["orbax_every_local_vs_tiered_overhead"]
+    ref = r.get("reference", {"tiered": "orbax_local_async"})
     rows += [
         "",
-        f"- tiered overhead / orbax local async overhead: **{a:.2f}x** (bar: at most 1.1x) "
-        f"{_ok(a <= 1.1)}",
+        f"- tiered overhead / {names[ref['tiered']]} overhead (the same compression on both "
+        f"sides): **{a:.2f}x** (bar: at most 1.1x) {_ok(a <= 1.1)}",
         f"- (b) overhead / tiered overhead: **{b:.1f}x** (bar: at least 5x) {_ok(b >= 5)}",
         *[
-            f"- {names[k].split(' ', 1)[1]}: overhead / orbax local async "
-            f"**{ratio(over[k], over['orbax_local_async']):.2f}x**, (b) / its overhead "
-            f"**{ratio(over['orbax_durable_every_local'], over[k]):.1f}x**"
+            f"- {names[k].split(' ', 1)[1]}: overhead / {names[ref.get(k, 'orbax_local_async')]} "
+            f"**{ratio(over[k], over[ref.get(k, 'orbax_local_async')]):.2f}x**, (b) / its "
+            f"overhead **{ratio(over['orbax_durable_every_local'], over[k]):.1f}x**"
             for k in names
             if k.startswith("tiered_")
         ],
@@ -126,31 +128,47 @@ def _promote(res: dict[str, Any]) -> list[str]:
 
 
 def _restore(r: dict[str, Any]) -> list[str]:
-    ratio = r["ratios"]["tiered_vs_orbax_direct_time"]
     order = r["params"].get("order")
+    med = r["median"]
+    labels = {
+        "orbax_direct": "orbax restoring straight from gs:// (tensorstore)",
+        "tiered_store": "tiered, `durable_restore: store` (default): the store's crc32c of every "
+        "object checked against the manifest, orbax reads in place, local copy after",
+        "tiered_verify_first": "tiered, `durable_restore: verify_first`: download, verify every "
+        "byte, restore locally",
+    }
 
     def spread(key: str) -> str:
-        return f"{min(r[key]):.2f} to {max(r[key]):.2f}"
+        return f"{min(r['times_s'][key]):.2f} to {max(r['times_s'][key]):.2f}"
 
+    store = r["ratios"]["tiered_store_vs_orbax_direct_time"]
+    first = r["ratios"]["tiered_verify_first_vs_orbax_direct_time"]
     return [
         f"A {r['params']['bytes'] / 1e6:.0f} MB step on the GCS emulator, restored onto an empty "
-        f"node; {r['params']['reps']} interleaved rounds"
+        f"node; {r['params']['reps']} rounds"
         + (f" ({order})" if order else "")
-        + ", medians.",
+        + ", medians. Time until the state is in memory (the trainer can go on).",
         "",
         "| system | median time (s) | fastest, slowest (s) |",
         "|---|---|---|",
-        f"| orbax restoring straight from gs:// (tensorstore) | {r['median']['orbax_direct_s']:.2f} "
-        f"| {spread('orbax_direct_s')} |",
-        f"| tiered: download, verify every file, restore locally | {r['median']['tiered_s']:.2f} "
-        f"| {spread('tiered_s')} |",
+        *[f"| {labels[k]} | {med[k]:.2f} | {spread(k)} |" for k in labels],
         "",
-        f"- tiered / orbax-direct: **{ratio:.2f}x** (bar: at most 1.2x) {_ok(ratio <= 1.2)}",
+        f"- store mode / orbax-direct: **{store:.2f}x** (bar: at most 1.1x) {_ok(store <= 1.1)}",
+        f"- verify_first / orbax-direct: **{first:.2f}x** (no bar: the mode that reads every byte "
+        "on this node before orbax sees it)",
+        f"- In store mode the local copy was whole and verified {med['local_copy_filled_s']:.2f} s "
+        "after the restore began (median), in the background.",
+        "- What each mode guarantees: both load only a step whose every object matches the "
+        "manifest. `store` takes the match from the checksum the store computed from the bytes "
+        "it received (GCS); it does not catch a store that returns other bytes than it "
+        "checksummed. `verify_first` checksums the bytes on this node's disk before orbax reads "
+        "them, so it catches that too. Where the store keeps no checksum (`file://`, S3 as "
+        "tiered uploads), `store` acts as `verify_first`.",
         "",
         _bar_chart(
             "restore",
-            ["orbax direct", "tiered"],
-            [r["median"]["orbax_direct_s"], r["median"]["tiered_s"]],
+            ["orbax direct", "tiered store", "tiered verify_first"],
+            [med[k] for k in labels],
             "seconds",
         ),
     ]

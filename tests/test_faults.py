@@ -332,9 +332,14 @@ def test_bit_flip_before_promotion_is_caught(tmp_path: Path) -> None:
         daemon.terminate()
 
 
+@pytest.mark.parametrize("mode", ["store", "verify_first"])
 @pytest.mark.parametrize("damage", ["truncate", "lying-manifest"])
-def test_damaged_durable_step_falls_back(damage: str, tmp_path: Path, gs_url: str) -> None:
-    _, cfg = write_config(tmp_path, gs_url)
+def test_damaged_durable_step_falls_back(
+    damage: str, mode: str, tmp_path: Path, gs_url: str
+) -> None:
+    """Both restore modes catch a truncated object and a manifest that disagrees with the data:
+    ``store`` sees the store's own crc32c differ from the manifest's and downloads instead."""
+    _, cfg = write_config(tmp_path, gs_url, tiered={"durable_restore": mode})
     saved = {s: distinct_state(s) for s in (50, 100)}
     trainer = Trainer(cfg.local_dir)
     for step, state in saved.items():

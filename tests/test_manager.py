@@ -62,6 +62,27 @@ def test_fresh_node_restores_newest_durable_step(durable_url: str, tmp_path: Pat
     assert local.committed_steps() == [100]  # fetched into the local tier, verified
 
 
+@pytest.mark.parametrize("mode", ["store", "verify_first"])
+def test_durable_restore_modes(
+    mode: str, gs_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``store``: GCS keeps a crc32c per object; when each equals the manifest's, orbax reads the
+    step where it is and the local copy follows in the background (there once the manager is
+    closed). ``verify_first``: downloaded and verified before orbax loads it."""
+    _, cfg = write_config(tmp_path, gs_url, tiered={"durable_restore": mode})
+    states, local, _durable = only_on_durable(cfg, (50, 100))
+    with (
+        caplog.at_level(logging.INFO, logger="tiered"),
+        CheckpointManager(cfg, install_signal_handlers=False) as mgr,
+    ):
+        restored = mgr.restore(example_state())
+        assert restored is not None and (restored.step, restored.source) == (100, "durable")
+        assert_trees_equal(restored.state, states[100])
+    read_in_place = any("vouched for every byte" in r.message for r in caplog.records)
+    assert read_in_place is (mode == "store")
+    assert local.committed_steps() == [100]  # verified into the local tier either way
+
+
 def test_corrupt_durable_step_falls_back_with_warning(
     durable_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -50,6 +50,11 @@ class TieredSettings(BaseModel):
     status_address: str = "127.0.0.1:8477"
     upload_concurrency: int = Field(8, ge=1, le=256)
     download_concurrency: int = Field(8, ge=1, le=256)
+    durable_restore: Literal["store", "verify_first"] = "store"
+    """How the training API restores a step only the durable tier holds. ``store``: when the
+    store keeps a checksum per object (GCS) and every one equals the manifest's, orbax reads
+    the step straight from the durable tier and the local copy is filled in the background;
+    otherwise as ``verify_first``: download, verify every byte, then load the local copy."""
     min_free_local_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     shutdown_grace_seconds: float = Field(120.0, gt=0)
     rescan_seconds: float = Field(30.0, gt=0)

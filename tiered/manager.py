@@ -32,6 +32,7 @@ from tiered.errors import (
     LayoutError,
     NotFound,
     StorageError,
+    TieredError,
 )
 from tiered.layout import TRAINER_LOCK_NAME
 from tiered.lock import DirectoryLock
@@ -97,6 +98,7 @@ class CheckpointManager:
         self._restored_step: int | None = None
         """The step this manager restored (-1: started fresh), or None before ``restore``."""
         self._saved_here: set[int] = set()
+        self._filling: threading.Thread | None = None
         self._multi = self._check_topology()
         self._mgr = local_manager(cfg, multi=self._multi)
         self._signal: int | None = None
@@ -317,9 +319,7 @@ class CheckpointManager:
         for option in options:
             s, source = option.step, option.source
             try:
-                if source == "durable":
-                    self.fetch(s)
-                state = self._load(s, target, args, orbax_form=orbax_form)
+                state = self._load_from(s, source, target, args, orbax_form=orbax_form)
             except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
                 if orbax_form and step is not None:
                     raise
@@ -369,9 +369,7 @@ class CheckpointManager:
             log.info("No checkpoint every node can restore: starting fresh")
             return None
         source = "local" if self.config.tiered.node_rank in decision.holders else "durable"
-        if source == "durable":
-            self.fetch(decision.step)
-        state = self._load(decision.step, target, args, orbax_form=orbax_form)
+        state = self._load_from(decision.step, source, target, args, orbax_form=orbax_form)
         log.info(
             "Restored step %d from the %s tier (agreed by all %d nodes, epoch %d)",
             decision.step,
@@ -385,19 +383,80 @@ class CheckpointManager:
         """Download a durable step into the local tier, verified, and return its directory."""
         return fetch_step(self.local, self.durable, step, progress=progress)
 
-    def _load(self, step: int, target: Any, args: Any = None, *, orbax_form: bool = False) -> Any:
-        self._mgr.reload()
+    def _load_from(
+        self, step: int, source: str, target: Any, args: Any, *, orbax_form: bool
+    ) -> Any:
+        """Load a step from where it is. A durable-only step is read straight from the durable
+        tier when the store vouches for every object (``tiered.durable_restore: store``), and
+        copied to the local tier in the background for the next restart; otherwise it is
+        downloaded and verified first."""
+        if source == "durable" and self._store_vouches(step):
+            ocp = self._ocp
+            with ocp.CheckpointManager(
+                self.config.durable_url, options=ocp.CheckpointManagerOptions(create=False)
+            ) as durable:
+                try:
+                    state = self._load(step, target, args, orbax_form=orbax_form, mgr=durable)
+                except Exception as err:  # e.g. tensorstore has other credentials: go local
+                    log.warning(
+                        "Reading step %d straight from %s failed (%s: %s); downloading it",
+                        step,
+                        self.durable.url,
+                        type(err).__name__,
+                        err,
+                    )
+                else:
+                    log.info(
+                        "Step %d read from %s, which vouched for every byte", step, self.durable.url
+                    )
+                    self._fill_local(step)
+                    return state
+        if source == "durable":
+            self.fetch(step)
+        return self._load(step, target, args, orbax_form=orbax_form)
+
+    def _store_vouches(self, step: int) -> bool:
+        if self.config.tiered.durable_restore != "store" or self._multi:
+            return False
+        try:
+            return self.durable.vouched(step) is not None
+        except TieredError as err:  # the download path reads the step again and says why
+            log.debug("Step %d: no word from the store (%s); downloading it", step, err)
+            return False
+
+    def _fill_local(self, step: int) -> None:
+        """Copy a step read from the durable tier into the local tier, verified, off the
+        training thread; ``close`` waits for it."""
+
+        def fill() -> None:
+            try:
+                self.fetch(step)
+            except (TieredError, OSError) as err:
+                log.warning("Could not copy step %d to the local tier: %s", step, err)
+
+        self._filling = threading.Thread(target=fill, name="tiered-fill", daemon=True)
+        self._filling.start()
+
+    def _load(
+        self,
+        step: int,
+        target: Any,
+        args: Any = None,
+        *,
+        orbax_form: bool = False,
+        mgr: Any = None,
+    ) -> Any:
+        mgr = mgr or self._mgr
+        mgr.reload()
         ocp = self._ocp
         if orbax_form:  # orbax's own choice of handler when there are no args, as in orbax
-            return self._mgr.restore(step, args=args)
+            return mgr.restore(step, args=args)
         if target is not None:
             target = _default_shardings(target)
         restore_args = (
             ocp.checkpoint_utils.construct_restore_args(target) if target is not None else None
         )
-        return self._mgr.restore(
-            step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
-        )
+        return mgr.restore(step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
 
     # -- orbax's queries --
 
@@ -439,6 +498,8 @@ class CheckpointManager:
     # -- lifecycle --
 
     def close(self) -> None:
+        if self._filling is not None:
+            self._filling.join()
         self._mgr.wait_until_finished()
         self._mgr.close()
         for signum, handler in self._previous_handlers.items():

@@ -63,7 +63,7 @@ class DurableTier:
         storage_options: dict[str, Any] | None = None,
         concurrency: int = 8,
         download_concurrency: int | None = None,
-        bandwidth_mbps: float | None = None,
+        bandwidth_mb_per_s: float | None = None,
         topology: Topology | None = None,
         node_rank: int = 0,
         num_nodes: int = 1,
@@ -73,7 +73,7 @@ class DurableTier:
         self.topology = topology or Topology(node_rank, num_nodes)
         self.concurrency = concurrency
         self.download_concurrency = download_concurrency or concurrency
-        self._limiter = RateLimiter(bandwidth_mbps * 1e6 / 8) if bandwidth_mbps else None
+        self._limiter = RateLimiter(bandwidth_mb_per_s * 1e6) if bandwidth_mb_per_s else None
         self.budget = MemoryBudget(TRANSFER_MEMORY)
         self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
 
@@ -356,6 +356,25 @@ class DurableTier:
             return crc32c_of_stream(f, chunk=block)[1]
 
     # -- verification --
+
+    def vouched(self, step: int) -> Manifest | None:
+        """The step's manifest when the store itself vouches for every object: its size, and
+        the crc32c the store keeps for it (GCS computes it from the bytes it received), equal
+        the manifest's, so the bytes at rest are the bytes saved without reading them back.
+        None when an object differs, is missing, or the store keeps no checksum (``file://``,
+        and S3 as uploaded here); one listing, no reads."""
+        cached = self._manifests.get(step)  # read by the scan that chose this step
+        manifest = cached[1] if cached is not None and cached[1] is not None else None
+        if manifest is None or self.topology.multi:
+            manifest = self.read_manifest(step)
+        remote = self.remote_files(step)
+        for rel, entry in manifest.files.items():
+            info = remote.get(rel)
+            if info is None or int(info.get("size", -1)) != entry.size:
+                return None
+            if listed_crc32c(info) != entry.crc32c:
+                return None
+        return manifest
 
     def verify_step(
         self, step: int, manifest: Manifest | None = None, *, read_back: bool = True
