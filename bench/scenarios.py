@@ -457,7 +457,7 @@ def interference(*, size_mb: int, reps: int, step_ms: float, work: Path) -> dict
                     local_checkpoint_period=100,
                     tiered={
                         "local_max_to_keep": 10,
-                        **({"upload_bandwidth_mbps": cap} if cap else {}),
+                        **({"upload_bandwidth_mb_per_s": cap / 8} if cap else {}),
                     },
                 ),
             )

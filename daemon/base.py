@@ -12,7 +12,7 @@ from daemon.mtc import MtcProtocol
 from daemon.state import DaemonState
 from daemon.workers import Lane, Outcome
 from tiered import DurableTier, LocalTier, TieredConfig
-from tiered.sidecar import Plan, RestoreOption, Rules, Snapshot, Topology
+from tiered.sidecar import DirectoryLock, Plan, RestoreOption, Rules, Snapshot, Topology
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class DaemonBase:
     transfer: Lane
     durable_lane: Lane
     local_lane: Lane
+    trainer_lock: DirectoryLock
     state: DaemonState
     view: View | None
     mtc: MtcProtocol | None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -11,62 +10,13 @@ import sys
 
 from daemon.service import Daemon
 from tiered import TieredConfig, TieredError
+from tiered.sidecar import configure
 
 log = logging.getLogger("daemon")
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-_LIBRARIES = (
-    "urllib3",
-    "botocore",
-    "aiobotocore",
-    "gcsfs",
-    "fsspec",
-    "watchdog",
-    "google",
-    "asyncio",
-    "s3fs",
-    "aiohttp",
-)
-
-
-class _OneLineFromLibraries(logging.Filter):
-    """Storage clients log their own retries and failures, with tracebacks (gcsfs: "out of
-    retries on exception", 40 lines). tiered reports the same failure itself, in one line, so a
-    library's record keeps its first line and loses its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.split(".")[0] in _LIBRARIES:
-            record.msg = record.getMessage().splitlines()[0] if record.getMessage() else ""
-            record.args = ()
-            record.exc_info = record.exc_text = record.stack_info = None
-        return True
-
-
-def configure_logging(fmt: str, *, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_OneLineFromLibraries())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in _LIBRARIES:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def configure_logging(fmt: str, *, verbose: bool = False, debug_loggers: tuple = ()) -> None:
+    configure(fmt, verbose=verbose, debug_loggers=debug_loggers)
 
 
 def lower_cpu_priority(nice: int) -> int:
@@ -88,9 +38,15 @@ def lower_cpu_priority(nice: int) -> int:
     return current
 
 
-def run_daemon(cfg: TieredConfig, *, log_format: str = "text") -> int:
+def run_daemon(
+    cfg: TieredConfig,
+    *,
+    log_format: str = "text",
+    verbose: bool = False,
+    debug_loggers: tuple = (),
+) -> int:
     """The ``tiered daemon`` entry point: run until SIGTERM/SIGINT, then drain."""
-    configure_logging(log_format)
+    configure_logging(log_format, verbose=verbose, debug_loggers=debug_loggers)
     nice = lower_cpu_priority(cfg.tiered.daemon_nice)
     log.info("Running at nice %d (tiered.daemon_nice: %d)", nice, cfg.tiered.daemon_nice)
     # `kill -USR1 <pid>` prints every thread's stack: stuck work is visible without a debugger.

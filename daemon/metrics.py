@@ -1,23 +1,44 @@
-"""Prometheus metrics of one daemon, in a registry of its own (so tests can run several)."""
+"""Prometheus metrics of one daemon, in a registry of its own (so tests can run several).
+
+Names follow Prometheus' conventions: base units with the unit as a suffix, ``_total`` on
+counters, every label value present from the start (a series that appears only after the first
+failure breaks ``rate()`` and alerts), and no ``_created`` series. The process collector adds
+the daemon's memory, CPU time and open files. deploy/prometheus/alerts.yaml uses them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()
+
+TIERS = ("local", "durable")
+ERROR_KINDS = ("list", "transient", "permanent", "prune", "cycle")
+EVENTS = ("crash", "preemption", "node")
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
         self.promoted = Counter(
-            "tiered_steps_promoted", "Steps promoted to the durable tier", registry=r
+            "tiered_promoted_steps", "Steps promoted to the durable tier", registry=r
         )
-        self.pruned = Counter("tiered_steps_pruned", "Steps pruned", ["tier"], registry=r)
+        self.pruned = Counter("tiered_pruned_steps", "Steps pruned", ["tier"], registry=r)
         self.bytes_uploaded = Counter(
-            "tiered_bytes_uploaded", "Bytes uploaded to the durable tier", registry=r
+            "tiered_uploaded_bytes", "Bytes uploaded to the durable tier", registry=r
         )
         self.upload_seconds = Histogram(
-            "tiered_upload_seconds",
+            "tiered_upload_duration_seconds",
             "Seconds to upload, verify and commit one step",
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
             registry=r,
@@ -35,15 +56,51 @@ class Metrics:
             registry=r,
         )
         self.last_success = Gauge(
-            "tiered_last_success_timestamp_seconds",
+            "tiered_last_commit_timestamp_seconds",
             "Unix time of the newest checkpoint committed on each tier",
             ["tier"],
+            registry=r,
+        )
+        self.since_durable = Gauge(
+            "tiered_durable_commit_age_seconds",
+            "Seconds since the newest durable checkpoint was committed",
+            registry=r,
+        )
+        self.newest_step = Gauge(
+            "tiered_newest_step", "The newest committed step on each tier", ["tier"], registry=r
+        )
+        self.tier_steps = Gauge(
+            "tiered_tier_steps", "Committed steps on each tier", ["tier"], registry=r
+        )
+        self.tier_bytes = Gauge(
+            "tiered_tier_bytes", "Bytes of the committed steps on each tier", ["tier"], registry=r
+        )
+        self.local_free = Gauge(
+            "tiered_local_free_bytes", "Free bytes on the local tier", registry=r
+        )
+        self.at_risk = Gauge(
+            "tiered_at_risk_steps",
+            "Steps an interruption would cost now (crash, preemption, losing the node)",
+            ["event"],
             registry=r,
         )
         self.errors = Counter("tiered_errors", "Errors by kind", ["kind"], registry=r)
         self.disk_pressure = Gauge(
             "tiered_local_disk_pressure", "1 while local free space is below the floor", registry=r
         )
+        self.ready = Gauge(
+            "tiered_ready", "1 while the daemon is ready (the durable tier answers)", registry=r
+        )
+        for tier in TIERS:
+            self.pruned.labels(tier=tier)
+            self.last_success.labels(tier=tier)
+            self.newest_step.labels(tier=tier)
+            self.tier_steps.labels(tier=tier)
+            self.tier_bytes.labels(tier=tier)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind=kind)
+        for event in EVENTS:
+            self.at_risk.labels(event=event)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

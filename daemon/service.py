@@ -57,6 +57,7 @@ from tiered.sidecar import (
     Snapshot,
     Upload,
     apply_deletes,
+    at_risk,
     is_tmp_name,
     open_durable,
     plan,
@@ -135,12 +136,37 @@ class Daemon(Outcomes, Views):
         return decided
 
     def _record_metrics(self, snap: Snapshot, decided: Plan) -> None:
-        newest_local = max((s.commit_time or 0 for s in snap.local if s.committed), default=0)
-        if newest_local:
-            self.metrics.last_success.labels(tier="local").set(newest_local)
-        newest = max((d.commit_time or 0 for d in snap.durable or () if d.own), default=0)
+        m = self.metrics
+        local = [s for s in snap.local if s.committed]
+        durable = [d for d in snap.durable or () if d.kept]
+        for tier, steps in (("local", local), ("durable", durable)):
+            when = max((s.commit_time or 0 for s in steps), default=0)
+            if when:
+                m.last_success.labels(tier=tier).set(when)
+            if steps:
+                m.newest_step.labels(tier=tier).set(max(s.step for s in steps))
+            m.tier_steps.labels(tier=tier).set(len(steps))
+            m.tier_bytes.labels(tier=tier).set(sum(s.size or 0 for s in steps))
+        newest = max((d.commit_time or 0 for d in durable), default=0)
         if newest:
-            self.metrics.last_success.labels(tier="durable").set(newest)
+            m.since_durable.set(max(0.0, snap.now - newest))
+        free = self._local_free()
+        if free is not None:
+            m.local_free.set(free)
+        risk = at_risk(
+            snap.local,
+            snap.durable,
+            now=snap.now,
+            saves_on_signal=not self.cfg.speaks_mtc,
+            trainer_running=self._trainer_running(),
+        )
+        for event, loss in risk.items():
+            if loss.steps is not None:
+                m.at_risk.labels(event=event).set(loss.steps)
+        job = self.transfer.job
+        running = job is not None and job.kind == "upload"
+        m.current_upload_seconds.set(time.time() - job.started if running and job else 0)
+        m.ready.set(1 if self.health()[0] else 0)
         self.metrics.backlog.set(len(decided.owed))
         self.metrics.skipped.set(len(decided.skipped))
         self.metrics.failed.set(len(self.state.failed))

@@ -70,6 +70,12 @@ class Views(DaemonBase):
             "failed": {str(k): v for k, v in state.failed.items()},
             "last_error": state.last_error.message if state.last_error else None,
             "last_error_time": state.last_error.time if state.last_error else None,
+            "last_error_resolved": bool(
+                state.last_error
+                and state.failing_since is None
+                and state.durable_error is None
+                and not state.failed
+            ),
             "last_promotion": promo.__dict__ if promo else None,
             "throughput_mb_s": promo.mb_per_s if promo else None,
             "recently_pruned": [p.__dict__ for p in state.recently_pruned],
@@ -103,5 +109,20 @@ class Views(DaemonBase):
             decided=plan(snap, self.rules),
             durable_error=state.durable_error,
             displaced=[*state.displaced, *self.local.displaced()],
+            local_free=self._local_free(),
+            trainer_running=self._trainer_running(),
         )
         return status.to_json()
+
+    def _local_free(self) -> int | None:
+        try:
+            return self.local.free_bytes(self.cfg.tiered.local_capacity)
+        except OSError:
+            return None
+
+    def _trainer_running(self) -> bool | None:
+        """Whether ``tiered.CheckpointManager`` holds the trainer's lock (None: no such
+        trainer here, as with orbax's multi-tier client)."""
+        if not self.trainer_lock.exists():
+            return None
+        return self.trainer_lock.holder() is not None

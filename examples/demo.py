@@ -36,8 +36,6 @@ def main() -> int:
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "JAX_PLATFORMS": "cpu",
-        "TIERED_LOCAL_CHECKPOINT_DIRECTORY": str(RUN / "local"),
-        "TIERED_CHECKPOINT_DIR": str(RUN / "durable"),
     }
     py = sys.executable
     say("starting the tiered daemon as a sidecar")
@@ -92,7 +90,7 @@ def main() -> int:
         say(f"resumed at step {stopped_at}: no completed step was lost")
         final = STEPS - 1
         for _ in range(100):
-            durable = RUN / "durable" / str(final) / "commit_success.txt"
+            durable = RUN / "durable" / "demo" / "checkpoints" / str(final) / "commit_success.txt"
             if durable.exists():
                 break
             time.sleep(0.1)

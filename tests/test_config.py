@@ -155,7 +155,7 @@ def test_readme_yaml_example_is_a_valid_config() -> None:
     assert block is not None
     cfg = config_from_mapping(yaml.safe_load(block.group(1)), env={})
     assert cfg.checkpoint_period == 5000 and cfg.local_checkpoint_period == 1000
-    assert cfg.tiered.daemon_nice == 10 and cfg.tiered.upload_bandwidth_mbps == 400
+    assert cfg.tiered.daemon_nice == 10 and cfg.tiered.upload_bandwidth_mb_per_s == 50
     assert cfg.tiered.local_compression is False
 
 
@@ -294,3 +294,16 @@ def test_the_shipped_maxtext_file_holds_only_maxtext_keys() -> None:
     assert set(ours) - {"base_config"} <= set(yaml.safe_load(base.read_text()))
     side = yaml.safe_load((ROOT / "configs" / "tiered_maxtext.yml").read_text())
     assert set(side) == {"tiered"}
+
+
+def test_the_megabit_bandwidth_key_is_refused_with_the_conversion(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="upload_bandwidth_mb_per_s") as err:
+        config_from_mapping(
+            {
+                "checkpoint_dir": f"{tmp_path}/d",
+                "local_checkpoint_directory": f"{tmp_path}/l",
+                "tiered": {"upload_bandwidth_mbps": 400},
+            },
+            env={},
+        )
+    assert "400 Mbit/s is 50" in str(err.value)

@@ -59,15 +59,39 @@ def test_promotes_exactly_the_durable_multiples_and_prunes(
             assert_trees_equal(restored, saved[250])
         code, body = daemon.get("/status")
         status = json.loads(body)
-        assert code == 200 and status["schema"] == 1 and status["daemon"]["running"]
+        assert code == 200 and status["schema"] == 2 and status["daemon"]["running"]
         assert status["latest"] == {"local": 250, "durable": 250, "restorable": 250}
     finally:
         assert daemon.terminate() == 0, daemon.log()
 
 
+def check_metric_conventions(text: str) -> None:
+    """What Prometheus users expect: counters end in _total, no _created series, base units
+    as suffixes, every labelled series there from the start, the process collector on."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ours = {n: f for n, f in families.items() if n.startswith("tiered_")}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds"} <= set(
+        families
+    )
+    assert not [ln for ln in text.splitlines() if "_created" in ln]
+    for name, family in ours.items():
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), name
+        if "bytes" in name or "seconds" in name:
+            assert name.split("_")[-1] in ("bytes", "seconds"), f"{name}: unit not last"
+    for name, label, values in (
+        ("tiered_pruned_steps", "tier", {"local", "durable"}),
+        ("tiered_errors", "kind", {"list", "transient", "permanent", "prune", "cycle"}),
+        ("tiered_at_risk_steps", "event", {"crash", "preemption", "node"}),
+    ):
+        assert {s.labels[label] for s in ours[name].samples} == values, name
+
+
 def test_http_endpoints(tmp_path: Path) -> None:
     config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
-    daemon = DaemonProc(config_path, cfg)
+    daemon = DaemonProc(config_path, cfg, env={"TIERED_LOG_FORMAT": "json"})
     try:
         daemon.wait_ready()
         orbax_save(cfg.local_dir, 50, example_state())
@@ -78,11 +102,28 @@ def test_http_endpoints(tmp_path: Path) -> None:
         assert status["daemon"]["last_promotion"]["step"] == 50
         step50 = next(s for s in status["steps"] if s["step"] == 50)
         assert step50["tiers"] == ["local", "durable"] and step50["state"] == "committed"
+        # per tier: steps, bytes (what is on disk) and free space; what is at risk now
+        on_disk = sum(p.stat().st_size for p in (cfg.local_dir / "50").rglob("*") if p.is_file())
+        assert status["tiers"]["local"]["steps"] == 1
+        assert status["tiers"]["local"]["bytes"] == on_disk
+        assert status["tiers"]["local"]["free_bytes"] > 0
+        assert status["tiers"]["durable"]["steps"] == 1
+        assert status["at_risk"]["preemption"] == {"steps": 0, "seconds": 0.0}
+        assert status["at_risk"]["step_seconds"] is None  # one save: no step time yet
+        # the daemon's log is JSON lines with the event's fields
+        events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        promoted = next(e for e in events if e.get("event") == "promoted")
+        assert promoted["step"] == 50 and promoted["tier"] == "durable"
+        assert promoted["bytes"] > 0 and promoted["time"].endswith("+00:00")
         metrics = daemon.get("/metrics")[1].decode()
-        assert "tiered_steps_promoted_total 1.0" in metrics
+        assert "tiered_promoted_steps_total 1.0" in metrics
         assert "tiered_backlog_steps 0.0" in metrics
-        assert 'tiered_last_success_timestamp_seconds{tier="durable"}' in metrics
-        assert "tiered_upload_seconds_count 1.0" in metrics
+        assert 'tiered_last_commit_timestamp_seconds{tier="durable"}' in metrics
+        assert "tiered_upload_duration_seconds_count 1.0" in metrics
+        check_metric_conventions(metrics)
+        assert 'tiered_newest_step{tier="durable"} 50.0' in metrics
+        assert 'tiered_tier_steps{tier="local"} 1.0' in metrics
+        assert "tiered_ready 1.0" in metrics
         import urllib.request
 
         req = urllib.request.Request(f"http://{daemon.address}/status", method="POST")
@@ -239,6 +280,8 @@ def test_a_store_down_from_the_start_degrades_the_daemon_and_it_catches_up(
         assert daemon.get("/readyz")[0] == 503
         status = json.loads(daemon.get("/status")[1])
         assert status["durable_error"] and status["daemon"]["health"] == "unhealthy"
+        assert status["daemon"]["last_error_resolved"] is False
+        assert "tiered_ready 0.0" in daemon.get("/metrics")[1].decode()
         assert daemon.get("/metrics")[0] == 200
         local = LocalTier(cfg.local_dir)
         assert local.committed_steps() == [50, 70]  # 50 is owed: kept; 60 is not: pruned
@@ -272,6 +315,12 @@ def test_a_store_down_from_the_start_degrades_the_daemon_and_it_catches_up(
         wait_for(lambda: local.committed_steps() == [70], timeout=30, what="catch-up prune")
         wait_for(lambda: daemon.get("/readyz") == (200, b"ok\n"), timeout=30, what="ready")
         assert "answers again" in daemon.log()
+        live = json.loads(daemon.get("/status")[1])["daemon"]
+        assert live["last_error"] and live["last_error_resolved"] is True  # said, and over
+        metrics = daemon.get("/metrics")[1].decode()
+        assert (
+            "tiered_ready 1.0" in metrics and 'tiered_newest_step{tier="durable"} 50.0' in metrics
+        )
     finally:
         daemon.terminate()
         emu.stop()

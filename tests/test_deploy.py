@@ -178,3 +178,81 @@ def test_the_sidecar_knows_the_local_volume_limit(path: Path) -> None:
             assert parse_bytes(env["TIERED_LOCAL_CAPACITY"]) == parse_bytes(
                 volume["emptyDir"]["sizeLimit"]
             )
+
+
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+
+
+def test_alert_rules_use_only_metrics_the_daemon_exports() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from daemon.metrics import Metrics
+
+    exported = set()
+    for family in text_string_to_metric_families(Metrics().render().decode()):
+        exported |= {family.name, *(s.name for s in family.samples)}
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {
+        "TieredDurableTierStale",
+        "TieredBacklogGrowing",
+        "TieredDaemonDegraded",
+    }
+    for rule in rules:
+        used = set(re.findall(r"\btiered_[a-z_]+", rule["expr"]))
+        assert used and used <= exported, (rule["alert"], used - exported)
+    promtool = shutil.which("promtool")
+    if promtool:
+        done = subprocess.run(
+            [promtool, "check", "rules", str(PROMETHEUS / "alerts.yaml")], capture_output=True
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_podmonitor_selects_the_pods_and_their_status_port() -> None:
+    (monitor,) = docs(PROMETHEUS / "podmonitor.yaml")
+    (job,) = [d for d in docs(K8S / "base" / "job.yaml") if d["kind"] == "Job"]
+    template = job["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {
+        p["name"]
+        for c in [*template["spec"].get("initContainers", []), *template["spec"]["containers"]]
+        for p in c.get("ports", [])
+    }
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+
+
+def test_the_network_policy_lets_the_job_reach_its_own_coordinator() -> None:
+    """Applied with the JobSet, the policy must not cut the workers off from the JAX
+    coordinator (and the collectives, on ports chosen at run time)."""
+    (policy,) = docs(K8S / "base" / "networkpolicy.yaml")
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    peer_rules = [
+        rule
+        for rule in policy["spec"]["ingress"]
+        if any(src.get("podSelector", {}).get("matchLabels") == selected for src in rule["from"])
+    ]
+    assert peer_rules and all("ports" not in rule for rule in peer_rules)
+    (jobset,) = docs(K8S / "base" / "jobset.yaml")
+    for rj in jobset["spec"]["replicatedJobs"]:
+        pod_labels = rj["template"]["spec"]["template"]["metadata"]["labels"]
+        assert selected.items() <= pod_labels.items()
+        env = {
+            e["name"]: e.get("value")
+            for c in rj["template"]["spec"]["template"]["spec"]["containers"]
+            for e in c.get("env", [])
+        }
+        assert env.get("JAX_COORDINATOR_ADDRESS", "").endswith(":1234")
+
+
+def test_images_are_set_in_one_place() -> None:
+    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    named = {i["name"] for i in kustomization["images"]}
+    used = {
+        c["image"].rsplit(":", 1)[0]
+        for path in (K8S / "base" / "job.yaml", K8S / "base" / "jobset.yaml")
+        for doc in docs(path)
+        for spec in pod_specs(doc)
+        for c in [*spec.get("initContainers", []), *spec["containers"]]
+    }
+    assert used and used <= named

@@ -32,7 +32,7 @@ from tiered.tiers import fetch_step, promote_step
 if TYPE_CHECKING:
     from tiered.manager import CheckpointManager, Restored
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AgreementTimeout",

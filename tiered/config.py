@@ -64,7 +64,9 @@ class TieredSettings(BaseModel):
     retry_max_seconds: float = Field(60.0, gt=0)
     retry_attempts: int = Field(6, ge=1)
     unhealthy_after_seconds: float = Field(900.0, gt=0)
-    upload_bandwidth_mbps: float | None = Field(None, gt=0)
+    upload_bandwidth_mb_per_s: float | None = Field(None, gt=0)
+    """Cap on the daemon's uploads, in megabytes (10**6 bytes) per second: the unit the logs
+    and the status print."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     mtc_protocol: bool | None = None
     write_jax_init_info: bool = False
@@ -362,6 +364,14 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"{key}: {first['msg']} (got {first.get('input')!r})"
 
 
+# Keys that changed meaning: refused with what to write instead, never reinterpreted.
+_RENAMED = {
+    "upload_bandwidth_mbps": "was in megabits per second; it is now "
+    "tiered.upload_bandwidth_mb_per_s, in megabytes per second as the logs print them "
+    "(divide by 8: 400 Mbit/s is 50)",
+}
+
+
 def config_from_mapping(
     raw: Mapping[str, Any], *, env: Mapping[str, str] | None = None, source: str = "config"
 ) -> TieredConfig:
@@ -373,6 +383,8 @@ def config_from_mapping(
     if isinstance(section, dict):
         valid = sorted(TieredSettings.model_fields)
         for key in section:
+            if key in _RENAMED:
+                raise ConfigError(f"{source}: tiered.{key} {_RENAMED[key]}")
             if key not in TieredSettings.model_fields:
                 raise ConfigError(f"{source}: unknown key tiered.{key}{_nearest(str(key), valid)}")
     for key in data:

@@ -6,6 +6,7 @@ Local tier (``<local_checkpoint_directory>``):
     <step>.orbax-checkpoint-tmp*     a save in progress: never read or deleted by tiered
     .tiered/daemon.lock              flock held by the one daemon of this directory
     .tiered/trainer.lock             flock held by the one tiered.CheckpointManager writing here
+    .tiered/trainer-stats.json       how long its recent saves blocked the training loop
     .tiered/staging/<step>/          a step downloaded (or moved aside) for restore
     .tiered/manifests/<step>.json    a step's manifest, built when the daemon first sees it
     .tiered/trash/                   local steps being deleted (moved here in one rename)
@@ -61,6 +62,7 @@ CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 TIERED_DIR = ".tiered"
 LOCK_NAME = "daemon.lock"
 TRAINER_LOCK_NAME = "trainer.lock"
+TRAINER_STATS = "trainer-stats.json"
 STAGING_DIR = "staging"
 TRASH_DIR = "trash"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from tiered.atomic import publish_file
 from tiered.config import TieredConfig
 from tiered.errors import (
     ChecksumMismatch,
@@ -34,7 +36,7 @@ from tiered.errors import (
     StorageError,
     TieredError,
 )
-from tiered.layout import TRAINER_LOCK_NAME
+from tiered.layout import TRAINER_LOCK_NAME, TRAINER_STATS
 from tiered.lock import DirectoryLock
 from tiered.orbax_api import local_manager, resolve_config
 from tiered.policy import RestoreOption, restore_options
@@ -99,6 +101,7 @@ class CheckpointManager:
         """The step this manager restored (-1: started fresh), or None before ``restore``."""
         self._saved_here: set[int] = set()
         self._filling: threading.Thread | None = None
+        self._blocking: list[float] = []
         self._multi = self._check_topology()
         self._mgr = local_manager(cfg, multi=self._multi)
         self._signal: int | None = None
@@ -203,6 +206,7 @@ class CheckpointManager:
             set_aside_newer(self.local, step - 1, why="the run saves these step numbers again")
             self._mgr.reload()
         self._warn_if_nearly_full()
+        started = time.perf_counter()
         with self._disk_full_is_clear():
             saved = bool(
                 self._mgr.save(
@@ -219,9 +223,18 @@ class CheckpointManager:
                 log.info("Saved %s checkpoint at step %d to %s", reason, step, cfg.local_dir)
         if saved:
             self._saved_here.add(step)
+            if not blocking:
+                self._record_blocking(time.perf_counter() - started)
         if reason == "preemption":
             self._stop = True
         return saved
+
+    def _record_blocking(self, seconds: float) -> None:
+        """Keep how long recent periodic saves held the training loop, for ``tiered advise``."""
+        self._blocking = [*self._blocking[-19:], round(seconds, 4)]
+        path = self.local.tiered_dir / TRAINER_STATS
+        with contextlib.suppress(OSError):
+            publish_file(path, json.dumps({"save_blocking_seconds": self._blocking}).encode())
 
     def _warn_if_nearly_full(self) -> None:
         """Warn when the free space is below the size of the newest local step."""

@@ -21,14 +21,16 @@ from typing import Any, TypeVar
 
 from tiered.config import TieredConfig
 from tiered.errors import StorageError
+from tiered.layout import TRAINER_LOCK_NAME
 from tiered.lock import DirectoryLock
 from tiered.policy import Plan, Snapshot, plan, rules_for
+from tiered.risk import at_risk, step_seconds
 from tiered.storage import LocalTier
-from tiered.tiers import human_bytes, open_tiers
+from tiered.tiers import human_bytes, human_rate, open_tiers
 from tiered.types import Displaced
 from tiered.urls import redact_url
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class TierStatus:
     durable_error: str | None = None
     """Why the durable tier could not be listed; None when it answered."""
     displaced: list[dict[str, Any]] = field(default_factory=list)
+    tiers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per tier: committed steps, their bytes, and free bytes (None where unknown)."""
+    at_risk: dict[str, Any] = field(default_factory=dict)
+    """What a crash, a preemption and the loss of this node would cost now (tiered.risk)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +79,9 @@ def build_status(
     decided: Plan | None = None,
     durable_error: str | None = None,
     displaced: Sequence[Displaced] = (),
+    local_free: int | None = None,
+    saves_on_signal: bool | None = None,
+    trainer_running: bool | None = None,
 ) -> TierStatus:
     """The status of a snapshot, with the planner's verdict for every step (``decided`` when the
     caller has planned this snapshot already)."""
@@ -125,6 +134,27 @@ def build_status(
     busy = (live.get("current_upload") or {}).get("step")
     live["backlog"] = sorted(decided.owed - {busy})
     live.setdefault("skipped", decided.skipped)
+    kept = [d for d in durable.values() if d.kept]
+    tiers = {
+        "local": {
+            "steps": len(local),
+            "bytes": sum(s.size or 0 for s in local.values()),
+            "free_bytes": local_free,
+        },
+        "durable": {
+            "steps": len(kept),
+            "bytes": sum(d.size or 0 for d in kept),
+            "free_bytes": None,
+        },
+    }
+    signal_saves = not cfg.speaks_mtc if saves_on_signal is None else saves_on_signal
+    risk = at_risk(
+        snapshot.local,
+        snapshot.durable,
+        now=now,
+        saves_on_signal=signal_saves,
+        trainer_running=trainer_running,
+    )
     return TierStatus(
         schema=SCHEMA_VERSION,
         generated_at=now,
@@ -141,6 +171,12 @@ def build_status(
             {"name": d.name, "step": d.step, "moved_at": d.moved_at, "tier": d.tier}
             for d in displaced
         ],
+        tiers=tiers,
+        at_risk={
+            **{k: asdict(v) for k, v in risk.items()},
+            "step_seconds": step_seconds(snapshot.local),
+            "preemption_saves": signal_saves,
+        },
     )
 
 
@@ -238,7 +274,21 @@ def collect_status(
     except StorageError as err:
         durable_steps, displaced, error = None, local.displaced(), str(err)
     snap = Snapshot(now=time.time(), local=local_steps, durable=durable_steps)
-    return build_status(cfg, snapshot=snap, live=live, durable_error=error, displaced=displaced)
+    try:
+        free: int | None = local.free_bytes(cfg.tiered.local_capacity)
+    except OSError:
+        free = None
+    trainer = DirectoryLock(local.tiered_dir, name=TRAINER_LOCK_NAME)
+    running = trainer.holder() is not None if trainer.exists() else None
+    return build_status(
+        cfg,
+        snapshot=snap,
+        live=live,
+        durable_error=error,
+        displaced=displaced,
+        local_free=free,
+        trainer_running=running,
+    )
 
 
 def _human_age(seconds: float | None) -> str:
@@ -251,19 +301,46 @@ def _human_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _tier_summary(tier: dict[str, Any]) -> str:
+    n = tier.get("steps", 0)
+    text = f"{n} step{'s' if n != 1 else ''}, {human_bytes(tier.get('bytes') or 0)}"
+    if tier.get("free_bytes") is not None:
+        text += f", {human_bytes(tier['free_bytes'])} free"
+    return text
+
+
+def _risk_line(risk: dict[str, Any]) -> str:
+    def one(loss: dict[str, Any]) -> str:
+        if loss.get("steps") is None:
+            return "unknown (no step time yet)"
+        if loss["steps"] == 0:
+            return "nothing"
+        return f"{loss['steps']} steps (~{_human_age(loss.get('seconds'))})"
+
+    return (
+        f"crash {one(risk['crash'])}; preemption or Ctrl+C {one(risk['preemption'])}; "
+        f"losing this node {one(risk['node'])}"
+    )
+
+
 def render_table(status: TierStatus) -> str:
     """The human view of ``tiered status``."""
     d = status.daemon
+    t = status.tiers
     lines = [
         f"run      {status.run_name or '-'}",
-        f"local    {status.local_dir}  (every {status.local_period} steps)",
-        f"durable  {status.durable_url}  (every {status.durable_period} steps)",
+        f"local    {status.local_dir}  (every {status.local_period} steps)"
+        + (f"  {_tier_summary(t['local'])}" if t.get("local") else ""),
+        f"durable  {status.durable_url}  (every {status.durable_period} steps)"
+        + (f"  {_tier_summary(t['durable'])}" if t.get("durable") else ""),
     ]
+    if status.at_risk:
+        lines.append(f"at risk  {_risk_line(status.at_risk)}")
     daemon_line = f"daemon   {d.get('health', 'not running')}"
     if d.get("running"):
         daemon_line += f"  pid {d.get('pid')}  backlog {len(d.get('backlog') or [])}"
         if d.get("throughput_mb_s"):
-            daemon_line += f"  last upload {d['throughput_mb_s']:.0f} MB/s"
+            daemon_line += f"  last upload {human_rate(d['throughput_mb_s'] * 1e6)}"
     lines.append(daemon_line)
     node = d.get("node")
     if node:
@@ -281,15 +358,23 @@ def render_table(status: TierStatus) -> str:
         lines.append(line)
     current = d.get("current_upload")
     if current:
+        total = current.get("bytes_total") or 0
+        progress = (
+            f"{human_bytes(current.get('bytes_done'))} of {human_bytes(total)}"
+            if total
+            else "listing what is there already"
+        )
         lines.append(
-            f"uploading step {current['step']}: "
-            f"{human_bytes(current.get('bytes_done'))} of {human_bytes(current.get('bytes_total'))}"
-            f" for {current.get('elapsed_seconds', 0):.0f}s"
+            f"uploading step {current['step']}: {progress} "
+            f"for {current.get('elapsed_seconds', 0):.0f}s"
         )
     if status.durable_error:
         lines.append(f"durable tier unreachable: {status.durable_error}")
     if d.get("last_error"):
-        lines.append(f"last error: {d['last_error']}")
+        when = d.get("last_error_time")
+        ago = f" ({_human_age(status.generated_at - when)} ago)" if when else ""
+        state = "resolved" if d.get("last_error_resolved") else "last error"
+        lines.append(f"{state}{ago}: {d['last_error']}")
     if d.get("disk_pressure"):
         lines.append("local disk pressure: keeping only the newest and pinned steps")
     lines.append("")
@@ -306,12 +391,13 @@ def render_table(status: TierStatus) -> str:
         )
     if not shown:
         lines.append(f"{'(no checkpoints yet)':>22}")
-    pruned = d.get("recently_pruned") or []
+    pruned = sorted(d.get("recently_pruned") or [], key=lambda p: p.get("time", 0))
     if pruned:
-        by_tier = {
-            tier: ", ".join(str(p["step"]) for p in pruned if p["tier"] == tier)
-            for tier in ("local", "durable")
-        }
+        by_tier: dict[str, str] = {}
+        for tier in ("local", "durable"):
+            names = [str(p["step"]) for p in pruned if p["tier"] == tier]
+            kept = (["..."] if len(names) > 6 else []) + names[-6:]  # oldest to newest
+            by_tier[tier] = ", ".join(kept)
         lines.append(
             "recently pruned: "
             + "; ".join(f"{tier} {steps}" for tier, steps in by_tier.items() if steps)

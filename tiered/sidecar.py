@@ -21,6 +21,7 @@ from tiered.layout import (
     staging_path,
 )
 from tiered.lock import DirectoryLock
+from tiered.logs import configure, fields
 from tiered.manifest import Manifest
 from tiered.policy import (
     Abandon,
@@ -39,6 +40,7 @@ from tiered.policy import (
     rules_for,
 )
 from tiered.report import build_status, within
+from tiered.risk import at_risk
 from tiered.storage import TransferResult
 from tiered.tiers import (
     agree,
@@ -82,8 +84,11 @@ __all__ = [
     "agree",
     "apply_deletes",
     "as_reason",
+    "at_risk",
     "build_status",
     "commit_parts",
+    "configure",
+    "fields",
     "is_tmp_name",
     "open_durable",
     "parse_restore",

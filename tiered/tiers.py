@@ -21,6 +21,7 @@ from tiered.config import TieredConfig
 from tiered.coord import Decision, Rendezvous
 from tiered.errors import TieredError
 from tiered.layout import COMMIT_MARKER, step_name, tmp_name
+from tiered.logs import fields
 from tiered.manifest import check_entry
 from tiered.policy import Delete, Snapshot
 from tiered.storage import DurableTier, LocalTier, Progress, TransferResult, copy_with_crc32c
@@ -39,7 +40,7 @@ def open_durable(
         storage_options=cfg.tiered.storage_options,
         concurrency=concurrency or cfg.tiered.upload_concurrency,
         download_concurrency=cfg.tiered.download_concurrency,
-        bandwidth_mbps=cfg.tiered.upload_bandwidth_mbps,
+        bandwidth_mb_per_s=cfg.tiered.upload_bandwidth_mb_per_s,
         topology=topo,
     )
 
@@ -86,26 +87,40 @@ def promote_step(
     if durable.topology.multi:
         result = replace(result, epoch=epoch, committed=False)
         log.info(
-            "Uploaded node %d's part of step %d to %s (%s in %.1f s, %.0f MB/s)",
+            "Uploaded node %d's part of step %d to %s (%s in %.1f s, %s)",
             durable.topology.rank,
             step,
             durable.step_url(step),
             human_bytes(result.bytes_total),
             result.seconds,
-            result.mb_per_s,
+            human_rate(result.mb_per_s * 1e6),
+            extra=fields(
+                "part_uploaded",
+                step=step,
+                tier="durable",
+                bytes=result.bytes_total,
+                seconds=round(result.seconds, 3),
+            ),
         )
         if durable.topology.committer:
             missing = commit_parts(local, durable, step, epoch=epoch)
             result = replace(result, committed=not missing)
         return result
     log.info(
-        "Promoted step %d to %s (%s in %.1f s, %.0f MB/s%s)",
+        "Promoted step %d to %s (%s in %.1f s, %s%s)",
         step,
         durable.step_url(step),
         human_bytes(result.bytes_total),
         result.seconds,
-        result.mb_per_s,
+        human_rate(result.mb_per_s * 1e6),
         f", {result.files_skipped} files already there" if result.files_skipped else "",
+        extra=fields(
+            "promoted",
+            step=step,
+            tier="durable",
+            bytes=result.bytes_total,
+            seconds=round(result.seconds, 3),
+        ),
     )
     return result
 
@@ -124,6 +139,7 @@ def commit_parts(local: LocalTier, durable: DurableTier, step: int, *, epoch: in
             step,
             durable.step_url(step),
             durable.topology.nodes,
+            extra=fields("committed", step=step, tier="durable"),
         )
     return missing
 
@@ -183,7 +199,13 @@ def apply_deletes(
             local.delete_step(d.step)
         else:
             durable.delete_step(d.step)
-        log.info("Pruned %s step %d (%s)", d.tier, d.step, d.why)
+        log.info(
+            "Pruned %s step %d (%s)",
+            d.tier,
+            d.step,
+            d.why,
+            extra=fields("pruned", step=d.step, tier=d.tier),
+        )
         done.append(d)
     return done
 
@@ -277,6 +299,13 @@ def stage_step(local: LocalTier, durable: DurableTier, step: int, *, progress: A
         durable.url,
         human_bytes(result.bytes_total),
         time.monotonic() - started,
+        extra=fields(
+            "fetched",
+            step=step,
+            tier="local",
+            bytes=result.bytes_total,
+            seconds=round(time.monotonic() - started, 3),
+        ),
     )
     return staged
 
@@ -290,3 +319,12 @@ def human_bytes(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{n} B"
+
+
+def human_rate(bytes_per_second: float) -> str:
+    """A rate that keeps its digits for small steps (``640 KB/s``, not ``0 MB/s``)."""
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("KB/s", 1e3)):
+        if bytes_per_second >= size:
+            value = bytes_per_second / size
+            return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+    return f"{bytes_per_second:.0f} B/s"

@@ -1,0 +1,137 @@
+"""What an interruption would cost now, and what each checkpoint period costs. Pure functions
+of a snapshot, the settings and measured times; no I/O.
+
+**At risk.** The trainer's current step is not on disk, so it is estimated: the newest local
+step plus the time since it was committed, divided by the time per step measured between
+consecutive saves (the median over the local steps). Then
+
+- a crash (the process dies, the node lives) loses the steps since the newest local step;
+- a preemption or Ctrl+C loses nothing when the trainer writes a checkpoint on the signal
+  (``tiered.CheckpointManager`` does); MaxText's multi-tier path writes none, so there it costs
+  what a crash does;
+- losing the node (its disk with it) loses the steps since the newest durable step.
+
+**Advice** (``tiered advise``), the Young/Daly first-order optimum: with C the time a checkpoint
+costs the run and M the mean time between interruptions, checkpointing every
+``sqrt(2 * C * M)`` seconds minimises the expected time lost, which is then about
+``C / T + T / (2 M)`` of the run for an interval T (the checkpoint cost, plus on average half an
+interval redone per interruption). Locally, C is the trainer's blocking time per save and M
+the time between crashes or preemptions; durably, C is the time an upload holds the daemon
+(it does not block the trainer, so it bounds how often steps can be made durable) and M the
+time between losses of a node.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tiered.types import DurableStep, LocalStep
+
+
+def step_seconds(local: Sequence[LocalStep]) -> float | None:
+    """Seconds per training step, from consecutive committed local steps' commit times."""
+    timed = sorted((s.step, s.commit_time) for s in local if s.committed and s.commit_time)
+    rates = [
+        (t2 - t1) / (s2 - s1)
+        for (s1, t1), (s2, t2) in itertools.pairwise(timed)
+        if s2 > s1 and t2 > t1
+    ]
+    return statistics.median(rates) if rates else None
+
+
+@dataclass(frozen=True)
+class Loss:
+    steps: int | None
+    """Steps that would be redone (None: unknown, there is no rate yet)."""
+    seconds: float | None
+    """Training time they stand for."""
+
+
+def at_risk(
+    local: Sequence[LocalStep],
+    durable: Sequence[DurableStep] | None,
+    *,
+    now: float,
+    saves_on_signal: bool,
+    trainer_running: bool | None = None,
+) -> dict[str, Loss]:
+    """What a crash, a preemption and the loss of this node would each cost at ``now``.
+
+    The trainer is taken to be where its last save left it (nothing more to lose locally) once
+    that save was its final one, or when ``trainer_running`` is False (its lock is free)."""
+    committed = [s for s in local if s.committed]
+    newest = max(committed, key=lambda s: s.step, default=None)
+    kept = [d for d in durable or () if d.kept]
+    newest_durable = max(kept, key=lambda d: d.step, default=None)
+    per_step = step_seconds(local)
+    stopped = trainer_running is False or (newest is not None and newest.reason == "final")
+    if newest is not None and stopped:
+        current: float | None = float(newest.step)
+    elif newest is None or newest.commit_time is None or per_step is None:
+        current = None
+    else:
+        current = newest.step + max(0.0, now - newest.commit_time) / per_step
+
+    def since(step: int | None, when: float | None) -> Loss:
+        if current is None:
+            return Loss(None, max(0.0, now - when) if when else None)
+        done = max(0.0, current - (step if step is not None else 0))
+        return Loss(round(done), done * per_step if per_step else (0.0 if not done else None))
+
+    crash = since(newest.step if newest else None, newest.commit_time if newest else None)
+    node = since(
+        newest_durable.step if newest_durable else None,
+        newest_durable.commit_time if newest_durable else None,
+    )
+    return {"crash": crash, "preemption": Loss(0, 0.0) if saves_on_signal else crash, "node": node}
+
+
+@dataclass(frozen=True)
+class Advice:
+    interval_seconds: float
+    """The Young/Daly interval."""
+    period_steps: int
+    """The interval in steps, rounded to a whole step (and to the other period's multiple)."""
+    overhead: float
+    """Fraction of the run spent on checkpoints and on redoing lost work, at ``period_steps``."""
+    current_overhead: float
+    """The same fraction at the current setting."""
+    loss_per_interruption_seconds: float
+    """Expected training time redone per interruption at ``period_steps`` (half an interval)."""
+
+
+def young_daly(cost_seconds: float, mtbf_seconds: float) -> float:
+    """The checkpoint interval that minimises the expected lost time: sqrt(2 C M)."""
+    return math.sqrt(2.0 * cost_seconds * mtbf_seconds)
+
+
+def overhead(interval: float, cost_seconds: float, mtbf_seconds: float) -> float:
+    """Fraction of the run lost at ``interval``: C / T for checkpointing, T / 2M for redoing."""
+    return cost_seconds / interval + interval / (2.0 * mtbf_seconds)
+
+
+def advise(
+    *,
+    cost_seconds: float,
+    mtbf_seconds: float,
+    step_seconds: float,
+    current_steps: int,
+    multiple_of: int = 1,
+) -> Advice:
+    """The period (in steps, a multiple of ``multiple_of``) for a checkpoint that costs
+    ``cost_seconds``, against interruptions every ``mtbf_seconds`` on average."""
+    interval = young_daly(cost_seconds, mtbf_seconds)
+    unit = multiple_of * step_seconds
+    steps = max(multiple_of, round(interval / unit) * multiple_of)
+    at = steps * step_seconds
+    return Advice(
+        interval_seconds=interval,
+        period_steps=steps,
+        overhead=overhead(at, cost_seconds, mtbf_seconds),
+        current_overhead=overhead(current_steps * step_seconds, cost_seconds, mtbf_seconds),
+        loss_per_interruption_seconds=at / 2.0,
+    )
