@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,12 @@ def check_metric_conventions(text: str) -> None:
         ("tiered_at_risk_steps", "event", {"crash", "preemption", "node"}),
     ):
         assert {s.labels[label] for s in ours[name].samples} == values, name
+    promtool = shutil.which("promtool")
+    if promtool:  # Prometheus' own linter, where it is installed (it is not on PyPI)
+        done = subprocess.run(
+            [promtool, "check", "metrics"], input=text.encode(), capture_output=True
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_http_endpoints(tmp_path: Path) -> None:

@@ -258,6 +258,8 @@ def test_full_local_disk(small_disk: Path, tmp_path: Path, gcs_emulator: Any) ->
             "min_free_local_fraction": 0.5,
             "retry_attempts": 1,
             "retry_max_seconds": 60,
+            # the store stays away, so a drain would wait out its whole grace for 50 and 70
+            "shutdown_grace_seconds": 2,
         },
     )
     daemon = DaemonProc(config_path, cfg)

@@ -145,7 +145,7 @@ def train_command(config_path: Path, *args: str) -> list[str]:
 
 def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
     config_path, cfg = write_config(
-        tmp_path, f"file://{tmp_path}/durable", local_checkpoint_period=1000, checkpoint_period=5000
+        tmp_path, f"file://{tmp_path}/durable", local_checkpoint_period=200, checkpoint_period=1000
     )
     proc = subprocess.Popen(
         train_command(config_path, "--steps", "100000", "--step-time", "0.01"),
@@ -160,7 +160,7 @@ def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
 
     # Past the first periodic save, however slow JAX's start was on this machine: a signal
     # before step 1 would stop at step 0, which tells nothing.
-    first = cfg.local_dir / "1000" / "commit_success.txt"
+    first = cfg.local_dir / "200" / "commit_success.txt"
     deadline = time.monotonic() + 90
     while not first.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -171,7 +171,7 @@ def test_sigint_mid_run_saves_preemption_then_resumes(tmp_path: Path) -> None:
     stopped = [line for line in out.splitlines() if line.startswith("STOPPED")]
     assert stopped, out
     stop_step = int(stopped[0].split("=")[1].split()[0])
-    assert stop_step % 1000 > 0  # not a periodic step: saved only because of the signal
+    assert stop_step % 200 > 0  # not a periodic step: saved only because of the signal
     local = LocalTier(cfg.local_dir)
     facts = {f.step: f for f in local.scan()}
     assert facts[stop_step].committed and facts[stop_step].reason == "preemption"

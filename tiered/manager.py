@@ -34,9 +34,9 @@ from tiered.errors import (
     LayoutError,
     NotFound,
     StorageError,
-    TieredError,
 )
 from tiered.layout import TRAINER_LOCK_NAME, TRAINER_STATS
+from tiered.loading import Loader
 from tiered.lock import DirectoryLock
 from tiered.orbax_api import local_manager, resolve_config
 from tiered.policy import RestoreOption, restore_options
@@ -100,10 +100,10 @@ class CheckpointManager:
         self._restored_step: int | None = None
         """The step this manager restored (-1: started fresh), or None before ``restore``."""
         self._saved_here: set[int] = set()
-        self._filling: threading.Thread | None = None
         self._blocking: list[float] = []
         self._multi = self._check_topology()
         self._mgr = local_manager(cfg, multi=self._multi)
+        self._loader = Loader(self)
         self._signal: int | None = None
         self._stop = False
         self._previous_handlers: dict[int, Any] = {}
@@ -332,7 +332,7 @@ class CheckpointManager:
         for option in options:
             s, source = option.step, option.source
             try:
-                state = self._load_from(s, source, target, args, orbax_form=orbax_form)
+                state = self._loader.load(s, source, target, args, orbax_form=orbax_form)
             except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
                 if orbax_form and step is not None:
                     raise
@@ -382,7 +382,7 @@ class CheckpointManager:
             log.info("No checkpoint every node can restore: starting fresh")
             return None
         source = "local" if self.config.tiered.node_rank in decision.holders else "durable"
-        state = self._load_from(decision.step, source, target, args, orbax_form=orbax_form)
+        state = self._loader.load(decision.step, source, target, args, orbax_form=orbax_form)
         log.info(
             "Restored step %d from the %s tier (agreed by all %d nodes, epoch %d)",
             decision.step,
@@ -395,81 +395,6 @@ class CheckpointManager:
     def fetch(self, step: int, *, progress: Any = None) -> Path:
         """Download a durable step into the local tier, verified, and return its directory."""
         return fetch_step(self.local, self.durable, step, progress=progress)
-
-    def _load_from(
-        self, step: int, source: str, target: Any, args: Any, *, orbax_form: bool
-    ) -> Any:
-        """Load a step from where it is. A durable-only step is read straight from the durable
-        tier when the store vouches for every object (``tiered.durable_restore: store``), and
-        copied to the local tier in the background for the next restart; otherwise it is
-        downloaded and verified first."""
-        if source == "durable" and self._store_vouches(step):
-            ocp = self._ocp
-            with ocp.CheckpointManager(
-                self.config.durable_url, options=ocp.CheckpointManagerOptions(create=False)
-            ) as durable:
-                try:
-                    state = self._load(step, target, args, orbax_form=orbax_form, mgr=durable)
-                except Exception as err:  # e.g. tensorstore has other credentials: go local
-                    log.warning(
-                        "Reading step %d straight from %s failed (%s: %s); downloading it",
-                        step,
-                        self.durable.url,
-                        type(err).__name__,
-                        err,
-                    )
-                else:
-                    log.info(
-                        "Step %d read from %s, which vouched for every byte", step, self.durable.url
-                    )
-                    self._fill_local(step)
-                    return state
-        if source == "durable":
-            self.fetch(step)
-        return self._load(step, target, args, orbax_form=orbax_form)
-
-    def _store_vouches(self, step: int) -> bool:
-        if self.config.tiered.durable_restore != "store" or self._multi:
-            return False
-        try:
-            return self.durable.vouched(step) is not None
-        except TieredError as err:  # the download path reads the step again and says why
-            log.debug("Step %d: no word from the store (%s); downloading it", step, err)
-            return False
-
-    def _fill_local(self, step: int) -> None:
-        """Copy a step read from the durable tier into the local tier, verified, off the
-        training thread; ``close`` waits for it."""
-
-        def fill() -> None:
-            try:
-                self.fetch(step)
-            except (TieredError, OSError) as err:
-                log.warning("Could not copy step %d to the local tier: %s", step, err)
-
-        self._filling = threading.Thread(target=fill, name="tiered-fill", daemon=True)
-        self._filling.start()
-
-    def _load(
-        self,
-        step: int,
-        target: Any,
-        args: Any = None,
-        *,
-        orbax_form: bool = False,
-        mgr: Any = None,
-    ) -> Any:
-        mgr = mgr or self._mgr
-        mgr.reload()
-        ocp = self._ocp
-        if orbax_form:  # orbax's own choice of handler when there are no args, as in orbax
-            return mgr.restore(step, args=args)
-        if target is not None:
-            target = _default_shardings(target)
-        restore_args = (
-            ocp.checkpoint_utils.construct_restore_args(target) if target is not None else None
-        )
-        return mgr.restore(step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
 
     # -- orbax's queries --
 
@@ -511,8 +436,7 @@ class CheckpointManager:
     # -- lifecycle --
 
     def close(self) -> None:
-        if self._filling is not None:
-            self._filling.join()
+        self._loader.wait()
         self._mgr.wait_until_finished()
         self._mgr.close()
         for signum, handler in self._previous_handlers.items():
@@ -525,21 +449,6 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _default_shardings(target: Any) -> Any:
-    """Abstract leaves without a sharding restore as jax arrays on the first local device (as
-    orbax's StandardRestore does), not as numpy arrays."""
-    import jax
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def fix(leaf: Any) -> Any:
-        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
-        return leaf
-
-    return jax.tree.map(fix, target)
 
 
 def _is_disk_full(err: BaseException) -> bool:

@@ -1,0 +1,107 @@
+"""How ``tiered.CheckpointManager`` loads the step it chose: from the local tier, or, for a step
+only the durable tier holds, straight from there when the store vouches for every byte
+(``tiered.durable_restore: store``) with the local copy filled in the background, else
+downloaded and verified first."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from tiered.errors import TieredError
+
+if TYPE_CHECKING:
+    from tiered.manager import CheckpointManager
+
+log = logging.getLogger("tiered.manager")
+
+
+class Loader:
+    def __init__(self, manager: CheckpointManager) -> None:
+        self.manager = manager
+        self._filling: threading.Thread | None = None
+
+    def load(self, step: int, source: str, target: Any, args: Any, *, orbax_form: bool) -> Any:
+        m = self.manager
+        if source == "durable" and self._store_vouches(step):
+            ocp = m._ocp
+            with ocp.CheckpointManager(
+                m.config.durable_url, options=ocp.CheckpointManagerOptions(create=False)
+            ) as durable:
+                try:
+                    state = self.load_from(durable, step, target, args, orbax_form=orbax_form)
+                except Exception as err:  # e.g. tensorstore has other credentials: go local
+                    log.warning(
+                        "Reading step %d straight from %s failed (%s: %s); downloading it",
+                        step,
+                        m.durable.url,
+                        type(err).__name__,
+                        err,
+                    )
+                else:
+                    log.info(
+                        "Step %d read from %s, which vouched for every byte", step, m.durable.url
+                    )
+                    self._fill_local(step)
+                    return state
+        if source == "durable":
+            m.fetch(step)
+        return self.load_from(m._mgr, step, target, args, orbax_form=orbax_form)
+
+    def _store_vouches(self, step: int) -> bool:
+        m = self.manager
+        if m.config.tiered.durable_restore != "store" or m._multi:
+            return False
+        try:
+            return m.durable.vouched(step) is not None
+        except TieredError as err:  # the download path reads the step again and says why
+            log.debug("Step %d: no word from the store (%s); downloading it", step, err)
+            return False
+
+    def _fill_local(self, step: int) -> None:
+        """Copy a step read from the durable tier into the local tier, verified, off the
+        training thread; ``wait`` (the manager's ``close``) waits for it."""
+
+        def fill() -> None:
+            try:
+                self.manager.fetch(step)
+            except (TieredError, OSError) as err:
+                log.warning("Could not copy step %d to the local tier: %s", step, err)
+
+        self._filling = threading.Thread(target=fill, name="tiered-fill", daemon=True)
+        self._filling.start()
+
+    def wait(self) -> None:
+        if self._filling is not None:
+            self._filling.join()
+
+    def load_from(
+        self, mgr: Any, step: int, target: Any, args: Any, *, orbax_form: bool = False
+    ) -> Any:
+        """One step through one orbax manager (the local one, or one over the durable tier)."""
+        ocp = self.manager._ocp
+        mgr.reload()
+        if orbax_form:  # orbax's own choice of handler when there are no args, as in orbax
+            return mgr.restore(step, args=args)
+        if target is not None:
+            target = default_shardings(target)
+        restore_args = (
+            ocp.checkpoint_utils.construct_restore_args(target) if target is not None else None
+        )
+        return mgr.restore(step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+
+
+def default_shardings(target: Any) -> Any:
+    """Abstract leaves without a sharding restore as jax arrays on the first local device (as
+    orbax's StandardRestore does), not as numpy arrays."""
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def fix(leaf: Any) -> Any:
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+
+    return jax.tree.map(fix, target)
