@@ -53,16 +53,7 @@ def gcs_emulator(*, on_disk: bool = False) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.1)
+    _wait_http(f"{url}/storage/v1/b", proc)
     saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
     os.environ["STORAGE_EMULATOR_HOST"] = url
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
@@ -84,6 +75,22 @@ def gcs_emulator(*, on_disk: bool = False) -> Iterator[str]:
             cls.clear_instance_cache()
 
 
+def _wait_http(url: str, proc: subprocess.Popen) -> None:
+    """Until a server just started answers at ``url`` (any HTTP status counts), for 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+
+
 @contextmanager
 def moto_server() -> Iterator[str]:
     """moto's S3 server on loopback; yields its endpoint URL."""
@@ -94,18 +101,7 @@ def moto_server() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.1)
+    _wait_http(url, proc)
     try:
         yield url
     finally:
