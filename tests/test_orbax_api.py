@@ -214,3 +214,13 @@ def test_orbax_queries_answer_across_both_tiers(tmp_path: Path) -> None:
         pytest.raises(FileNotFoundError, match="no checkpoint"),
     ):
         mgr.restore(None, args=ocp.args.StandardRestore(state))
+
+
+def test_a_config_file_is_told_from_a_checkpoint_directory(tmp_path: Path) -> None:
+    from tiered.orbax_api import is_config_file
+
+    plain = tmp_path / "settings"  # a YAML file with no suffix
+    plain.write_text(f"checkpoint_dir: {tmp_path}/d\nlocal_checkpoint_directory: {tmp_path}/l\n")
+    assert is_config_file(plain) and is_config_file("configs/demo.yml")
+    assert not is_config_file(tmp_path) and not is_config_file("gs://bucket/run.yml")
+    assert resolve_config(plain, env={}).local_dir == tmp_path / "l"

@@ -54,7 +54,11 @@ _WHY_REFUSED = {
 
 
 def is_config_file(value: object) -> bool:
-    return isinstance(value, str | os.PathLike) and Path(value).suffix in (".yml", ".yaml")
+    """A YAML file (by its suffix, or because a file is there), not a checkpoint directory."""
+    if not isinstance(value, str | os.PathLike) or "://" in str(value):
+        return False
+    path = Path(value).expanduser()
+    return path.suffix in (".yml", ".yaml") or path.is_file()
 
 
 def resolve_config(
