@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -111,6 +112,8 @@ class Daemon(Outcomes, Views):
         self._started_mono = time.monotonic()
         self._probed_at = 0.0
         self.heartbeat = time.monotonic()
+        self.local_free: int | None = None
+        """Free bytes on the local tier, as this cycle measured them."""
         self._tick = min(cfg.tiered.rescan_seconds, cfg.tiered.prune_interval_seconds, 5.0)
         self.server: StatusServer | None = None
         self.watcher: Any = None
@@ -150,9 +153,8 @@ class Daemon(Outcomes, Views):
         newest = max((d.commit_time or 0 for d in durable), default=0)
         if newest:
             m.since_durable.set(max(0.0, snap.now - newest))
-        free = self._local_free()
-        if free is not None:
-            m.local_free.set(free)
+        if self.local_free is not None:
+            m.local_free.set(self.local_free)
         risk = at_risk(
             snap.local,
             snap.durable,
@@ -315,10 +317,15 @@ class Daemon(Outcomes, Views):
 
     def _check_disk(self) -> None:
         floor = self.cfg.tiered.min_free_local_fraction
+        capacity = self.cfg.tiered.local_capacity
         try:
-            free = self.local.free_fraction(self.cfg.tiered.local_capacity)
+            # once per cycle: with a capacity set, it walks the local directory
+            self.local_free = self.local.free_bytes(capacity)
+            total = capacity if capacity is not None else shutil.disk_usage(self.local.root).total
         except OSError:
+            self.local_free = None
             return
+        free = self.local_free / total if total else 1.0
         pressure = free < floor
         if pressure != self.state.disk_pressure:
             if pressure:
