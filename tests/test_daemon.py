@@ -333,6 +333,8 @@ def test_a_store_down_from_the_start_degrades_the_daemon_and_it_catches_up(
         emu.stop()
         if old is not None:
             os.environ["STORAGE_EMULATOR_HOST"] = old
+        else:  # else the session's emulator fixture would take this stopped one for its own
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
 
 
 def make_bucket_named(name: str) -> bool:
