@@ -177,6 +177,20 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` from the repository root, to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env={**subprocess_env(), **(env or {})},
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
 class DaemonProc:
     """The real daemon in a subprocess: ``python -m daemon --config FILE``."""
 

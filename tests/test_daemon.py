@@ -14,7 +14,7 @@ import pytest
 from tiered import DurableTier, LocalTier
 from tiered.manifest import build_manifest
 
-from conftest import ROOT, DaemonProc, subprocess_env, wait_for, write_config
+from conftest import ROOT, DaemonProc, run_module, subprocess_env, wait_for, write_config
 from helpers import Trainer, assert_trees_equal, example_state, orbax_restore, orbax_save
 
 
@@ -191,14 +191,7 @@ def test_second_daemon_is_refused(tmp_path: Path) -> None:
     first = DaemonProc(config_path, cfg)
     try:
         first.wait_ready()
-        second = subprocess.run(
-            [sys.executable, "-m", "daemon", "--config", str(config_path)],
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            cwd=ROOT,
-            timeout=60,
-        )
+        second = run_module("daemon", "--config", str(config_path), timeout=60)
         assert second.returncode == 2
         assert f"another tiered daemon (pid {first.proc.pid}) already uses" in second.stderr
     finally:

@@ -16,19 +16,12 @@ import pytest
 from tiered import DurableTier, LocalTier, promote_step
 from tiered.jaxenv import jax_env
 
-from conftest import ROOT, DaemonProc, subprocess_env, wait_for, write_config
+from conftest import DaemonProc, run_module, subprocess_env, wait_for, write_config
 from helpers import Trainer, example_state
 
 
 def tiered(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tiered.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**subprocess_env(), **(env or {})},
-        cwd=ROOT,
-        timeout=120,
-    )
+    return run_module("tiered.cli", *args, env=env)
 
 
 def mtc_style_save(local_dir: Path, step: int, state: dict) -> None:

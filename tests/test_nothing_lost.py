@@ -21,7 +21,7 @@ from tiered import CheckpointManager, DurableTier, LocalTier, promote_step
 from tiered.layout import COMMIT_MARKER, DISPLACED_DIR, MANIFEST_NAME
 from tiered.manifest import Manifest, build_manifest, iter_step_files
 
-from conftest import ROOT, DaemonProc, subprocess_env, wait_for, write_config
+from conftest import ROOT, DaemonProc, run_module, subprocess_env, wait_for, write_config
 from helpers import Trainer, assert_trees_equal, example_state
 
 
@@ -42,14 +42,7 @@ def identities(durable: DurableTier) -> dict[int, str | None]:
 
 
 def tiered_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tiered.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**subprocess_env(), **(env or {})},
-        cwd=ROOT,
-        timeout=120,
-    )
+    return run_module("tiered.cli", *args, env=env)
 
 
 def test_steps_saved_again_take_the_durable_place_and_nothing_is_lost(
@@ -196,14 +189,7 @@ def test_one_writer_per_tier(tmp_path: Path) -> None:
     try:
         wait_for(lambda: (cfg.local_dir / ".tiered" / "daemon.lock").exists(), what="the lock")
         time.sleep(0.5)
-        second = subprocess.run(
-            [sys.executable, "-m", "daemon", "--config", c],
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            cwd=ROOT,
-            timeout=60,
-        )
+        second = run_module("daemon", "--config", c, timeout=60)
         assert second.returncode == 2
         assert f"another tiered promote (pid {promote.pid}) already uses" in second.stderr
     finally:
@@ -219,14 +205,7 @@ def test_a_removed_lock_is_taken_back_and_a_second_daemon_refused(tmp_path: Path
         shutil.rmtree(cfg.local_dir / ".tiered")
         lock = cfg.local_dir / ".tiered" / "daemon.lock"
         wait_for(lambda: lock.exists(), timeout=10, what=f"the lock taken back\n{first.log()}")
-        second = subprocess.run(
-            [sys.executable, "-m", "daemon", "--config", str(config_path)],
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            cwd=ROOT,
-            timeout=60,
-        )
+        second = run_module("daemon", "--config", str(config_path), timeout=60)
         assert second.returncode == 2
         assert f"another tiered daemon (pid {first.proc.pid}) already uses" in second.stderr
         # The first daemon carries on as before.
