@@ -43,6 +43,8 @@ class DaemonBase:
     heartbeat: float
     _started: float
     _started_mono: float
+    _probed_at: float
+    """When `_watch_trainer` last probed the JAX coordinator (monotonic; 0.0: probe now)."""
     _tick: float
 
     def _snapshot(self, state: DaemonState) -> Snapshot:

@@ -292,6 +292,10 @@ class Outcomes(DaemonBase):
             self.rules = rules_for(self.cfg, topology=self.topology)
             self.restore_choice = None
             self.state = replace(self.state, scan_requested=True)
+            # The client writes replicator.yaml after jax.distributed.initialize: its coordinator
+            # is up now. Probe in this cycle, not up to 2 s later; a short run can be gone by
+            # then, and a run never seen is never known to have ended (no final step).
+            self._probed_at = 0.0
         if mtc.pending_restore is None or self.transfer.job is not None:
             return  # nothing asked; or an upload, a staging or an agreement is running
         if self.restore_choice is None:

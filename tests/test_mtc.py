@@ -186,3 +186,49 @@ def test_a_newer_durable_step_wins_over_an_older_local_one(tmp_path: Path) -> No
         assert_trees_equal(orbax_restore(str(cfg.local_dir), 100, example_state(5)), states[100])
     finally:
         daemon.terminate()
+
+
+def test_a_short_run_is_seen_and_its_last_step_owed_as_final(tmp_path: Path) -> None:
+    """A client whose whole run fits between two coordinator probes (2 s apart) is still seen:
+    replicator.yaml comes after jax.distributed.initialize, so the daemon probes on accepting
+    it. Missed, the run would never be known to have ended and its last step never be final."""
+    import socket
+
+    from daemon.service import Daemon
+    from tiered import load_config
+
+    port = free_port()
+    config_path, cfg = write_config(
+        tmp_path,
+        f"file://{tmp_path}/durable",
+        enable_multi_tier_checkpointing=True,
+        checkpoint_period=1000,
+        tiered={"write_jax_init_info": True, "coordinator_address": f"127.0.0.1:{port}"},
+    )
+    d = Daemon(load_config(config_path))
+    d.start()
+    try:
+        d.cycle(force_rescan=True)  # probes once: no coordinator yet
+        assert not d.state.trainer_seen
+        with socket.create_server(("127.0.0.1", port)):  # the client's coordinator, up
+            mtc._create_replicator_file(
+                cfg.local_dir,
+                run_name="job",
+                num_nodes=1,
+                data_parallelism=1,
+                node_rank=0,
+                peer_ranks=[],
+                backup_interval_minutes=None,
+                backup_interval_steps=50,
+            )
+            d.cycle()  # within 2 s of the first probe
+            assert d.state.trainer_seen and d.state.coordinator_up
+            wait_for(lambda: d.cycle() is not None and d.mtc and d.mtc.pending_restore is None)
+            trainer = Trainer(cfg.local_dir)  # told to start fresh, it saves one step
+            trainer.save(7, example_state(7))  # not a multiple of the backup interval
+            trainer.close()
+            assert 7 not in d.cycle().owed  # running: step 7 is not due
+        d._probed_at = 0.0  # the next probe, 2 s later, without waiting for it
+        assert 7 in d.cycle().owed  # gone: the run ended, its last step is owed as final
+    finally:
+        d.close()
