@@ -4,7 +4,8 @@
 
 The node's rank, node count and local directory come from ``TIERED_NODE_RANK``,
 ``TIERED_NUM_NODES`` and ``TIERED_LOCAL_CHECKPOINT_DIRECTORY``, as on a cluster. The state is a
-(16 * NPROCS, 8) float32 matrix sharded by rows over the processes, plus a replicated vector;
+(64, 8) float32 matrix sharded by rows over the processes (the same shape on every topology,
+so a step restores into a job of another size), plus a replicated vector;
 at step s every value is a known function of s, so a restore is checked exactly.
 
 Prints ``RESTORED step=N source=TIER rows=LO:HI ok=True`` or ``FRESH``, then ``DONE step=N``.
@@ -37,7 +38,7 @@ import tiered  # noqa: E402
 
 
 def values(step: int) -> dict[str, np.ndarray]:
-    w = np.arange(16 * NPROCS * 8, dtype=np.float32).reshape(16 * NPROCS, 8) * 0.25 + step
+    w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8) * 0.25 + step
     return {"w": w, "b": np.full((4,), step, dtype=np.float32)}
 
 
@@ -68,7 +69,8 @@ def main() -> int:
                 for shard in arr.addressable_shards:
                     ok &= bool(np.array_equal(np.asarray(shard.data), want[name][shard.index]))
                     if name == "w":
-                        rows = f"{shard.index[0].start}:{shard.index[0].stop}"
+                        lo, hi, _ = shard.index[0].indices(arr.shape[0])
+                        rows = f"{lo}:{hi}"
             print(
                 f"RESTORED step={restored.step} source={restored.source} rows={rows} ok={ok}",
                 flush=True,

@@ -21,7 +21,7 @@ import pytest
 
 from tiered import DurableTier, LocalTier, config_from_mapping
 from tiered.jaxenv import jax_env
-from tiered.layout import COMMIT_MARKER, node_dir
+from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, PARTS_DIR
 
 from conftest import ROOT, DaemonProc, config_dict, free_port, subprocess_env, wait_for
 
@@ -151,6 +151,37 @@ class Cluster:
         return self.durable.committed_steps()
 
 
+def plain_restore(url: str, step: int, *, nprocs: int, devices: int) -> list[str]:
+    """``tests/plain_restore.py`` as a job of ``nprocs`` processes; each one's PLAIN line."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "plain_restore.py"),
+                url,
+                str(step),
+                str(nprocs),
+                str(rank),
+                port,
+                str(devices),
+            ],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(nprocs)
+    ]
+    lines = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out + err[-3000:]
+        lines += [ln for ln in out.splitlines() if ln.startswith("PLAIN")]
+    return lines
+
+
 def restored_lines(outs: list[str]) -> list[dict[str, str]]:
     found = []
     for out in outs:
@@ -173,13 +204,28 @@ def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) ->
         assert all("FRESH" in out for out in outs)
         cluster.wait_committed([50])
         manifest = cluster.durable.verify_step(50)
-        assert manifest.nodes == nodes
-        # Every node's part holds its own process's shards, and only those.
+        assert manifest.nodes == nodes and manifest.layout == GLOBAL_LAYOUT and manifest.merged
+        # One orbax checkpoint: every process's shards where a global save puts them, one
+        # merged OCDBT root, and each node's own copy of the shared files beside them.
         for rank in range(nodes):
-            mine = [p for p in manifest.files if p.startswith(f"{node_dir(rank)}/")]
-            assert any(f"ocdbt.process_{rank}/" in p for p in mine)
-            others = [f"ocdbt.process_{o}/" for o in range(nodes) if o != rank]
-            assert not any(o in p for p in mine for o in others)
+            part = cluster.durable.read_part(50, rank)
+            assert any(f"ocdbt.process_{rank}/" in p for p in part.files)
+            assert not any(
+                f"ocdbt.process_{o}/" in p for p in part.files for o in range(nodes) if o != rank
+            )
+            assert all(
+                p in manifest.files or f"{PARTS_DIR}/node-{rank}/{p}" in manifest.files
+                for p in part.files
+            )
+        assert "default/manifest.ocdbt" in manifest.files
+        assert "default/_METADATA" in manifest.files and "_CHECKPOINT_METADATA" in manifest.files
+        # Plain orbax reads it, with no tiered code: in one process of 8 devices, and in a
+        # job of two processes.
+        rows = ",".join(f"{i * 8}:{(i + 1) * 8}" for i in range(8))
+        single = plain_restore(gs_url, 50, nprocs=1, devices=8)
+        assert single == [f"PLAIN step=50 rows={rows} ok=True"]
+        pair = plain_restore(gs_url, 50, nprocs=2, devices=1)
+        assert len(pair) == 2 and all(line.endswith("ok=True") for line in pair)
         # Local retention on every node keeps the newest two steps once 50 is durable.
         for rank in range(nodes):
             wait_for(
@@ -206,6 +252,30 @@ def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) ->
         assert COMMIT_MARKER in fetched
     finally:
         cluster.stop_daemons()
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [(2, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
+def test_a_job_of_another_size_restores_the_step_resharded(
+    gs_url: str, tmp_path: Path, saved: int, resumed: int
+) -> None:
+    """A job restarted on fewer nodes (capacity lost) restores the newest durable step through
+    tiered, each process its own rows of it, instead of being refused."""
+    (tmp_path / "before").mkdir()
+    (tmp_path / "after").mkdir()
+    before = Cluster(tmp_path / "before", gs_url, saved)
+    before.start_daemons()
+    try:
+        before.native(steps=51)
+        before.wait_committed([50])
+    finally:
+        before.stop_daemons()
+    after = Cluster(tmp_path / "after", gs_url, resumed)  # new machines: empty local tiers
+    restored = restored_lines(after.native(steps=52))
+    assert [r["step"] for r in restored] == ["50"] * resumed
+    assert [r["source"] for r in restored] == ["durable"] * resumed
+    assert all(r["ok"] == "True" for r in restored), restored
+    rows = 64 // resumed
+    assert [r["rows"] for r in restored] == [f"{i * rows}:{(i + 1) * rows}" for i in range(resumed)]
 
 
 @pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])

@@ -20,11 +20,17 @@ Durable tier (``<checkpoint_dir>``), one node:
     <step>/tiered-manifest.json      size and crc32c of every file
     <step>/commit_success.txt        written last; without it the step is a partial upload
 
-Durable tier, N > 1 nodes (one daemon per node, node rank 0 commits):
-    <step>/node-<r>/...              node r's local step files
+Durable tier, N > 1 nodes (one daemon per node, node rank 0 commits); the step is one global
+orbax checkpoint:
+    <step>/<item>/ocdbt.process_<r>/...   node r's own shards, where a global save puts them
+    <step>/tiered-parts/node-<r>/...      node r's copy of the files every node has (metadata,
+                                     its process's OCDBT root): what node r restores on its own
     <step>/tiered-parts/<r>.json     node r's part marker: its manifest, written once its files
                                      are uploaded and verified
-    <step>/tiered-manifest.json      every node's files (``node-<r>/...``), written by node 0
+    <step>/<item>/manifest.ocdbt, d/ the merged OCDBT root over every process's database, and
+    <step>/<item>/_METADATA, ...     node 0's metadata: both written by node 0 at commit
+    <step>/tiered-manifest.json      every file of the step, written by node 0
+  (steps written by tiered 0.2 keep node r's files under <step>/node-<r>/ instead)
     <step>/commit_success.txt        written by node 0 once all N parts are verified; created
                                      with a precondition (if-none-match) where the backend has one
     .tiered/restore/request-<r>.json node r's restore request: its nonce and local steps
@@ -50,6 +56,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tiered.types import Displaced
@@ -73,6 +80,8 @@ JAX_INIT_INFO = "jax-init-info.txt"
 RESTORE_SUFFIX = ".restore"
 
 PARTS_DIR = "tiered-parts"
+GLOBAL_LAYOUT = "global"
+"""A multi-node step laid out as one orbax checkpoint (see ``part_path``)."""
 NODE_DIR_PREFIX = "node-"
 RESTORE_COORD_DIR = f"{TIERED_DIR}/restore"
 DECISION_NAME = "decision.json"
@@ -174,6 +183,55 @@ def is_marker_or_manifest(relpath: str) -> bool:
 def node_dir(rank: int) -> str:
     """The durable sub-directory holding node ``rank``'s files of a multi-node step."""
     return f"{NODE_DIR_PREFIX}{rank}"
+
+
+_PROCESS_PART = re.compile(r"(ocdbt\.)?process_\d+")
+
+
+def process_owned(rel: str) -> bool:
+    """Whether a file of a local step belongs to its process alone (``ocdbt.process_<i>/...``,
+    ``array_metadatas/process_<i>``): in a multi-node step it keeps its path, which is where a
+    global orbax checkpoint has it. Every other file (metadata, the per-process OCDBT root)
+    exists on every node, and is kept per node under ``tiered-parts/node-<r>/``."""
+    return any(_PROCESS_PART.fullmatch(part) for part in rel.split("/"))
+
+
+def process_prefix(rel: str) -> str | None:
+    """``rel`` up to its first per-process component (``default/ocdbt.process_0``), or None."""
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        if _PROCESS_PART.fullmatch(part):
+            return "/".join(parts[: i + 1])
+    return None
+
+
+def part_path(rank: int, rel: str) -> str:
+    """Where node ``rank``'s file ``rel`` of a multi-node step lives on the durable tier."""
+    return rel if process_owned(rel) else f"{PARTS_DIR}/{node_dir(rank)}/{rel}"
+
+
+def ocdbt_roots(rels: Iterable[str]) -> set[str]:
+    """Item folders (``""`` for the step itself) holding per-process OCDBT databases: where a
+    merged ``manifest.ocdbt`` goes."""
+    roots = set()
+    for rel in rels:
+        parts = rel.split("/")
+        for i, part in enumerate(parts[:-1]):
+            if part.startswith("ocdbt.process_") and _PROCESS_PART.fullmatch(part):
+                roots.add("/".join(parts[:i]))
+    return roots
+
+
+def in_ocdbt_root(rel: str, roots: set[str]) -> bool:
+    """Whether ``rel`` is an OCDBT root's own file (its ``manifest.ocdbt`` or ``d/...``), which
+    a merge writes for the whole step."""
+    for root in roots:
+        prefix = f"{root}/" if root else ""
+        if rel.startswith(prefix):
+            tail = rel[len(prefix) :]
+            if tail == "manifest.ocdbt" or tail.startswith("d/"):
+                return True
+    return False
 
 
 def part_marker(rank: int) -> str:

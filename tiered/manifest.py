@@ -48,6 +48,11 @@ class Manifest:
     node: int | None = None
     epoch: int = 0
     host: str | None = None
+    layout: str | None = None
+    """``"global"``: a multi-node step laid out as one orbax checkpoint (``layout.part_path``);
+    None: one node's step, or a multi-node one of tiered 0.2 (``node-<r>/`` folders)."""
+    merged: bool = False
+    """A global step whose OCDBT roots node 0 merged: plain orbax reads it on any topology."""
 
     @property
     def total_bytes(self) -> int:
@@ -66,6 +71,8 @@ class Manifest:
         extra: dict[str, object] = {}
         if self.nodes != 1 or self.node is not None:
             extra = {"nodes": self.nodes, "node": self.node, "epoch": self.epoch, "host": self.host}
+        if self.layout is not None:
+            extra = {**extra, "layout": self.layout, "merged": self.merged}
         return json.dumps(
             {
                 "version": MANIFEST_VERSION,
@@ -99,6 +106,8 @@ class Manifest:
                 node=int(data["node"]) if data.get("node") is not None else None,
                 epoch=int(data.get("epoch", 0)),
                 host=str(data["host"]) if data.get("host") is not None else None,
+                layout=str(data["layout"]) if data.get("layout") is not None else None,
+                merged=bool(data.get("merged", False)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise LayoutError(f"malformed manifest: {err}") from None

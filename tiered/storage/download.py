@@ -4,16 +4,18 @@ the destination is either a complete step or absent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiered.errors import CommitError
-from tiered.layout import COMMIT_MARKER, tmp_name
+from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, PARTS_DIR, node_dir, part_path, tmp_name
 from tiered.manifest import Manifest, check_entry, crc32c_of_file
 from tiered.storage import parts
 from tiered.storage.errormap import translate_errors
@@ -41,7 +43,7 @@ def download_step(
     started = time.monotonic()
     if not tier.has_marker(step):
         raise CommitError(f"{tier.step_url(step)} is not committed")
-    manifest, under = restore_manifest(tier, step)
+    manifest, locate = restore_manifest(tier, step)
     if only is not None:
         prefix = only.strip("/") + "/"
         files = {r[len(prefix) :]: e for r, e in manifest.files.items() if r.startswith(prefix)}
@@ -50,7 +52,8 @@ def download_step(
             raise CommitError(
                 f"{tier.step_url(step)} has no item {only!r} (it has {', '.join(items)})"
             )
-        manifest, under = replace(manifest, files=files), under + prefix
+        whole = locate
+        manifest, locate = replace(manifest, files=files), lambda rel: whole(prefix + rel)
     partial = dest.with_name(tmp_name(dest.name))
     with translate_errors(f"preparing {partial}"):
         partial.mkdir(parents=True)
@@ -64,7 +67,7 @@ def download_step(
         local.parent.mkdir(parents=True, exist_ok=True)
         entry = manifest.files[rel]
         with translate_errors(f"downloading {rel} of {tier.step_url(step)}"):
-            tier.store.get(tier.object_path(step, under + rel), local, entry.size, tier.budget)
+            tier.store.get(tier.object_path(step, locate(rel)), local, entry.size, tier.budget)
         size, crc = crc32c_of_file(local)
         check_entry(f"{tier.step_url(step)}/{rel}", entry, size=size, crc32c=crc)
         with lock:
@@ -95,27 +98,35 @@ def download_step(
     )
 
 
-def restore_manifest(tier: DurableTier, step: int) -> tuple[Manifest, str]:
-    """What this node downloads of a step: (its files, the folder they are in)."""
+def restore_manifest(tier: DurableTier, step: int) -> tuple[Manifest, Callable[[str], str]]:
+    """What this node downloads of a step: (its files, where each one is on the tier).
+
+    On the topology that wrote it, a node downloads its own part. A multi-node step whose
+    OCDBT roots node 0 merged is one orbax checkpoint, so a job of any other shape (one
+    process included) downloads the whole of it and restores it resharded."""
     topo = tier.topology
-    if not topo.multi:
-        manifest = tier.read_manifest(step)
-        if manifest.nodes != 1:
-            raise CommitError(
-                f"{tier.step_url(step)} was written by {manifest.nodes} nodes; restore it "
-                f"with tiered.num_nodes: {manifest.nodes} and each node's tiered.node_rank"
-            )
-        return manifest, ""
-    try:
-        part = parts.read(tier, step, topo.rank)
-    except FileNotFoundError:
-        raise CommitError(
-            f"{tier.step_url(step)} has no part for node {topo.rank}: it was written by "
-            f"a job with a different number of nodes than this one ({topo.nodes})"
-        ) from None
-    if part.nodes != topo.nodes:
-        raise CommitError(
-            f"{tier.step_url(step)} was written by {part.nodes} nodes, but this job has "
-            f"{topo.nodes}"
-        )
-    return part, tier.node_prefix()
+    part: Manifest | None = None
+    if topo.multi:
+        with contextlib.suppress(FileNotFoundError):
+            part = parts.read(tier, step, topo.rank)
+    if part is not None and part.nodes == topo.nodes:
+        if part.layout == GLOBAL_LAYOUT:
+            return part, lambda rel: part_path(topo.rank, rel)
+        return part, lambda rel: f"{node_dir(topo.rank)}/{rel}"
+    manifest = tier.read_manifest(step)
+    if manifest.nodes == topo.nodes and not topo.multi:
+        return manifest, str
+    if manifest.layout == GLOBAL_LAYOUT and manifest.merged:
+        return whole_checkpoint(manifest), str
+    raise CommitError(
+        f"{tier.step_url(step)} was written by a job of {manifest.nodes} nodes and this one has "
+        f"{topo.nodes}; it has no merged OCDBT root, so it restores only on {manifest.nodes} "
+        "nodes (`tiered export` writes a copy that any topology reads)"
+    )
+
+
+def whole_checkpoint(manifest: Manifest) -> Manifest:
+    """A merged multi-node step's files without the nodes' private copies: the orbax
+    checkpoint that any topology restores."""
+    files = {r: e for r, e in manifest.files.items() if not r.startswith(f"{PARTS_DIR}/")}
+    return replace(manifest, files=files)

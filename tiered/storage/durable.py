@@ -26,11 +26,15 @@ from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StepExists
 from tiered.layout import (
     COMMIT_MARKER,
     DISPLACED_DIR,
+    GLOBAL_LAYOUT,
     MANIFEST_NAME,
+    PARTS_DIR,
     displaced_name,
     node_dir,
     parse_displaced,
     parse_step,
+    part_path,
+    process_prefix,
     step_name,
 )
 from tiered.manifest import Manifest, build_manifest, check_entry, crc32c_of_stream
@@ -69,6 +73,7 @@ class DurableTier:
         num_nodes: int = 1,
     ) -> None:
         self.store: Store = open_store(normalize_url(url), storage_options)
+        self.storage_options = dict(storage_options or {})
         self.url = self.store.url  # for messages and status; never holds credentials
         self.topology = topology or Topology(node_rank, num_nodes)
         self.concurrency = concurrency
@@ -100,9 +105,40 @@ class DurableTier:
     def step_url(self, step: int) -> str:
         return f"{self.url}/{step_name(step)}"
 
-    def node_prefix(self) -> str:
-        """Where this node's files go inside a step: ``node-<r>/`` when there are several."""
-        return f"{node_dir(self.topology.rank)}/" if self.topology.multi else ""
+    def locate(self, rel: str) -> str:
+        """Where this node's file ``rel`` of a step goes on the durable tier: the same path
+        with one node; with several, a process's own shards keep their path (as in a global
+        orbax checkpoint) and the files every node has go under ``tiered-parts/node-<r>/``."""
+        return part_path(self.topology.rank, rel) if self.topology.multi else rel
+
+    def node_listing(self, step: int, manifest: Manifest) -> dict[str, Any]:
+        """This node's objects of a step, keyed by the manifest's relative paths. With one node
+        that is every object of the step. With several it lists ``tiered-parts/node-<r>/`` and
+        this process's own folders, and of folders several processes write into only the
+        manifest's files: an object there that the manifest does not list is a stray of this
+        node's own (removed before it writes its part marker)."""
+        if not self.topology.multi:
+            return self.remote_files(step)
+        parts_prefix = f"{PARTS_DIR}/{node_dir(self.topology.rank)}"
+        own = {parts_prefix}
+        shared = set()
+        for rel in manifest.files:
+            prefix = process_prefix(rel)
+            if prefix is None:
+                continue
+            if prefix != rel:
+                own.add(prefix)
+            elif "/" in rel:  # a per-process file beside other processes' (array_metadatas)
+                shared.add(rel.rsplit("/", 1)[0])
+        out: dict[str, Any] = {}
+        for prefix in sorted(own):
+            for sub, info in self.remote_files(step, under=prefix).items():
+                out[sub if prefix == parts_prefix else f"{prefix}/{sub}"] = info
+        for prefix in sorted(shared):
+            for sub, info in self.remote_files(step, under=prefix).items():
+                if f"{prefix}/{sub}" in manifest.files:
+                    out[f"{prefix}/{sub}"] = info
+        return out
 
     def parallel(self, fn: Callable[[str], None], items: list[str]) -> None:
         run_parallel(fn, items, workers=self.concurrency)
@@ -192,11 +228,28 @@ class DurableTier:
                 problem, tiered = f"no {MANIFEST_NAME}: not written by tiered", False
         except LayoutError as err:
             problem, tiered = f"unreadable manifest: {err}", False
-        if manifest is not None and manifest.nodes != topo.nodes:
-            problem = f"written by a job of {manifest.nodes} node(s), this one has {topo.nodes}"
-            manifest = None
+        if (manifest is None and topo.multi and tiered) or (
+            manifest is not None and manifest.nodes != topo.nodes
+        ):
+            manifest, problem = self._foreign_manifest(step)
         self._manifests[step] = (version, manifest, problem, tiered)
         return manifest, problem, tiered
+
+    def _foreign_manifest(self, step: int) -> tuple[Manifest | None, str | None]:
+        """A step written by a job of another shape: restorable (whole, resharded) when node 0
+        merged it into one orbax checkpoint, else not (and why)."""
+        try:
+            manifest = self.read_manifest(step)
+        except FileNotFoundError:
+            return None, f"no {MANIFEST_NAME} and no part for node {self.topology.rank}"
+        except LayoutError as err:
+            return None, f"unreadable manifest: {err}"
+        if manifest.layout == GLOBAL_LAYOUT and manifest.merged:
+            return download.whole_checkpoint(manifest), None
+        return None, (
+            f"written by a job of {manifest.nodes} node(s), this one has {self.topology.nodes} "
+            "(and not merged into one orbax checkpoint: `tiered export` makes one)"
+        )
 
     def read_manifest(self, step: int) -> Manifest:
         with translate_errors(f"reading the manifest of {self.step_url(step)}"):
@@ -247,7 +300,7 @@ class DurableTier:
         is never written again: with the same content this is a no-op, with other content it
         raises ``StepExists`` (the planner moves it aside first).
 
-        With several nodes this node's files go under ``node-<r>/`` and end with its part
+        With several nodes this node's files go where ``locate`` says and end with its part
         marker (carrying ``epoch``) instead: node 0 commits the step once every part is there
         (``commit_parts``).
         """
@@ -273,8 +326,8 @@ class DurableTier:
                 seconds=time.monotonic() - started,
                 manifest=manifest,
             )
-        under = self.node_prefix()
-        transfer = plan_transfer(manifest, self._remote_facts(step, manifest, under=under))
+        remote = self.node_listing(step, manifest)
+        transfer = plan_transfer(manifest, self._remote_facts(step, manifest, remote))
         total = manifest.total_bytes
         done = total - sum(files[r].size for r in transfer.put)
         lock = threading.Lock()
@@ -290,7 +343,10 @@ class DurableTier:
                 missing="not found (the local file vanished, or the bucket does not exist)",
             ):
                 self.store.put(
-                    step_dir / rel, self.object_path(step, under + rel), files[rel], self.budget
+                    step_dir / rel,
+                    self.object_path(step, self.locate(rel)),
+                    files[rel],
+                    self.budget,
                 )
             faults.hit("upload-file")
             with lock:
@@ -304,8 +360,8 @@ class DurableTier:
                 translate_errors(f"removing the stray {rel} from {self.step_url(step)}"),
                 contextlib.suppress(FileNotFoundError),
             ):
-                self.fs.rm_file(self.object_path(step, under + rel))
-        self.verify_files(step, manifest, under=under, read_back=self.store.read_back)
+                self.fs.rm_file(self.object_path(step, self.locate(rel)))
+        self.verify_files(step, manifest, read_back=self.store.read_back, locate=self.locate)
         if self.topology.multi:
             parts.write(self, step, manifest, epoch=epoch)
         else:
@@ -329,19 +385,25 @@ class DurableTier:
             manifest=manifest,
         )
 
-    def _remote_facts(self, step: int, manifest: Manifest, *, under: str) -> dict[str, RemoteFile]:
-        """Size and crc32c of every object under the step (or its ``under`` folder). The crc32c
-        comes from the listing where the backend keeps one (GCS); otherwise it is read back,
-        streamed, only for objects whose size already matches the manifest."""
+    def _remote_facts(
+        self, step: int, manifest: Manifest, remote: dict[str, Any]
+    ) -> dict[str, RemoteFile]:
+        """Size and crc32c of this node's objects of the step. The crc32c comes from the
+        listing where the backend keeps one (GCS); otherwise it is read back, streamed, only
+        for objects whose size already matches the manifest."""
         facts: dict[str, RemoteFile] = {}
-        for rel, info in self.remote_files(step, under=under).items():
+        for rel, info in remote.items():
             size = int(info.get("size", -1))
             crc = listed_crc32c(info)
             entry = manifest.files.get(rel)
             if crc is None and entry is not None and size == entry.size:
-                crc = self._read_crc32c(step, under + rel)
+                crc = self._read_crc32c(step, self.locate(rel))
             facts[rel] = RemoteFile(size=size, crc32c=crc)
         return facts
+
+    def crc32c_of(self, step: int, rel: str) -> int:
+        """The crc32c of one object of a step, streamed."""
+        return self._read_crc32c(step, rel)
 
     def _read_crc32c(self, step: int, rel: str) -> int:
         """The crc32c of an object, streamed in bounded reads: never the whole object at once."""
@@ -389,22 +451,34 @@ class DurableTier:
         return manifest
 
     def verify_files(
-        self, step: int, manifest: Manifest, *, under: str = "", read_back: bool = True
+        self,
+        step: int,
+        manifest: Manifest,
+        *,
+        read_back: bool = True,
+        locate: Callable[[str], str] | None = None,
     ) -> None:
-        remote = self.remote_files(step, under=under)
+        """Check the objects a manifest lists: the step's own paths, or this node's part when
+        ``locate`` maps them (``DurableTier.locate``)."""
+        if locate is None:
+            remote = self.remote_files(step)
+            where: Callable[[str], str] = str
+        else:
+            remote = self.node_listing(step, manifest)
+            where = locate
         missing = [rel for rel in manifest.files if rel not in remote]
         if missing:
             raise ChecksumMismatch(
-                f"{self.step_url(step)}: {len(missing)} file(s) missing, e.g. {under}{missing[0]}"
+                f"{self.step_url(step)}: {len(missing)} file(s) missing, e.g. {where(missing[0])}"
             )
 
         def check(rel: str) -> None:
             info = remote[rel]
             crc = listed_crc32c(info)
             if crc is None and read_back:
-                crc = self._read_crc32c(step, under + rel)
+                crc = self._read_crc32c(step, where(rel))
             check_entry(
-                f"{self.step_url(step)}/{under}{rel}",
+                f"{self.step_url(step)}/{where(rel)}",
                 manifest.files[rel],
                 size=int(info.get("size", -1)),
                 crc32c=crc,
@@ -442,6 +516,11 @@ class DurableTier:
         return sorted(out, key=lambda d: (d.moved_at or 0.0, d.name))
 
     # -- multi-node --
+
+    def read_part(self, step: int, rank: int) -> Manifest:
+        """Node ``rank``'s part marker of a multi-node step: its files, as its local step has
+        them."""
+        return parts.read(self, step, rank)
 
     def part_ranks(self, step: int) -> list[int]:
         return parts.ranks(self, step)

@@ -8,6 +8,7 @@ Functions over a ``DurableTier`` whose topology says which node it is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from dataclasses import replace
@@ -15,9 +16,24 @@ from typing import TYPE_CHECKING
 
 from tiered import faults
 from tiered.errors import CommitError, LayoutError, NotFound
-from tiered.layout import COMMIT_MARKER, MANIFEST_NAME, PARTS_DIR, node_dir, part_marker, step_name
-from tiered.manifest import Manifest
+from tiered.layout import (
+    COMMIT_MARKER,
+    GLOBAL_LAYOUT,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    in_ocdbt_root,
+    node_dir,
+    ocdbt_roots,
+    part_marker,
+    part_path,
+    process_owned,
+    process_prefix,
+    step_name,
+)
+from tiered.manifest import FileEntry, Manifest
 from tiered.storage.errormap import translate_errors
+from tiered.storage.merge import MergeUnavailable, merge_roots
+from tiered.storage.stores import listed_crc32c
 
 if TYPE_CHECKING:
     from tiered.storage.durable import DurableTier
@@ -28,7 +44,14 @@ log = logging.getLogger(__name__)
 def write(tier: DurableTier, step: int, manifest: Manifest, *, epoch: int) -> None:
     """This node's part marker: its files are uploaded and verified."""
     rank, nodes = tier.topology.rank, tier.topology.nodes
-    part = replace(manifest, node=rank, nodes=nodes, epoch=epoch, host=socket.gethostname())
+    part = replace(
+        manifest,
+        node=rank,
+        nodes=nodes,
+        epoch=epoch,
+        host=socket.gethostname(),
+        layout=GLOBAL_LAYOUT,
+    )
     with translate_errors(f"writing node {rank}'s part of {tier.step_url(step)}"):
         tier.store.write_small(tier.object_path(step, part_marker(rank)), part.to_json().encode())
 
@@ -97,11 +120,21 @@ def commit(tier: DurableTier, step: int, *, epoch: int, marker: bytes) -> list[i
     missing = [r for r in range(nodes) if r not in fresh]
     if missing:
         return missing
-    files = {
-        f"{node_dir(r)}/{rel}": entry
-        for r, part in sorted(fresh.items())
-        for rel, entry in part.files.items()
-    }
+    layouts = {p.layout for p in fresh.values()}
+    if len(layouts) > 1:
+        raise CommitError(
+            f"{tier.step_url(step)}: the nodes' parts have different layouts "
+            f"({sorted(map(str, layouts))}): is every node's daemon the same tiered version?"
+        )
+    merged_root = False
+    if layouts == {GLOBAL_LAYOUT}:
+        files, merged_root = _global_files(tier, step, fresh)
+    else:  # parts of tiered 0.2: each node's files in its own folder
+        files = {
+            f"{node_dir(r)}/{rel}": entry
+            for r, part in sorted(fresh.items())
+            for rel, entry in part.files.items()
+        }
     reasons = {p.reason for p in fresh.values()}
     reason = next((r for r in ("preemption", "final") if r in reasons), fresh[0].reason)
     times = [p.commit_time for p in fresh.values() if p.commit_time is not None]
@@ -112,6 +145,8 @@ def commit(tier: DurableTier, step: int, *, epoch: int, marker: bytes) -> list[i
         commit_time=max(times) if times else None,
         nodes=nodes,
         epoch=epoch,
+        layout=fresh[0].layout,
+        merged=merged_root,
     )
     # Each node read its own objects back before writing its part; here every object is
     # checked once more for presence and size (and crc32c where listings carry it).
@@ -135,3 +170,92 @@ def _check_shapes(tier: DurableTier, step: int, found: dict[int, Manifest]) -> N
                 f"{part.nodes} nodes, but this job has {nodes}: is tiered.num_nodes the same on "
                 "every node?"
             )
+
+
+def _global_files(
+    tier: DurableTier, step: int, fresh: dict[int, Manifest]
+) -> tuple[dict[str, FileEntry], bool]:
+    """Make the step one orbax checkpoint; return every file it then holds, and whether its
+    OCDBT roots are merged.
+
+    Each process's own shards are already in place. Node 0's copy of the files every node has
+    (the step's and each item's metadata) is copied server-side to the step's own paths, and
+    the per-process OCDBT databases get one merged root (``tiered.storage.merge``). Without a
+    merge (no tensorstore beside the daemon, or a backend it cannot reach) the step still
+    commits, and restores on the same topology; ``tiered export`` merges a copy.
+    """
+    owners: dict[str, int] = {}
+    files: dict[str, FileEntry] = {}
+    for rank, part in sorted(fresh.items()):
+        for rel, entry in part.files.items():
+            if process_owned(rel):
+                if rel in owners:
+                    raise CommitError(
+                        f"{tier.step_url(step)}: nodes {owners[rel]} and {rank} both wrote {rel}: "
+                        "does every node's process have its own jax.process_index()?"
+                    )
+                owners[rel] = rank
+            files[part_path(rank, rel)] = entry
+    roots = ocdbt_roots(owners)
+    shared = {
+        rel: entry
+        for rel, entry in fresh[0].files.items()
+        if not process_owned(rel) and not in_ocdbt_root(rel, roots)
+    }
+
+    def copy(rel: str) -> None:
+        with translate_errors(f"copying node 0's {rel} into {tier.step_url(step)}"):
+            tier.store.copy(tier.object_path(step, part_path(0, rel)), tier.object_path(step, rel))
+
+    tier.parallel(copy, sorted(shared))
+    files.update(shared)
+    if not roots:
+        return files, False
+    for root in sorted(roots):  # what an interrupted commit may have left: merged again below
+        for rel in _root_files(tier, step, root):
+            with translate_errors(f"removing {rel} of {tier.step_url(step)}"):
+                tier.fs.rm_file(tier.object_path(step, rel))
+    jobs = []
+    for root in sorted(roots):
+        prefix = f"{root}/" if root else ""
+        children: dict[int, set[str]] = {}
+        for rel, rank in owners.items():
+            folder = process_prefix(rel)
+            if folder and rel.startswith(prefix) and folder != rel:
+                children.setdefault(rank, set()).add(folder[len(prefix) :])
+        ordered = [c for r in sorted(children) for c in sorted(children[r])]
+        jobs.append((f"{tier.step_url(step)}/{root}".rstrip("/"), ordered))
+    try:
+        merge_roots(jobs, tier.storage_options)
+    except MergeUnavailable as err:
+        log.warning(
+            "Committing %s without a merged OCDBT root (%s): it restores on a job of %d nodes; "
+            "`tiered export` writes a copy plain orbax reads",
+            tier.step_url(step),
+            err,
+            tier.topology.nodes,
+        )
+        return files, False
+    for root in sorted(roots):
+        for rel, info in _root_files(tier, step, root).items():
+            crc = listed_crc32c(info)
+            if crc is None:
+                crc = tier.crc32c_of(step, rel)
+            files[rel] = FileEntry(size=int(info.get("size", -1)), crc32c=crc)
+    return files, True
+
+
+def _root_files(tier: DurableTier, step: int, root: str) -> dict[str, dict]:
+    """The objects of an OCDBT root of the step: its ``manifest.ocdbt`` and ``d/...``."""
+    prefix = f"{root}/" if root else ""
+    found = {}
+    for sub, info in tier.remote_files(step, under=f"{prefix}d").items():
+        found[f"{prefix}d/{sub}"] = info
+    with (
+        contextlib.suppress(FileNotFoundError),
+        translate_errors(f"reading {tier.step_url(step)}/{prefix}manifest.ocdbt"),
+    ):
+        found[f"{prefix}manifest.ocdbt"] = tier.fs.info(
+            tier.object_path(step, f"{prefix}manifest.ocdbt")
+        )
+    return found

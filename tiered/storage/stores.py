@@ -137,6 +137,10 @@ class Store:
         """Create an object only if it does not exist; False when it already did."""
         raise NotImplementedError
 
+    def copy(self, src: str, dest: str) -> None:
+        """Copy one object within the store (server-side where the store can), whole."""
+        raise NotImplementedError
+
     def move(self, src: str, dest: str, rels: list[str], last: str, parallel: Parallel) -> bool:
         """Put the folder ``src`` (objects ``rels``, ``last`` written last) at ``dest``;
         True when ``src`` is gone, False when it is still there and must be deleted."""
@@ -170,6 +174,9 @@ class PosixStore(Store):
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         return publish_file(path, data, exclusive=True)
+
+    def copy(self, src: str, dest: str) -> None:
+        copy_with_crc32c(Path(src), Path(dest))
 
     def move(self, src: str, dest: str, rels: list[str], last: str, parallel: Parallel) -> bool:
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +229,9 @@ class ObjectStore(Store):
         except FileExistsError:
             return False
         return True
+
+    def copy(self, src: str, dest: str) -> None:
+        self.fs.cp_file(src, dest)
 
     def move(self, src: str, dest: str, rels: list[str], last: str, parallel: Parallel) -> bool:
         # No rename on object stores: copy every object server-side, ``last`` (the commit

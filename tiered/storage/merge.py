@@ -1,0 +1,144 @@
+"""Merging a multi-node step's per-process OCDBT databases into one, on the durable tier.
+
+Each node's process writes its shards into ``<item>/ocdbt.process_<i>/``, an OCDBT database of
+its own, as a global orbax save does. A global checkpoint also has ``<item>/manifest.ocdbt``: a
+root whose B-tree references every process's data files by relative path (orbax's
+``ocdbt_utils.merge_ocdbt_per_process_files`` writes it). Node 0 writes the same root at commit
+time, so plain orbax restores the step on any topology.
+
+The merge runs in a child process (``python -m tiered.storage.merge``) that imports tensorstore
+and nothing of jax or orbax: the daemon stays small (tensorstore alone is about 50 MB), and a
+crash in native code costs one commit attempt, not the sidecar. It reads only B-tree nodes and
+manifests (byte ranges), never array data, and writes a few small objects.
+
+Replicated arrays are written by every process that holds a replica (tiered saves with
+``replica_id=None`` so that each node's part restores on its own), so several children hold the
+same keys. They hold the same bytes (a jax.Array's replicas are equal), and the merge makes the
+choice explicit: children are copied highest rank first, each in its own transaction, so for a
+key several hold the lowest rank's entry is the one that stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from tiered.errors import StorageError
+
+MERGE_TIMEOUT_SECONDS = 600.0
+
+
+class MergeUnavailable(StorageError):
+    """The merge cannot run here (no tensorstore, or a backend tensorstore does not reach)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
+def kvstore_spec(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The tensorstore kvstore of a durable URL's folder (``file://``, ``gs://``, ``s3://``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "file", url
+    opts = storage_options or {}
+    if scheme == "file":
+        return {"driver": "file", "path": rest.rstrip("/") + "/"}
+    bucket, _, path = rest.partition("/")
+    path = path.strip("/") + "/" if path.strip("/") else ""
+    if scheme in ("gs", "gcs"):
+        return {"driver": "gcs", "bucket": bucket, "path": path}
+    if scheme in ("s3", "s3a"):
+        spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": path}
+        client = opts.get("client_kwargs") or {}
+        endpoint = opts.get("endpoint_url") or client.get("endpoint_url")
+        if endpoint:
+            spec["endpoint"] = endpoint
+        region = client.get("region_name") or opts.get("region_name")
+        if region:
+            spec["aws_region"] = region
+        elif endpoint:
+            spec["aws_region"] = "us-east-1"
+        if opts.get("anon"):
+            spec["aws_credentials"] = {"type": "anonymous"}
+        return spec
+    raise MergeUnavailable(f"tensorstore has no driver for {scheme}:// URLs")
+
+
+def _child_env(storage_options: dict[str, Any] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    opts = storage_options or {}
+    if opts.get("key") and opts.get("secret"):  # s3fs's names; tensorstore reads the env
+        env["AWS_ACCESS_KEY_ID"] = str(opts["key"])
+        env["AWS_SECRET_ACCESS_KEY"] = str(opts["secret"])
+        if opts.get("token"):
+            env["AWS_SESSION_TOKEN"] = str(opts["token"])
+    return env
+
+
+def merge_roots(
+    roots: list[tuple[str, list[str]]],
+    storage_options: dict[str, Any] | None,
+    *,
+    timeout: float = MERGE_TIMEOUT_SECONDS,
+) -> None:
+    """Write a merged OCDBT root at each ``(root URL, child folders in rank order)``."""
+    jobs = [
+        {"base": kvstore_spec(root, storage_options), "children": children}
+        for root, children in roots
+    ]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "tiered.storage.merge"],
+            input=json.dumps(jobs),
+            capture_output=True,
+            text=True,
+            env=_child_env(storage_options),
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise StorageError(
+            f"merging the OCDBT roots took over {timeout:.0f} s", transient=True
+        ) from None
+    if out.returncode == 3:
+        raise MergeUnavailable(out.stderr.strip().splitlines()[-1])
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StorageError(f"merging the OCDBT roots failed: {tail}", transient=True)
+
+
+def _merge(jobs: list[dict[str, Any]]) -> None:
+    import tensorstore as ts
+
+    context = ts.Context()
+    for job in jobs:
+        base = job["base"]
+
+        def kv(sub: str, base: dict[str, Any] = base) -> Any:
+            spec = {**base, "path": base["path"] + (sub.rstrip("/") + "/" if sub else "")}
+            return ts.KvStore.open({"driver": "ocdbt", "base": spec}, context=context).result()
+
+        parent = kv("")
+        for child in reversed(job["children"]):
+            txn = ts.Transaction(atomic=True)
+            kv(child).experimental_copy_range_to(parent.with_transaction(txn)).result()
+            txn.commit_async().result()
+
+
+def main() -> int:
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        print(
+            "tensorstore is not installed: install tiered-checkpoint[merge] beside the daemon",
+            file=sys.stderr,
+        )
+        return 3
+    _merge(json.load(sys.stdin))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
