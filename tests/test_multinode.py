@@ -43,11 +43,17 @@ def tiers(backend: tuple[str, dict], nodes: int) -> list[DurableTier]:
 
 def local_step(root: Path, rank: int, step: int, *, salt: str = "") -> Path:
     """A committed local step of one node: its own shard file plus shared-name metadata."""
+    import tensorstore as ts
+
     d = root / f"node{rank}" / str(step)
     (d / "state" / f"ocdbt.process_{rank}").mkdir(parents=True)
     (d / "state" / f"ocdbt.process_{rank}" / "shard").write_bytes(
         os.urandom(1000 + rank) + salt.encode()
     )
+    # a real OCDBT database of this process's: what node 0 merges at commit
+    db = {"driver": "file", "path": f"{d}/state/ocdbt.process_{rank}/"}
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": db}).result()
+    kv.write(f"w/c/{rank}", f"rows of node {rank}{salt}".encode()).result()
     (d / "state" / "_METADATA").write_text(f'{{"node": {rank}, "salt": "{salt}"}}')
     (d / COMMIT_MARKER).write_text("committed")
     return d
@@ -79,8 +85,19 @@ def test_step_commits_only_when_every_part_is_verified(
     for node in nodes:
         assert node.committed_steps() == [50]
     manifest = nodes[0].verify_step(50)
-    assert manifest.nodes == 3
-    assert sorted({p.split("/")[0] for p in manifest.files}) == ["node-0", "node-1", "node-2"]
+    assert manifest.nodes == 3 and manifest.merged
+    # One orbax checkpoint: each process's shards where a global save has them, node 0's
+    # metadata as the step's own, and each node's own copy of it beside them.
+    assert {p for p in manifest.files if not p.startswith("tiered-parts/")} == {
+        "state/_METADATA",
+        "state/manifest.ocdbt",
+        *(p for p in manifest.files if p.startswith("state/d/")),
+        *(p for p in manifest.files if p.startswith("state/ocdbt.process_")),
+    }
+    assert {f"state/ocdbt.process_{r}/shard" for r in range(3)} <= set(manifest.files)
+    assert {p for p in manifest.files if p.startswith("tiered-parts/")} == {
+        f"tiered-parts/node-{r}/state/_METADATA" for r in range(3)
+    }
 
     # Each node downloads exactly its own files, byte for byte, and nothing of the others'.
     for rank, node in enumerate(nodes):
@@ -129,11 +146,46 @@ def test_shape_mismatches_are_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(CommitError, match="job of 2 nodes, but this job has 3"):
         three.commit_parts(10, epoch=0, marker=b"ok")
     assert two[0].commit_parts(10, epoch=0, marker=b"ok") == []
+    # A job of another shape restores the merged step whole (one orbax checkpoint), and only
+    # its global files: not the nodes' own copies.
+    whole = {"state/_METADATA", "state/manifest.ocdbt"} | {
+        f"state/ocdbt.process_{r}/shard" for r in range(2)
+    }
+    for job in (DurableTier(url), DurableTier(url, node_rank=1, num_nodes=3)):
+        assert job.committed_steps() == [10]
+        dest = tmp_path / f"job-of-{job.topology.nodes}"
+        job.download_step(10, dest)
+        got = set(files_of(dest))
+        assert whole <= got and not any(p.startswith("tiered-parts/") for p in got)
+
+
+def test_an_unmerged_step_restores_only_on_its_own_topology(tmp_path: Path) -> None:
+    """Without tensorstore beside node 0's daemon the step commits unmerged: it restores on a
+    job of its own shape, and a job of another shape is told why not."""
+    url = f"file://{tmp_path}/durable"
+    two = [DurableTier(url, node_rank=r, num_nodes=2) for r in range(2)]
+    dirs = [local_step(tmp_path, r, 10) for r in range(2)]
+    for r in range(2):
+        two[r].upload_step(dirs[r], step=10)
+    blocker = tmp_path / "no-tensorstore"
+    blocker.mkdir()
+    (blocker / "tensorstore.py").write_text("raise ImportError('not here')\n")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = f"{blocker}{os.pathsep}{old}" if old else str(blocker)
+    try:
+        assert two[0].commit_parts(10, epoch=0, marker=b"ok") == []
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert not two[0].read_manifest(10).merged
+    two[1].download_step(10, tmp_path / "same-shape")
+    assert files_of(tmp_path / "same-shape") == files_of(dirs[1])
     single = DurableTier(url)
-    with pytest.raises(CommitError, match="written by 2 nodes"):
+    assert [f.step for f in single.scan() if f.own] == []
+    with pytest.raises(CommitError, match=r"no merged OCDBT root.*tiered export"):
         single.download_step(10, tmp_path / "x")
-    with pytest.raises(CommitError, match="written by 2 nodes, but this job has 3"):
-        DurableTier(url, node_rank=1, num_nodes=3).download_step(10, tmp_path / "y")
 
 
 def test_agree_step_takes_the_newest_step_every_node_holds() -> None:

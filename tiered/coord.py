@@ -114,7 +114,7 @@ class Rendezvous:
         ):
             return None
         local = {r: [int(s) for s in req.get("local", [])] for r, req in requests.items()}
-        step = agree_step(local, self.durable.committed_steps())
+        step = agree_step(local, [f.step for f in self.durable.scan() if f.own])
         decision = Decision(
             epoch=(previous.epoch if previous else 0) + 1,
             step=step,

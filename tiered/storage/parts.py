@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -225,6 +226,7 @@ def _global_files(
                 children.setdefault(rank, set()).add(folder[len(prefix) :])
         ordered = [c for r in sorted(children) for c in sorted(children[r])]
         jobs.append((f"{tier.step_url(step)}/{root}".rstrip("/"), ordered))
+    started = time.monotonic()
     try:
         merge_roots(jobs, tier.storage_options)
     except MergeUnavailable as err:
@@ -236,13 +238,24 @@ def _global_files(
             tier.topology.nodes,
         )
         return files, False
+    merged = True
     for root in sorted(roots):
-        for rel, info in _root_files(tier, step, root).items():
+        written = _root_files(tier, step, root)
+        if f"{root}/manifest.ocdbt".lstrip("/") not in written:
+            log.warning("%s/%s: the merge wrote no OCDBT root", tier.step_url(step), root)
+            merged = False
+        for rel, info in written.items():
             crc = listed_crc32c(info)
             if crc is None:
                 crc = tier.crc32c_of(step, rel)
             files[rel] = FileEntry(size=int(info.get("size", -1)), crc32c=crc)
-    return files, True
+    log.info(
+        "Merged the OCDBT databases of %d nodes into one root for %s in %.1f s",
+        len(fresh),
+        tier.step_url(step),
+        time.monotonic() - started,
+    )
+    return files, merged
 
 
 def _root_files(tier: DurableTier, step: int, root: str) -> dict[str, dict]:

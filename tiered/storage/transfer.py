@@ -70,13 +70,28 @@ class TransferPlan:
     """Objects under the step that the manifest does not list."""
 
 
+CRC32C_RESIDUE = 0x48674BC7
+"""The crc32c of any file that ends with its own crc32c (little-endian), as every OCDBT file
+(``manifest.ocdbt``, ``d/...``) does: all of them share this one value, so for them size and
+crc32c say nothing about which bytes a file holds."""
+
+
 def plan_transfer(manifest: Manifest, remote: dict[str, RemoteFile]) -> TransferPlan:
-    """What an upload of ``manifest`` moves, given what is already under the step."""
+    """What an upload of ``manifest`` moves, given what is already under the step.
+
+    A file already there is skipped when its size and crc32c match, except a file whose crc32c
+    is ``CRC32C_RESIDUE``: an older run's ``manifest.ocdbt`` of the same size would match the
+    new one, and skipping it would commit the old database over the new data files."""
     put: list[str] = []
     skip: list[str] = []
     for rel, entry in sorted(manifest.files.items()):
         there = remote.get(rel)
-        ok = there is not None and there.size == entry.size and there.crc32c == entry.crc32c
+        ok = (
+            there is not None
+            and there.size == entry.size
+            and there.crc32c == entry.crc32c
+            and entry.crc32c != CRC32C_RESIDUE
+        )
         (skip if ok else put).append(rel)
     remove = sorted(
         rel for rel in remote if rel not in manifest.files and not is_marker_or_manifest(rel)
