@@ -5,7 +5,10 @@
     stores     how a backend is written: POSIX (rename) or object store (precondition)
     local      the local tier: step directories under plain OS calls
     durable    the durable tier: a step uploaded, verified, committed, restored, deleted
-    parts      multi-node steps: one part per node, committed by node 0
+    upload     a step promoted: planned, uploaded, verified, committed (or its part written)
+    download   a step restored: verified, renamed into place
+    parts      multi-node steps: one part per node, committed by node 0 as one checkpoint
+    merge      the merged OCDBT root of a multi-node step (a child process, tensorstore only)
 
 Everything above this package sees tiered's errors only (``translate_errors``).
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiered.errors import CommitError
-from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, PARTS_DIR, node_dir, part_path, tmp_name
+from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, node_dir, part_path, tmp_name
 from tiered.manifest import Manifest, check_entry, crc32c_of_file
 from tiered.storage import parts
 from tiered.storage.errormap import translate_errors
@@ -117,16 +117,9 @@ def restore_manifest(tier: DurableTier, step: int) -> tuple[Manifest, Callable[[
     if manifest.nodes == topo.nodes and not topo.multi:
         return manifest, str
     if manifest.layout == GLOBAL_LAYOUT and manifest.merged:
-        return whole_checkpoint(manifest), str
+        return parts.whole_checkpoint(manifest), str
     raise CommitError(
         f"{tier.step_url(step)} was written by a job of {manifest.nodes} nodes and this one has "
         f"{topo.nodes}; it has no merged OCDBT root, so it restores only on {manifest.nodes} "
         "nodes (`tiered export` writes a copy that any topology reads)"
     )
-
-
-def whole_checkpoint(manifest: Manifest) -> Manifest:
-    """A merged multi-node step's files without the nodes' private copies: the orbax
-    checkpoint that any topology restores."""
-    files = {r: e for r, e in manifest.files.items() if not r.startswith(f"{PARTS_DIR}/")}
-    return replace(manifest, files=files)

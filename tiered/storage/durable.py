@@ -15,41 +15,32 @@ copy-then-delete, so nothing here relies on it being atomic.
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tiered import faults
-from tiered.errors import ChecksumMismatch, CommitError, LayoutError, StepExists
+from tiered.errors import ChecksumMismatch, CommitError, LayoutError
 from tiered.layout import (
     COMMIT_MARKER,
     DISPLACED_DIR,
-    GLOBAL_LAYOUT,
     MANIFEST_NAME,
-    PARTS_DIR,
     displaced_name,
-    node_dir,
     parse_displaced,
     parse_step,
     part_path,
-    process_prefix,
     step_name,
 )
-from tiered.manifest import Manifest, build_manifest, check_entry, crc32c_of_stream
-from tiered.storage import download, parts
+from tiered.manifest import Manifest, check_entry, crc32c_of_stream
+from tiered.storage import download, parts, upload
 from tiered.storage.errormap import translate_errors
-from tiered.storage.local import read_step_metadata
 from tiered.storage.stores import Store, listed_crc32c, object_version, open_store
 from tiered.storage.transfer import (
     TRANSFER_MEMORY,
     MemoryBudget,
     Progress,
     RateLimiter,
-    RemoteFile,
     TransferResult,
-    plan_transfer,
     run_parallel,
 )
 from tiered.types import Displaced, DurableStep, Topology, as_reason
@@ -78,7 +69,7 @@ class DurableTier:
         self.topology = topology or Topology(node_rank, num_nodes)
         self.concurrency = concurrency
         self.download_concurrency = download_concurrency or concurrency
-        self._limiter = RateLimiter(bandwidth_mb_per_s * 1e6) if bandwidth_mb_per_s else None
+        self.limiter = RateLimiter(bandwidth_mb_per_s * 1e6) if bandwidth_mb_per_s else None
         self.budget = MemoryBudget(TRANSFER_MEMORY)
         self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
 
@@ -112,33 +103,10 @@ class DurableTier:
         return part_path(self.topology.rank, rel) if self.topology.multi else rel
 
     def node_listing(self, step: int, manifest: Manifest) -> dict[str, Any]:
-        """This node's objects of a step, keyed by the manifest's relative paths. With one node
-        that is every object of the step. With several it lists ``tiered-parts/node-<r>/`` and
-        this process's own folders, and of folders several processes write into only the
-        manifest's files: an object there that the manifest does not list is a stray of this
-        node's own (removed before it writes its part marker)."""
-        if not self.topology.multi:
-            return self.remote_files(step)
-        parts_prefix = f"{PARTS_DIR}/{node_dir(self.topology.rank)}"
-        own = {parts_prefix}
-        shared = set()
-        for rel in manifest.files:
-            prefix = process_prefix(rel)
-            if prefix is None:
-                continue
-            if prefix != rel:
-                own.add(prefix)
-            elif "/" in rel:  # a per-process file beside other processes' (array_metadatas)
-                shared.add(rel.rsplit("/", 1)[0])
-        out: dict[str, Any] = {}
-        for prefix in sorted(own):
-            for sub, info in self.remote_files(step, under=prefix).items():
-                out[sub if prefix == parts_prefix else f"{prefix}/{sub}"] = info
-        for prefix in sorted(shared):
-            for sub, info in self.remote_files(step, under=prefix).items():
-                if f"{prefix}/{sub}" in manifest.files:
-                    out[f"{prefix}/{sub}"] = info
-        return out
+        """This node's objects of a step, keyed by the manifest's paths (``parts.listing``)."""
+        return (
+            parts.listing(self, step, manifest) if self.topology.multi else self.remote_files(step)
+        )
 
     def parallel(self, fn: Callable[[str], None], items: list[str]) -> None:
         run_parallel(fn, items, workers=self.concurrency)
@@ -231,25 +199,9 @@ class DurableTier:
         if (manifest is None and topo.multi and tiered) or (
             manifest is not None and manifest.nodes != topo.nodes
         ):
-            manifest, problem = self._foreign_manifest(step)
+            manifest, problem = parts.foreign_manifest(self, step)
         self._manifests[step] = (version, manifest, problem, tiered)
         return manifest, problem, tiered
-
-    def _foreign_manifest(self, step: int) -> tuple[Manifest | None, str | None]:
-        """A step written by a job of another shape: restorable (whole, resharded) when node 0
-        merged it into one orbax checkpoint, else not (and why)."""
-        try:
-            manifest = self.read_manifest(step)
-        except FileNotFoundError:
-            return None, f"no {MANIFEST_NAME} and no part for node {self.topology.rank}"
-        except LayoutError as err:
-            return None, f"unreadable manifest: {err}"
-        if manifest.layout == GLOBAL_LAYOUT and manifest.merged:
-            return download.whole_checkpoint(manifest), None
-        return None, (
-            f"written by a job of {manifest.nodes} node(s), this one has {self.topology.nodes} "
-            "(and not merged into one orbax checkpoint: `tiered export` makes one)"
-        )
 
     def read_manifest(self, step: int) -> Manifest:
         with translate_errors(f"reading the manifest of {self.step_url(step)}"):
@@ -291,115 +243,11 @@ class DurableTier:
         manifest: Manifest | None = None,
         epoch: int = 0,
     ) -> TransferResult:
-        """Upload, verify, write the manifest, then the commit marker. Idempotent.
-
-        What moves is decided first (``plan_transfer``): files already there with the right
-        size and checksum are skipped, and objects under the step that the manifest does not
-        list (left by an earlier, different upload) are removed before the commit, so a
-        committed step holds exactly the local step's files. A step that is already committed
-        is never written again: with the same content this is a no-op, with other content it
-        raises ``StepExists`` (the planner moves it aside first).
-
-        With several nodes this node's files go where ``locate`` says and end with its part
-        marker (carrying ``epoch``) instead: node 0 commits the step once every part is there
-        (``commit_parts``).
-        """
-        started = time.monotonic()
-        if manifest is None:
-            reason, commit_time = read_step_metadata(step_dir)
-            manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
-        files = manifest.files
-        version = self._marker_version(step)
-        if version is not None:
-            existing_manifest, _problem, _tiered = self._step_manifest(step, version)
-            if existing_manifest is None or existing_manifest.identity != manifest.identity:
-                raise StepExists(
-                    f"{self.step_url(step)} is already committed with other content; "
-                    "not overwritten"
-                )
-            return TransferResult(
-                step=step,
-                bytes_total=manifest.total_bytes,
-                bytes_moved=0,
-                files_total=len(files),
-                files_skipped=len(files),
-                seconds=time.monotonic() - started,
-                manifest=manifest,
-            )
-        remote = self.node_listing(step, manifest)
-        transfer = plan_transfer(manifest, self._remote_facts(step, manifest, remote))
-        total = manifest.total_bytes
-        done = total - sum(files[r].size for r in transfer.put)
-        lock = threading.Lock()
-        if progress:
-            progress(done, total)
-
-        def put(rel: str) -> None:
-            nonlocal done
-            if self._limiter:
-                self._limiter.take(files[rel].size)
-            with translate_errors(
-                f"uploading {rel} to {self.step_url(step)}",
-                missing="not found (the local file vanished, or the bucket does not exist)",
-            ):
-                self.store.put(
-                    step_dir / rel,
-                    self.object_path(step, self.locate(rel)),
-                    files[rel],
-                    self.budget,
-                )
-            faults.hit("upload-file")
-            with lock:
-                done += files[rel].size
-                if progress:
-                    progress(done, total)
-
-        self.parallel(put, list(transfer.put))
-        for rel in transfer.remove:
-            with (
-                translate_errors(f"removing the stray {rel} from {self.step_url(step)}"),
-                contextlib.suppress(FileNotFoundError),
-            ):
-                self.fs.rm_file(self.object_path(step, self.locate(rel)))
-        self.verify_files(step, manifest, read_back=self.store.read_back, locate=self.locate)
-        if self.topology.multi:
-            parts.write(self, step, manifest, epoch=epoch)
-        else:
-            with translate_errors(f"committing {self.step_url(step)}"):
-                self.store.write_small(
-                    self.object_path(step, MANIFEST_NAME), manifest.to_json().encode()
-                )
-                faults.hit("commit")
-                marker = (step_dir / COMMIT_MARKER).read_bytes()
-                if not self.store.create_exclusive(self.object_path(step, COMMIT_MARKER), marker):
-                    raise StepExists(
-                        f"{self.step_url(step)} was committed by another writer meanwhile"
-                    )
-        return TransferResult(
-            step=step,
-            bytes_total=total,
-            bytes_moved=sum(files[r].size for r in transfer.put),
-            files_total=len(files),
-            files_skipped=len(files) - len(transfer.put),
-            seconds=time.monotonic() - started,
-            manifest=manifest,
+        """Upload, verify, write the manifest, then the commit marker; idempotent
+        (``tiered.storage.upload``)."""
+        return upload.upload_step(
+            self, step_dir, step=step, progress=progress, manifest=manifest, epoch=epoch
         )
-
-    def _remote_facts(
-        self, step: int, manifest: Manifest, remote: dict[str, Any]
-    ) -> dict[str, RemoteFile]:
-        """Size and crc32c of this node's objects of the step. The crc32c comes from the
-        listing where the backend keeps one (GCS); otherwise it is read back, streamed, only
-        for objects whose size already matches the manifest."""
-        facts: dict[str, RemoteFile] = {}
-        for rel, info in remote.items():
-            size = int(info.get("size", -1))
-            crc = listed_crc32c(info)
-            entry = manifest.files.get(rel)
-            if crc is None and entry is not None and size == entry.size:
-                crc = self._read_crc32c(step, self.locate(rel))
-            facts[rel] = RemoteFile(size=size, crc32c=crc)
-        return facts
 
     def crc32c_of(self, step: int, rel: str) -> int:
         """The crc32c of one object of a step, streamed."""

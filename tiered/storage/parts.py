@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tiered import faults
 from tiered.errors import CommitError, LayoutError, NotFound
@@ -160,6 +160,56 @@ def commit(tier: DurableTier, step: int, *, epoch: int, marker: bytes) -> list[i
                 "%s was already committed by another writer; kept its marker", tier.step_url(step)
             )
     return []
+
+
+def listing(tier: DurableTier, step: int, manifest: Manifest) -> dict[str, Any]:
+    """This node's objects of a multi-node step, keyed by the manifest's relative paths: it
+    lists ``tiered-parts/node-<r>/`` and this process's own folders, and of folders several
+    processes write into (``array_metadatas/``) only the manifest's files. An object that the
+    manifest does not list is then a stray of this node's own (removed before its part marker
+    is written)."""
+    parts_prefix = f"{PARTS_DIR}/{node_dir(tier.topology.rank)}"
+    own = {parts_prefix}
+    shared = set()
+    for rel in manifest.files:
+        prefix = process_prefix(rel)
+        if prefix is not None and prefix != rel:
+            own.add(prefix)
+        elif prefix is not None and "/" in rel:
+            shared.add(rel.rsplit("/", 1)[0])
+    out: dict[str, Any] = {}
+    for prefix in sorted(own):
+        for sub, info in tier.remote_files(step, under=prefix).items():
+            out[sub if prefix == parts_prefix else f"{prefix}/{sub}"] = info
+    for prefix in sorted(shared):
+        for sub, info in tier.remote_files(step, under=prefix).items():
+            if f"{prefix}/{sub}" in manifest.files:
+                out[f"{prefix}/{sub}"] = info
+    return out
+
+
+def foreign_manifest(tier: DurableTier, step: int) -> tuple[Manifest | None, str | None]:
+    """A step written by a job of another shape: restorable (whole, resharded) when node 0
+    merged it into one orbax checkpoint, else not, and why."""
+    try:
+        manifest = tier.read_manifest(step)
+    except FileNotFoundError:
+        return None, f"no {MANIFEST_NAME} and no part for node {tier.topology.rank}"
+    except LayoutError as err:
+        return None, f"unreadable manifest: {err}"
+    if manifest.layout == GLOBAL_LAYOUT and manifest.merged:
+        return whole_checkpoint(manifest), None
+    return None, (
+        f"written by a job of {manifest.nodes} node(s), this one has {tier.topology.nodes} "
+        "(and not merged into one orbax checkpoint: `tiered export` makes one)"
+    )
+
+
+def whole_checkpoint(manifest: Manifest) -> Manifest:
+    """A multi-node step's files without the nodes' private copies: the orbax checkpoint that
+    any topology restores."""
+    files = {r: e for r, e in manifest.files.items() if not r.startswith(f"{PARTS_DIR}/")}
+    return replace(manifest, files=files)
 
 
 def _check_shapes(tier: DurableTier, step: int, found: dict[int, Manifest]) -> None:

@@ -1,0 +1,148 @@
+"""Promoting a step to the durable tier: what moves is planned first (``plan_transfer``), each
+file is uploaded whole and read back where the store keeps no checksum, then the manifest and
+the commit marker are written (one node), or the node's part marker (several; node 0 commits
+in ``tiered.storage.parts``)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tiered import faults
+from tiered.errors import StepExists
+from tiered.layout import COMMIT_MARKER, MANIFEST_NAME
+from tiered.manifest import Manifest, build_manifest
+from tiered.storage import parts
+from tiered.storage.errormap import translate_errors
+from tiered.storage.local import read_step_metadata
+from tiered.storage.stores import listed_crc32c
+from tiered.storage.transfer import (
+    Progress,
+    RemoteFile,
+    TransferResult,
+    plan_transfer,
+)
+
+if TYPE_CHECKING:
+    from tiered.storage.durable import DurableTier
+
+
+def upload_step(
+    tier: DurableTier,
+    step_dir: Path,
+    *,
+    step: int,
+    progress: Progress | None = None,
+    manifest: Manifest | None = None,
+    epoch: int = 0,
+) -> TransferResult:
+    """Upload, verify, write the manifest, then the commit marker. Idempotent.
+
+    What moves is decided first (``plan_transfer``): files already there with the right
+    size and checksum are skipped, and objects under the step that the manifest does not
+    list (left by an earlier, different upload) are removed before the commit, so a
+    committed step holds exactly the local step's files. A step that is already committed
+    is never written again: with the same content this is a no-op, with other content it
+    raises ``StepExists`` (the planner moves it aside first).
+
+    With several nodes this node's files go where ``locate`` says and end with its part
+    marker (carrying ``epoch``) instead: node 0 commits the step once every part is there
+    (``commit_parts``).
+    """
+    started = time.monotonic()
+    if manifest is None:
+        reason, commit_time = read_step_metadata(step_dir)
+        manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
+    files = manifest.files
+    version = tier._marker_version(step)
+    if version is not None:
+        existing_manifest, _problem, _tiered = tier._step_manifest(step, version)
+        if existing_manifest is None or existing_manifest.identity != manifest.identity:
+            raise StepExists(
+                f"{tier.step_url(step)} is already committed with other content; not overwritten"
+            )
+        return TransferResult(
+            step=step,
+            bytes_total=manifest.total_bytes,
+            bytes_moved=0,
+            files_total=len(files),
+            files_skipped=len(files),
+            seconds=time.monotonic() - started,
+            manifest=manifest,
+        )
+    remote = tier.node_listing(step, manifest)
+    transfer = plan_transfer(manifest, _remote_facts(tier, step, manifest, remote))
+    total = manifest.total_bytes
+    done = total - sum(files[r].size for r in transfer.put)
+    lock = threading.Lock()
+    if progress:
+        progress(done, total)
+
+    def put(rel: str) -> None:
+        nonlocal done
+        if tier.limiter:
+            tier.limiter.take(files[rel].size)
+        with translate_errors(
+            f"uploading {rel} to {tier.step_url(step)}",
+            missing="not found (the local file vanished, or the bucket does not exist)",
+        ):
+            tier.store.put(
+                step_dir / rel,
+                tier.object_path(step, tier.locate(rel)),
+                files[rel],
+                tier.budget,
+            )
+        faults.hit("upload-file")
+        with lock:
+            done += files[rel].size
+            if progress:
+                progress(done, total)
+
+    tier.parallel(put, list(transfer.put))
+    for rel in transfer.remove:
+        with (
+            translate_errors(f"removing the stray {rel} from {tier.step_url(step)}"),
+            contextlib.suppress(FileNotFoundError),
+        ):
+            tier.fs.rm_file(tier.object_path(step, tier.locate(rel)))
+    tier.verify_files(step, manifest, read_back=tier.store.read_back, locate=tier.locate)
+    if tier.topology.multi:
+        parts.write(tier, step, manifest, epoch=epoch)
+    else:
+        with translate_errors(f"committing {tier.step_url(step)}"):
+            tier.store.write_small(
+                tier.object_path(step, MANIFEST_NAME), manifest.to_json().encode()
+            )
+            faults.hit("commit")
+            marker = (step_dir / COMMIT_MARKER).read_bytes()
+            if not tier.store.create_exclusive(tier.object_path(step, COMMIT_MARKER), marker):
+                raise StepExists(f"{tier.step_url(step)} was committed by another writer meanwhile")
+    return TransferResult(
+        step=step,
+        bytes_total=total,
+        bytes_moved=sum(files[r].size for r in transfer.put),
+        files_total=len(files),
+        files_skipped=len(files) - len(transfer.put),
+        seconds=time.monotonic() - started,
+        manifest=manifest,
+    )
+
+
+def _remote_facts(
+    tier: DurableTier, step: int, manifest: Manifest, remote: dict[str, Any]
+) -> dict[str, RemoteFile]:
+    """Size and crc32c of this node's objects of the step. The crc32c comes from the
+    listing where the backend keeps one (GCS); otherwise it is read back, streamed, only
+    for objects whose size already matches the manifest."""
+    facts: dict[str, RemoteFile] = {}
+    for rel, info in remote.items():
+        size = int(info.get("size", -1))
+        crc = listed_crc32c(info)
+        entry = manifest.files.get(rel)
+        if crc is None and entry is not None and size == entry.size:
+            crc = tier.crc32c_of(step, tier.locate(rel))
+        facts[rel] = RemoteFile(size=size, crc32c=crc)
+    return facts
