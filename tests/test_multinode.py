@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tiered import CommitError, DurableTier
+from tiered import CommitError, DurableTier, LocalTier
 from tiered.coord import Rendezvous
 from tiered.layout import COMMIT_MARKER
 from tiered.policy import agree_step
+from tiered.tiers import export_step
 
 from conftest import make_bucket, s3_bucket, s3_storage_options
 
@@ -186,6 +187,16 @@ def test_an_unmerged_step_restores_only_on_its_own_topology(tmp_path: Path) -> N
     assert [f.step for f in single.scan() if f.own] == []
     with pytest.raises(CommitError, match=r"no merged OCDBT root.*tiered export"):
         single.download_step(10, tmp_path / "x")
+    # `tiered export` writes the whole step and merges the copy: one database, every node's keys
+    import tensorstore as ts
+
+    dest = tmp_path / "exported"
+    export_step(LocalTier(tmp_path / "node0"), two[0], 10, dest)
+    assert not any(p.startswith("tiered-parts") for p in files_of(dest))
+    base = {"driver": "file", "path": f"{dest}/state/"}
+    merged = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+    assert merged.list().result() == [b"w/c/0", b"w/c/1"]
+    assert merged.read(b"w/c/1").result().value == b"rows of node 1"
 
 
 def test_agree_step_takes_the_newest_step_every_node_holds() -> None:

@@ -23,7 +23,15 @@ from tiered import DurableTier, LocalTier, config_from_mapping
 from tiered.jaxenv import jax_env
 from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, PARTS_DIR
 
-from conftest import ROOT, DaemonProc, config_dict, free_port, subprocess_env, wait_for
+from conftest import (
+    ROOT,
+    DaemonProc,
+    config_dict,
+    free_port,
+    run_module,
+    subprocess_env,
+    wait_for,
+)
 
 
 class Cluster:
@@ -226,6 +234,20 @@ def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) ->
         assert single == [f"PLAIN step=50 rows={rows} ok=True"]
         pair = plain_restore(gs_url, 50, nprocs=2, devices=1)
         assert len(pair) == 2 and all(line.endswith("ok=True") for line in pair)
+        # `tiered export` on node 0 writes the whole step (not node 0's part) to a directory
+        out = run_module(
+            "tiered.cli",
+            "export",
+            "50",
+            str(tmp_path / "exported" / "50"),
+            "--config",
+            str(cluster.config_path),
+            env=cluster.env(0),
+        )
+        assert out.returncode == 0, out.stderr
+        assert not (tmp_path / "exported" / "50" / PARTS_DIR).exists()
+        exported = plain_restore(str(tmp_path / "exported"), 50, nprocs=1, devices=2)
+        assert exported == ["PLAIN step=50 rows=0:32,32:64 ok=True"]
         # Local retention on every node keeps the newest two steps once 50 is durable.
         for rank in range(nodes):
             wait_for(

@@ -20,11 +20,19 @@ from tiered import faults
 from tiered.config import TieredConfig
 from tiered.coord import Decision, Rendezvous
 from tiered.errors import TieredError
-from tiered.layout import COMMIT_MARKER, step_name, tmp_name
+from tiered.layout import (
+    COMMIT_MARKER,
+    GLOBAL_LAYOUT,
+    ocdbt_roots,
+    process_prefix,
+    step_name,
+    tmp_name,
+)
 from tiered.logs import fields
-from tiered.manifest import check_entry
+from tiered.manifest import Manifest, check_entry
 from tiered.policy import Delete, Snapshot
 from tiered.storage import DurableTier, LocalTier, Progress, TransferResult, copy_with_crc32c
+from tiered.storage.merge import merge_roots
 from tiered.types import Reason, Topology
 
 log = logging.getLogger(__name__)
@@ -232,9 +240,12 @@ def export_step(
         raise TieredError(f"{dest}: exists and is not an empty directory; choose a new path")
     with contextlib.suppress(OSError):
         dest.rmdir()
+    multi = durable.topology.multi  # a node's local step is its part: the whole is durable
     manifest = local.cached_manifest(step) if step in local.committed_steps() else None
-    if manifest is None:
-        durable.download_step(step, dest, progress=progress, only=item)
+    if manifest is None or multi:
+        got = durable.download_step(step, dest, progress=progress, only=item, whole=multi).manifest
+        if got is not None and got.layout == GLOBAL_LAYOUT and not got.merged and item is None:
+            merge_copy(dest, got)
         log.info("Exported step %d of %s to %s", step, durable.url, dest)
         return dest
     prefix = f"{item.strip('/')}/" if item else ""
@@ -256,6 +267,25 @@ def export_step(
         raise
     log.info("Exported local step %d to %s", step, dest)
     return dest
+
+
+def merge_copy(dest: Path, manifest: Manifest) -> None:
+    """Merge the per-process OCDBT databases of an exported multi-node step that node 0 could
+    not merge (no tensorstore beside its daemon), so the copy is one orbax checkpoint."""
+    jobs = []
+    for root in sorted(ocdbt_roots(manifest.files)):
+        prefix = f"{root}/" if root else ""
+        children = sorted(
+            {
+                folder[len(prefix) :]
+                for rel in manifest.files
+                if rel.startswith(prefix) and (folder := process_prefix(rel)) and folder != rel
+            },
+            key=lambda name: int(name.rsplit("_", 1)[1]),
+        )
+        jobs.append((f"file://{dest / root}".rstrip("/"), children))
+    merge_roots(jobs, None)
+    log.info("Merged the OCDBT databases of the exported step in %s", dest)
 
 
 def fetch_step(local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None) -> Path:

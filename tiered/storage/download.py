@@ -32,18 +32,20 @@ def download_step(
     *,
     progress: Progress | None = None,
     only: str | None = None,
+    whole: bool = False,
 ) -> TransferResult:
-    """Download a committed step into ``dest`` (which must not exist), verifying each file.
+    """Download a committed step into ``dest`` (which must not exist), verifying each file:
+    this node's part of it, or with ``whole`` all of a multi-node step's orbax checkpoint.
 
     Files land under a temporary name of this writer's own first; the directory is renamed
     into place only once every file matches the manifest, so ``dest`` is either whole or
     absent. With ``only`` (an item of the step, such as ``state``), just that folder's
-    files are downloaded, into ``dest`` ittier.
+    files are downloaded, into ``dest`` itself.
     """
     started = time.monotonic()
     if not tier.has_marker(step):
         raise CommitError(f"{tier.step_url(step)} is not committed")
-    manifest, locate = restore_manifest(tier, step)
+    manifest, locate = whole_manifest(tier, step) if whole else restore_manifest(tier, step)
     if only is not None:
         prefix = only.strip("/") + "/"
         files = {r[len(prefix) :]: e for r, e in manifest.files.items() if r.startswith(prefix)}
@@ -52,8 +54,8 @@ def download_step(
             raise CommitError(
                 f"{tier.step_url(step)} has no item {only!r} (it has {', '.join(items)})"
             )
-        whole = locate
-        manifest, locate = replace(manifest, files=files), lambda rel: whole(prefix + rel)
+        inner = locate
+        manifest, locate = replace(manifest, files=files), lambda rel: inner(prefix + rel)
     partial = dest.with_name(tmp_name(dest.name))
     with translate_errors(f"preparing {partial}"):
         partial.mkdir(parents=True)
@@ -123,3 +125,17 @@ def restore_manifest(tier: DurableTier, step: int) -> tuple[Manifest, Callable[[
         f"{topo.nodes}; it has no merged OCDBT root, so it restores only on {manifest.nodes} "
         "nodes (`tiered export` writes a copy that any topology reads)"
     )
+
+
+def whole_manifest(tier: DurableTier, step: int) -> tuple[Manifest, Callable[[str], str]]:
+    """Every file of a step's orbax checkpoint, whatever the topology that wrote it (merged
+    or not: ``tiered export`` merges a copy)."""
+    manifest = tier.read_manifest(step)
+    if manifest.nodes == 1:
+        return manifest, str
+    if manifest.layout != GLOBAL_LAYOUT:
+        raise CommitError(
+            f"{tier.step_url(step)} was written by tiered 0.2 on {manifest.nodes} nodes: each "
+            "node-<r>/ folder in it is that node's checkpoint, and there is no whole one"
+        )
+    return parts.whole_checkpoint(manifest), str

@@ -385,9 +385,10 @@ class DurableTier:
         *,
         progress: Progress | None = None,
         only: str | None = None,
+        whole: bool = False,
     ) -> TransferResult:
         """Download a committed step into ``dest``, verified (``tiered.storage.download``)."""
-        return download.download_step(self, step, dest, progress=progress, only=only)
+        return download.download_step(self, step, dest, progress=progress, only=only, whole=whole)
 
     # -- deletion --
 
