@@ -312,7 +312,7 @@ class Outcomes(DaemonBase):
             if self.state.durable is None and time.monotonic() - self._started_mono < 60:
                 return  # give the first durable listing a chance: it may hold a newer step
             local = self.local.scan()
-            options = restore_options(local, self.state.durable or ())
+            options = restore_options(local, self.state.durable or (), nodes=self.topology.nodes)
             self.restore_choice = options[0] if options else FRESH
         choice = self.restore_choice
         if choice == FRESH:

@@ -276,12 +276,17 @@ def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) ->
         cluster.stop_daemons()
 
 
-@pytest.mark.parametrize(("saved", "resumed"), [(2, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("saved", "resumed", "same_disks"),
+    [(2, 1, True), pytest.param(4, 2, False, marks=pytest.mark.slow)],
+)
 def test_a_job_of_another_size_restores_the_step_resharded(
-    gs_url: str, tmp_path: Path, saved: int, resumed: int
+    gs_url: str, tmp_path: Path, saved: int, resumed: int, same_disks: bool
 ) -> None:
     """A job restarted on fewer nodes (capacity lost) restores the newest durable step through
-    tiered, each process its own rows of it, instead of being refused."""
+    tiered, each process its own rows of it, instead of being refused. Where a machine kept its
+    disk, its local steps of the old shape (one process's shards of the old mesh: node 0's step
+    50 holds half of the rows) are not used."""
     (tmp_path / "before").mkdir()
     (tmp_path / "after").mkdir()
     before = Cluster(tmp_path / "before", gs_url, saved)
@@ -291,7 +296,8 @@ def test_a_job_of_another_size_restores_the_step_resharded(
         before.wait_committed([50])
     finally:
         before.stop_daemons()
-    after = Cluster(tmp_path / "after", gs_url, resumed)  # new machines: empty local tiers
+    after = Cluster(tmp_path / ("before" if same_disks else "after"), gs_url, resumed)
+    assert (after.local[0] / "50").is_dir() == same_disks
     restored = restored_lines(after.native(steps=52))
     assert [r["step"] for r in restored] == ["50"] * resumed
     assert [r["source"] for r in restored] == ["durable"] * resumed

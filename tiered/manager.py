@@ -214,7 +214,14 @@ class CheckpointManager:
                     args=args if args is not None else self._ocp.args.PyTreeSave(state),
                     metrics=metrics,
                     force=True,
-                    custom_metadata={"tiered": {"reason": reason, "wall_time": time.time()}}
+                    custom_metadata={
+                        "tiered": {
+                            "reason": reason,
+                            "wall_time": time.time(),
+                            # the job's shape: a step of another shape is never restored locally
+                            "nodes": self.config.tiered.num_nodes,
+                        }
+                    }
                     | ({"metrics": _plain(metrics)} if metrics is not None else {}),
                 )
             )
@@ -289,7 +296,7 @@ class CheckpointManager:
                 err,
             )
             durable = []
-        return restore_options(self.local.scan(), durable)
+        return restore_options(self.local.scan(), durable, nodes=self.config.tiered.num_nodes)
 
     def restore(self, target: Any = None, args: Any = None, *, step: int | None = None) -> Any:
         """Restore the newest good checkpoint across both tiers (or exactly ``step``).

@@ -321,14 +321,17 @@ def _pins(state: State) -> bool:
 
 
 def restore_options(
-    local: Iterable[LocalStep], durable: Iterable[DurableStep]
+    local: Iterable[LocalStep], durable: Iterable[DurableStep], *, nodes: int = 1
 ) -> list[RestoreOption]:
     """Every step a restore may use, newest first; local wins a tie, since it is the trainer's
-    latest save of that number. Foreign durable steps cannot be verified and are left out."""
+    latest save of that number. Foreign durable steps cannot be verified, and local steps saved
+    by a job of another shape (not ``nodes`` nodes) hold the wrong shards: both are left out."""
     out: dict[int, RestoreOption] = {
         d.step: RestoreOption(d.step, "durable") for d in durable if d.own
     }
-    out.update({s.step: RestoreOption(s.step, "local") for s in local if s.committed})
+    out.update(
+        {s.step: RestoreOption(s.step, "local") for s in local if s.committed and s.fits(nodes)}
+    )
     return [out[s] for s in sorted(out, reverse=True)]
 
 
@@ -401,8 +404,8 @@ def owed_steps(rows: Sequence[_Row], snap: Snapshot, rules: Rules) -> dict[int, 
             if row.durable is not None and row.durable.kept and when is not None:
                 reference = when
             continue
-        if row.step in snap.abandoned:
-            continue
+        if row.step in snap.abandoned or not row.local.fits(rules.topology.nodes):
+            continue  # a step of another job shape is no part of this run's checkpoints
         reason: Reason | None = None
         if row.reason in PRECIOUS_REASONS:
             reason = row.reason
@@ -600,7 +603,7 @@ def plan(snap: Snapshot, rules: Rules) -> Plan:
     return Plan(
         actions=(*actions, *fingerprints, *transfers, *skips.values(), *deletes),
         verdicts=verdicts,
-        restore=tuple(restore_options(snap.local, snap.durable or ())),
+        restore=tuple(restore_options(snap.local, snap.durable or (), nodes=rules.topology.nodes)),
         owed=frozenset(s for s in wanted if s not in snap.failed),
         pinned=frozenset(pinned),
     )

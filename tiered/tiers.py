@@ -174,9 +174,9 @@ def agree(
     should_stop: Callable[[], bool] | None = None,
 ) -> Decision:
     """Several nodes: agree with the others on the step to restore (``tiered.coord``)."""
-    return Rendezvous(durable).agree(
-        local.committed_steps(), timeout=timeout, should_stop=should_stop
-    )
+    nodes = durable.topology.nodes
+    usable = [s.step for s in local.scan() if s.committed and s.fits(nodes)]
+    return Rendezvous(durable).agree(usable, timeout=timeout, should_stop=should_stop)
 
 
 def set_aside_newer(local: LocalTier, step: int | None, *, why: str) -> list[int]:
@@ -296,8 +296,18 @@ def fetch_step(local: LocalTier, durable: DurableTier, step: int, *, progress: A
     interrupted save or delete, not a checkpoint, and is replaced.
     """
     dest = local.step_dir(step)
+    nodes = durable.topology.nodes
     if (dest / COMMIT_MARKER).exists():
-        return dest
+        if all(s.fits(nodes) for s in local.scan() if s.step == step):
+            return dest
+        where = local.set_aside(step, now=time.time())
+        log.warning(
+            "Set aside local step %d in %s: a job of another shape saved it (this one has %d "
+            "nodes), so it holds the wrong shards",
+            step,
+            where,
+            nodes,
+        )
     result = stage_step(local, durable, step, progress=progress)
     if dest.is_symlink():
         dest.unlink()

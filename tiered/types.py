@@ -63,6 +63,14 @@ class LocalStep:
     is_link: bool = False
     identity: str | None = None
     """The digest of the step's manifest, once the daemon has checksummed it."""
+    nodes: int | None = None
+    """The node count of the job that saved it, where the saver recorded it (tiered's
+    ``CheckpointManager`` does): a step of another shape holds one process's shards of another
+    mesh, so it is never restored, promoted or taken for a copy."""
+
+    def fits(self, nodes: int) -> bool:
+        """Whether a job of ``nodes`` nodes may use this step (unknown shapes may)."""
+        return self.nodes is None or self.nodes == nodes
 
 
 @dataclass(frozen=True)

@@ -40,17 +40,30 @@ from tiered.types import Displaced, LocalStep, Reason, as_reason
 
 def read_step_metadata(step_dir: Path) -> tuple[Reason, float | None]:
     """(reason, commit time) from orbax's ``_CHECKPOINT_METADATA``, without importing orbax."""
+    reason, commit_time, _nodes = step_metadata(step_dir)
+    return reason, commit_time
+
+
+def step_metadata(step_dir: Path) -> tuple[Reason, float | None, int | None]:
+    """(reason, commit time, the node count of the job that saved it, when recorded) from
+    orbax's ``_CHECKPOINT_METADATA`` (a small JSON file), without importing orbax."""
     try:
         data = json.loads((step_dir / CHECKPOINT_METADATA).read_text())
     except (OSError, ValueError):
-        return "unknown", None
+        return "unknown", None, None
     if not isinstance(data, dict):
-        return "unknown", None
+        return "unknown", None, None
     custom = data.get("custom_metadata") or {}
-    tiered_meta = custom.get("tiered") if isinstance(custom, dict) else None
-    reason = as_reason(tiered_meta.get("reason")) if isinstance(tiered_meta, dict) else "unknown"
+    meta = custom.get("tiered") if isinstance(custom, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    reason = as_reason(meta.get("reason")) if meta else "unknown"
+    nodes = meta.get("nodes")
     nsecs = data.get("commit_timestamp_nsecs")
-    return reason, (nsecs / 1e9 if isinstance(nsecs, int | float) else None)
+    return (
+        reason,
+        (nsecs / 1e9 if isinstance(nsecs, int | float) else None),
+        nodes if isinstance(nodes, int) and not isinstance(nodes, bool) and nodes > 0 else None,
+    )
 
 
 class LocalTier:
@@ -104,7 +117,7 @@ class LocalTier:
             except OSError:
                 facts.append(LocalStep(step=ref.step, committed=False, is_link=is_link))
                 continue
-            reason, commit_time = read_step_metadata(path)
+            reason, commit_time, nodes = step_metadata(path)
             size = self._size(path, marker_stat) if with_size else None
             facts.append(
                 LocalStep(
@@ -115,6 +128,7 @@ class LocalTier:
                     size=size,
                     is_link=is_link,
                     identity=self._identity(ref.step, marker_stat),
+                    nodes=nodes,
                 )
             )
         return sorted(facts, key=lambda f: f.step)
