@@ -325,7 +325,8 @@ def test_replicator_checkpoint_manager_across_processes(
         assert all("FRESH" in out for out in outs)
         # replicator.yaml's backup interval (50) drives promotion, on every node.
         cluster.wait_committed([50])
-        assert cluster.durable.verify_step(50).nodes == nodes
+        manifest = cluster.durable.verify_step(50)
+        assert manifest.nodes == nodes and manifest.merged  # one orbax checkpoint here too
 
         # Every node restarts with its SSD intact except node 1's. Node 1 holds nothing, so the
         # nodes agree on the newest durable step, 50: node 1 downloads its part, the others

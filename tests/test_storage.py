@@ -181,3 +181,32 @@ def test_gcs_emulator_reports_generations_as_gcs_does(gs_url: str) -> None:
         urllib.request.urlopen(stale)
     assert info.value.code == 412
     assert fs.cat_file(path) == b"one"
+
+
+def test_ocdbt_files_are_never_skipped_by_checksum(durable_url: str, tmp_path: Path) -> None:
+    """Every OCDBT file ends with its own crc32c, so the crc32c of each whole file is one
+    constant (the CRC-32C residue). An older run's partial upload of step 10 left its
+    ``manifest.ocdbt``, the same size as the new one: the upload must replace it, or the step
+    would commit the old database over the new data files."""
+    from tiered.storage.transfer import CRC32C_RESIDUE
+
+    from helpers import assert_trees_equal, orbax_restore
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    orbax_save(old, 10, example_state(1), reason="periodic")
+    orbax_save(new, 10, example_state(2), reason="periodic")
+    m_old, m_new = build_manifest(old / "10", step=10), build_manifest(new / "10", step=10)
+    roots = [r for r in m_new.files if r.endswith("manifest.ocdbt")]
+    assert roots and all(m_new.files[r].crc32c == CRC32C_RESIDUE for r in roots)
+    assert any(m_old.files.get(r) == m_new.files[r] for r in roots), "same size and crc32c"
+    assert any((old / "10" / r).read_bytes() != (new / "10" / r).read_bytes() for r in roots)
+    durable = tier(durable_url)
+    for rel in m_old.files:  # the older run's upload, never committed
+        durable.fs.put_file(str(old / "10" / rel), durable.object_path(10, rel))
+    durable.upload_step(new / "10", step=10)
+    dest = tmp_path / "fetched" / "10"
+    durable.download_step(10, dest)
+    for rel in roots:
+        assert (dest / rel).read_bytes() == (new / "10" / rel).read_bytes()
+    restored = orbax_restore(str(dest.parent), 10, example_state(5))
+    assert_trees_equal(restored, example_state(2))
