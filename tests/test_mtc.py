@@ -26,7 +26,8 @@ from conftest import ROOT, DaemonProc, free_port, subprocess_env, wait_for, writ
 from helpers import Trainer, assert_trees_equal, example_state, orbax_restore
 
 
-def client_handshake(local: Path, *, steps: int = 50) -> None:
+def write_replicator_yaml(local: Path, *, steps: int = 50) -> None:
+    """What orbax's client writes once jax.distributed is up: a one-node job's replicator.yaml."""
     mtc._create_replicator_file(
         local,
         run_name="job",
@@ -37,6 +38,10 @@ def client_handshake(local: Path, *, steps: int = 50) -> None:
         backup_interval_minutes=None,
         backup_interval_steps=steps,
     )
+
+
+def client_handshake(local: Path, *, steps: int = 50) -> None:
+    write_replicator_yaml(local, steps=steps)
     mtc._wait_for_replicator_file_to_disappear(local, timeout_seconds=30)
     assert mtc._block_and_process_restore_dir(local, timeout_seconds=60)
 
@@ -211,16 +216,7 @@ def test_a_short_run_is_seen_and_its_last_step_owed_as_final(tmp_path: Path) -> 
         d.cycle(force_rescan=True)  # probes once: no coordinator yet
         assert not d.state.trainer_seen
         with socket.create_server(("127.0.0.1", port)):  # the client's coordinator, up
-            mtc._create_replicator_file(
-                cfg.local_dir,
-                run_name="job",
-                num_nodes=1,
-                data_parallelism=1,
-                node_rank=0,
-                peer_ranks=[],
-                backup_interval_minutes=None,
-                backup_interval_steps=50,
-            )
+            write_replicator_yaml(cfg.local_dir)
             d.cycle()  # within 2 s of the first probe
             assert d.state.trainer_seen and d.state.coordinator_up
             wait_for(lambda: d.cycle() is not None and d.mtc and d.mtc.pending_restore is None)
