@@ -304,6 +304,10 @@ def test_a_job_of_another_size_restores_the_step_resharded(
     assert all(r["ok"] == "True" for r in restored), restored
     rows = 64 // resumed
     assert [r["rows"] for r in restored] == [f"{i * rows}:{(i + 1) * rows}" for i in range(resumed)]
+    # The step each node downloaded is the whole checkpoint, so it fits this shape: the next
+    # restart restores it from the local tier, with no download.
+    again = restored_lines(after.native(steps=53))
+    assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "local", "True")] * resumed
 
 
 @pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])

@@ -76,7 +76,7 @@ class LocalTier:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._size_cache: dict[tuple[int, int], int] = {}
-        self._identity_cache: dict[tuple[int, int, int], str] = {}
+        self._identity_cache: dict[tuple[int, int, int], tuple[str, bool]] = {}
 
     @property
     def tiered_dir(self) -> Path:
@@ -119,6 +119,7 @@ class LocalTier:
                 continue
             reason, commit_time, nodes = step_metadata(path)
             size = self._size(path, marker_stat) if with_size else None
+            identity, whole = self._identity(ref.step, marker_stat)
             facts.append(
                 LocalStep(
                     step=ref.step,
@@ -127,8 +128,9 @@ class LocalTier:
                     commit_time=commit_time if commit_time is not None else marker_stat.st_mtime,
                     size=size,
                     is_link=is_link,
-                    identity=self._identity(ref.step, marker_stat),
-                    nodes=nodes,
+                    identity=identity,
+                    # a whole checkpoint (every process's shards) restores on any shape
+                    nodes=None if whole else nodes,
                 )
             )
         return sorted(facts, key=lambda f: f.step)
@@ -150,20 +152,21 @@ class LocalTier:
     def manifest_path(self, step: int) -> Path:
         return self.tiered_dir / "manifests" / f"{step_name(step)}.json"
 
-    def _identity(self, step: int, marker_stat: os.stat_result) -> str | None:
-        """The identity of the step's kept manifest, if it has a valid one (see ``manifest``)."""
+    def _identity(self, step: int, marker_stat: os.stat_result) -> tuple[str | None, bool]:
+        """(the identity of the step's kept manifest, if it has a valid one (see ``manifest``);
+        whether it is a whole multi-node checkpoint, downloaded as such)."""
         try:
             st = self.manifest_path(step).stat()
         except OSError:
-            return None
+            return None, False
         if st.st_mtime_ns < marker_stat.st_mtime_ns:
-            return None
+            return None, False
         key = (step, st.st_mtime_ns, st.st_size)
         if key not in self._identity_cache:
             cached = self.cached_manifest(step)
             if cached is None:
-                return None
-            self._identity_cache[key] = cached.identity
+                return None, False
+            self._identity_cache[key] = (cached.identity, cached.merged)
         return self._identity_cache[key]
 
     def cached_manifest(self, step: int) -> Manifest | None:
