@@ -120,10 +120,14 @@ def restore_manifest(tier: DurableTier, step: int) -> tuple[Manifest, Callable[[
         return manifest, str
     if manifest.layout == GLOBAL_LAYOUT and manifest.merged:
         return parts.whole_checkpoint(manifest), str
+    why = (
+        "it has no merged OCDBT root (`tiered export` writes a copy that any topology reads)"
+        if manifest.layout == GLOBAL_LAYOUT
+        else "tiered 0.2 kept each node's part apart"
+    )
     raise CommitError(
         f"{tier.step_url(step)} was written by a job of {manifest.nodes} nodes and this one has "
-        f"{topo.nodes}; it has no merged OCDBT root, so it restores only on {manifest.nodes} "
-        "nodes (`tiered export` writes a copy that any topology reads)"
+        f"{topo.nodes}; it restores only on {manifest.nodes} nodes: {why}"
     )
 
 
