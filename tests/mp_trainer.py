@@ -13,6 +13,7 @@ Prints ``RESTORED step=N source=TIER rows=LO:HI ok=True`` or ``FRESH``, then ``D
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -44,8 +45,10 @@ def values(step: int) -> dict[str, np.ndarray]:
 
 def main() -> int:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    # MP_SHARD=columns: another mesh layout for the same processes (w split by columns)
+    spec = ("data",) if os.environ.get("MP_SHARD", "rows") == "rows" else (None, "data")
     shardings = {
-        "w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+        "w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)),
         "b": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
     }
 
@@ -69,7 +72,8 @@ def main() -> int:
                 for shard in arr.addressable_shards:
                     ok &= bool(np.array_equal(np.asarray(shard.data), want[name][shard.index]))
                     if name == "w":
-                        lo, hi, _ = shard.index[0].indices(arr.shape[0])
+                        axis = 0 if os.environ.get("MP_SHARD", "rows") == "rows" else 1
+                        lo, hi, _ = shard.index[axis].indices(arr.shape[axis])
                         rows = f"{lo}:{hi}"
             print(
                 f"RESTORED step={restored.step} source={restored.source} rows={rows} ok={ok}",

@@ -310,6 +310,35 @@ def test_a_job_of_another_size_restores_the_step_resharded(
     assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "local", "True")] * resumed
 
 
+def test_the_same_nodes_on_another_mesh_restore_the_whole_step(gs_url: str, tmp_path: Path) -> None:
+    """Two nodes keep their disks and restart with w split by columns instead of rows: each
+    node's part holds the wrong shards for the new mesh, so each restores the merged step
+    whole instead (bit-exact), and then goes on from it."""
+    cluster = Cluster(tmp_path, gs_url, 2)
+    cluster.start_daemons()
+    try:
+        cluster.native(steps=51)
+        cluster.wait_committed([50])
+    finally:
+        cluster.stop_daemons()
+    port = str(free_port())
+    argv = [str(ROOT / "tests" / "mp_trainer.py"), str(cluster.config_path)]
+    outs = cluster.run(
+        lambda r: [*argv, str(r), "2", port, "52"], extra_env={"MP_SHARD": "columns"}
+    )
+    restored = restored_lines(outs)
+    assert [(r["step"], r["ok"], r["rows"]) for r in restored] == [  # "rows": columns here
+        ("50", "True", "0:4"),
+        ("50", "True", "4:8"),
+    ]
+    # What each node holds now is the whole step: the next restart on this mesh reads it locally
+    port = str(free_port())
+    again = restored_lines(
+        cluster.run(lambda r: [*argv, str(r), "2", port, "53"], extra_env={"MP_SHARD": "columns"})
+    )
+    assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "local", "True")] * 2
+
+
 @pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_replicator_checkpoint_manager_across_processes(
     gs_url: str, tmp_path: Path, nodes: int

@@ -389,7 +389,23 @@ class CheckpointManager:
             log.info("No checkpoint every node can restore: starting fresh")
             return None
         source = "local" if self.config.tiered.node_rank in decision.holders else "durable"
-        state = self._loader.load(decision.step, source, target, args, orbax_form=orbax_form)
+        try:
+            state = self._loader.load(decision.step, source, target, args, orbax_form=orbax_form)
+        except Exception as err:  # orbax raises many types for shards it cannot find
+            if not self.durable.is_whole(decision.step):
+                raise
+            # Another mesh on the same nodes: this node's part holds the old mesh's shards.
+            log.warning(
+                "Step %d: this node's part lacks shards this mesh needs (%s: %s); restoring "
+                "the whole step from %s",
+                decision.step,
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
+                self.durable.url,
+            )
+            fetch_step(self.local, self.durable, decision.step, whole=True)
+            state = self._loader.load(decision.step, "local", target, args, orbax_form=orbax_form)
+            source = "durable"
         log.info(
             "Restored step %d from the %s tier (agreed by all %d nodes, epoch %d)",
             decision.step,

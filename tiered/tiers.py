@@ -288,7 +288,9 @@ def merge_copy(dest: Path, manifest: Manifest) -> None:
     log.info("Merged the OCDBT databases of the exported step in %s", dest)
 
 
-def fetch_step(local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None) -> Path:
+def fetch_step(
+    local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None, whole: bool = False
+) -> Path:
     """Download a committed durable step into ``<local>/<step>``, verified; return that path.
 
     The files land in ``.tiered/staging`` and are renamed into place only once every one of
@@ -298,17 +300,18 @@ def fetch_step(local: LocalTier, durable: DurableTier, step: int, *, progress: A
     dest = local.step_dir(step)
     nodes = durable.topology.nodes
     if (dest / COMMIT_MARKER).exists():
-        if all(s.fits(nodes) for s in local.scan() if s.step == step):
+        if not whole and all(s.fits(nodes) for s in local.scan() if s.step == step):
             return dest
         where = local.set_aside(step, now=time.time())
         log.warning(
-            "Set aside local step %d in %s: a job of another shape saved it (this one has %d "
-            "nodes), so it holds the wrong shards",
+            "Set aside local step %d in %s: %s, so it holds the wrong shards",
             step,
             where,
-            nodes,
+            "it is this node's part of the old mesh"
+            if whole
+            else f"a job of another shape saved it (this one has {nodes} nodes)",
         )
-    result = stage_step(local, durable, step, progress=progress)
+    result = stage_step(local, durable, step, progress=progress, whole=whole)
     if dest.is_symlink():
         dest.unlink()
     elif dest.exists():
@@ -317,7 +320,9 @@ def fetch_step(local: LocalTier, durable: DurableTier, step: int, *, progress: A
     return dest
 
 
-def stage_step(local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None) -> Path:
+def stage_step(
+    local: LocalTier, durable: DurableTier, step: int, *, progress: Any = None, whole: bool = False
+) -> Path:
     """Download a committed durable step into ``.tiered/staging/<step>``, verified.
 
     Something already at that path is a leftover of an interrupted restore (a live staged step
@@ -330,7 +335,7 @@ def stage_step(local: LocalTier, durable: DurableTier, step: int, *, progress: A
     elif staged.exists():
         shutil.rmtree(staged)
     started = time.monotonic()
-    result = durable.download_step(step, staged, progress=progress)
+    result = durable.download_step(step, staged, progress=progress, whole=whole)
     if result.manifest is not None:
         local.remember_manifest(step, result.manifest)
     log.info(

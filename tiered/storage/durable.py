@@ -24,6 +24,7 @@ from tiered.errors import ChecksumMismatch, CommitError, LayoutError
 from tiered.layout import (
     COMMIT_MARKER,
     DISPLACED_DIR,
+    GLOBAL_LAYOUT,
     MANIFEST_NAME,
     displaced_name,
     parse_displaced,
@@ -364,6 +365,14 @@ class DurableTier:
         return sorted(out, key=lambda d: (d.moved_at or 0.0, d.name))
 
     # -- multi-node --
+
+    def is_whole(self, step: int) -> bool:
+        """Whether a step is one merged orbax checkpoint of several nodes (any mesh reads it)."""
+        try:
+            manifest = self.read_manifest(step)
+        except (FileNotFoundError, LayoutError):
+            return False
+        return manifest.nodes > 1 and manifest.layout == GLOBAL_LAYOUT and manifest.merged
 
     def read_part(self, step: int, rank: int) -> Manifest:
         """Node ``rank``'s part marker of a multi-node step: its files, as its local step has
