@@ -197,6 +197,11 @@ def test_an_unmerged_step_restores_only_on_its_own_topology(tmp_path: Path) -> N
     merged = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
     assert merged.list().result() == [b"w/c/0", b"w/c/1"]
     assert merged.read(b"w/c/1").result().value == b"rows of node 1"
+    item = tmp_path / "exported-item"  # --item state: the item's folder, merged, on its own
+    export_step(LocalTier(tmp_path / "node0"), two[0], 10, item, item="state")
+    base = {"driver": "file", "path": f"{item}/"}
+    merged = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+    assert merged.list().result() == [b"w/c/0", b"w/c/1"]
 
 
 def test_agree_step_takes_the_newest_step_every_node_holds() -> None:

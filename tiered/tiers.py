@@ -244,8 +244,8 @@ def export_step(
     manifest = local.cached_manifest(step) if step in local.committed_steps() else None
     if manifest is None or multi:
         got = durable.download_step(step, dest, progress=progress, only=item, whole=multi).manifest
-        if got is not None and got.layout == GLOBAL_LAYOUT and not got.merged and item is None:
-            merge_copy(dest, got)
+        if got is not None and got.layout == GLOBAL_LAYOUT and not got.merged:
+            merge_copy(dest, got)  # its paths are relative to dest, an item's too
         log.info("Exported step %d of %s to %s", step, durable.url, dest)
         return dest
     prefix = f"{item.strip('/')}/" if item else ""
