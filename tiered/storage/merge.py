@@ -102,10 +102,10 @@ def merge_roots(
         raise StorageError(
             f"merging the OCDBT roots took over {timeout:.0f} s", transient=True
         ) from None
+    tail = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
     if out.returncode == 3:
-        raise MergeUnavailable(out.stderr.strip().splitlines()[-1])
+        raise MergeUnavailable(tail)
     if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise StorageError(f"merging the OCDBT roots failed: {tail}", transient=True)
 
 
