@@ -160,6 +160,23 @@ def test_shape_mismatches_are_refused_by_name(tmp_path: Path) -> None:
         assert whole <= got and not any(p.startswith("tiered-parts/") for p in got)
 
 
+def test_a_merge_that_fails_still_commits_the_step(tmp_path: Path) -> None:
+    """A database the merge cannot read (here node 1's manifest.ocdbt is not one): the step is
+    committed without a merged root, and with nothing of a half-written one."""
+    url = f"file://{tmp_path}/durable"
+    two = [DurableTier(url, node_rank=r, num_nodes=2) for r in range(2)]
+    dirs = [local_step(tmp_path, r, 10) for r in range(2)]
+    (dirs[1] / "state" / "ocdbt.process_1" / "manifest.ocdbt").write_bytes(b"not a database")
+    for r in range(2):
+        two[r].upload_step(dirs[r], step=10)
+    assert two[0].commit_parts(10, epoch=0, marker=b"ok") == []
+    manifest = two[0].verify_step(10)
+    assert not manifest.merged and "state/manifest.ocdbt" not in manifest.files
+    assert not (tmp_path / "durable" / "10" / "state" / "manifest.ocdbt").exists()
+    two[1].download_step(10, tmp_path / "same-shape")
+    assert files_of(tmp_path / "same-shape") == files_of(dirs[1])
+
+
 def test_an_unmerged_step_restores_only_on_its_own_topology(tmp_path: Path) -> None:
     """Without tensorstore beside node 0's daemon the step commits unmerged: it restores on a
     job of its own shape, and a job of another shape is told why not."""

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tiered import faults
-from tiered.errors import CommitError, LayoutError, NotFound
+from tiered.errors import CommitError, LayoutError, NotFound, StorageError
 from tiered.layout import (
     COMMIT_MARKER,
     GLOBAL_LAYOUT,
@@ -33,7 +33,7 @@ from tiered.layout import (
 )
 from tiered.manifest import FileEntry, Manifest
 from tiered.storage.errormap import translate_errors
-from tiered.storage.merge import MergeUnavailable, merge_roots
+from tiered.storage.merge import merge_roots
 from tiered.storage.stores import listed_crc32c
 
 if TYPE_CHECKING:
@@ -262,10 +262,7 @@ def _global_files(
     files.update(shared)
     if not roots:
         return files, False
-    for root in sorted(roots):  # what an interrupted commit may have left: merged again below
-        for rel in _root_files(tier, step, root):
-            with translate_errors(f"removing {rel} of {tier.step_url(step)}"):
-                tier.fs.rm_file(tier.object_path(step, rel))
+    _clear_roots(tier, step, roots)  # what an interrupted commit may have left
     jobs = []
     for root in sorted(roots):
         prefix = f"{root}/" if root else ""
@@ -279,7 +276,9 @@ def _global_files(
     started = time.monotonic()
     try:
         merge_roots(jobs, tier.storage_options)
-    except MergeUnavailable as err:
+    except StorageError as err:  # MergeUnavailable, a timeout, a database it cannot read
+        # The checkpoint matters more than its merged root: commit it without one.
+        _clear_roots(tier, step, roots)
         log.warning(
             "Committing %s without a merged OCDBT root (%s): it restores on a job of %d nodes; "
             "`tiered export` writes a copy plain orbax reads",
@@ -306,6 +305,13 @@ def _global_files(
         time.monotonic() - started,
     )
     return files, merged
+
+
+def _clear_roots(tier: DurableTier, step: int, roots: set[str]) -> None:
+    for root in sorted(roots):
+        for rel in _root_files(tier, step, root):
+            with translate_errors(f"removing {rel} of {tier.step_url(step)}"):
+                tier.fs.rm_file(tier.object_path(step, rel))
 
 
 def _root_files(tier: DurableTier, step: int, root: str) -> dict[str, dict]:
