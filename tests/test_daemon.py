@@ -317,9 +317,12 @@ def test_a_store_down_from_the_start_degrades_the_daemon_and_it_catches_up(
         assert "answers again" in daemon.log()
         live = json.loads(daemon.get("/status")[1])["daemon"]
         assert live["last_error"] and live["last_error_resolved"] is True  # said, and over
-        metrics = daemon.get("/metrics")[1].decode()
-        assert (
-            "tiered_ready 1.0" in metrics and 'tiered_newest_step{tier="durable"} 50.0' in metrics
+        # The metrics follow the daemon's next listing of the durable tier, a cycle later.
+        wanted = ("tiered_ready 1.0", 'tiered_newest_step{tier="durable"} 50.0')
+        wait_for(
+            lambda: all(w in daemon.get("/metrics")[1].decode() for w in wanted),
+            timeout=30,
+            what=f"metrics {wanted}",
         )
     finally:
         daemon.terminate()

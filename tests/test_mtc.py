@@ -183,8 +183,12 @@ def test_a_newer_durable_step_wins_over_an_older_local_one(tmp_path: Path) -> No
     daemon = DaemonProc(config_path, cfg)
     try:
         daemon.wait_ready()
-        status = json.loads(daemon.get("/status")[1])
-        assert status["latest"]["restorable"] == 100
+        # ready once the durable tier answers; the status shows its steps after the listing
+        wait_for(
+            lambda: json.loads(daemon.get("/status")[1])["latest"]["restorable"] == 100,
+            timeout=30,
+            what=daemon.log(),
+        )
         client_handshake(cfg.local_dir)
         assert (cfg.local_dir / "100").is_symlink()
         assert "Offered step 100 (from the durable tier)" in daemon.log()
