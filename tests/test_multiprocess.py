@@ -120,7 +120,7 @@ class Cluster:
             outs.append(out)
         return outs
 
-    def native(self, steps: int) -> list[str]:
+    def native(self, steps: int, extra_env: dict[str, str] | None = None) -> list[str]:
         port = free_port()
         return self.run(
             lambda r: [
@@ -130,8 +130,19 @@ class Cluster:
                 str(self.nodes),
                 str(port),
                 str(steps),
-            ]
+            ],
+            extra_env=extra_env,
         )
+
+    def train_until_durable(self, steps: int, durable: list[int]) -> None:
+        """Daemons up, one run of ``tests/mp_trainer.py``, then the daemons stopped once the
+        durable tier holds ``durable``."""
+        self.start_daemons()
+        try:
+            self.native(steps)
+            self.wait_committed(durable)
+        finally:
+            self.stop_daemons()
 
     def mtc(self, steps: int) -> list[str]:
         """orbax's unmodified client on every node, in the environment `tiered jax-env` prints
@@ -289,13 +300,7 @@ def test_a_job_of_another_size_restores_the_step_resharded(
     50 holds half of the rows) are not used."""
     (tmp_path / "before").mkdir()
     (tmp_path / "after").mkdir()
-    before = Cluster(tmp_path / "before", gs_url, saved)
-    before.start_daemons()
-    try:
-        before.native(steps=51)
-        before.wait_committed([50])
-    finally:
-        before.stop_daemons()
+    Cluster(tmp_path / "before", gs_url, saved).train_until_durable(51, [50])
     after = Cluster(tmp_path / ("before" if same_disks else "after"), gs_url, resumed)
     assert (after.local[0] / "50").is_dir() == same_disks
     restored = restored_lines(after.native(steps=52))
@@ -315,27 +320,15 @@ def test_the_same_nodes_on_another_mesh_restore_the_whole_step(gs_url: str, tmp_
     node's part holds the wrong shards for the new mesh, so each restores the merged step
     whole instead (bit-exact), and then goes on from it."""
     cluster = Cluster(tmp_path, gs_url, 2)
-    cluster.start_daemons()
-    try:
-        cluster.native(steps=51)
-        cluster.wait_committed([50])
-    finally:
-        cluster.stop_daemons()
-    port = str(free_port())
-    argv = [str(ROOT / "tests" / "mp_trainer.py"), str(cluster.config_path)]
-    outs = cluster.run(
-        lambda r: [*argv, str(r), "2", port, "52"], extra_env={"MP_SHARD": "columns"}
-    )
-    restored = restored_lines(outs)
+    cluster.train_until_durable(51, [50])
+    columns = {"MP_SHARD": "columns"}
+    restored = restored_lines(cluster.native(52, extra_env=columns))
     assert [(r["step"], r["ok"], r["rows"]) for r in restored] == [  # "rows": columns here
         ("50", "True", "0:4"),
         ("50", "True", "4:8"),
     ]
     # What each node holds now is the whole step: the next restart on this mesh reads it locally
-    port = str(free_port())
-    again = restored_lines(
-        cluster.run(lambda r: [*argv, str(r), "2", port, "53"], extra_env={"MP_SHARD": "columns"})
-    )
+    again = restored_lines(cluster.native(53, extra_env=columns))
     assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "local", "True")] * 2
 
 
