@@ -7,8 +7,10 @@ with real JAX processes and one daemon per node are in ``test_multiprocess.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -330,3 +332,50 @@ def test_trainer_refuses_a_node_count_jax_does_not_have(tmp_path: Path) -> None:
         config_from_mapping(mapping, env={}), install_signal_handlers=False
     ):
         pass
+
+
+def test_a_root_left_by_a_killed_committer_is_merged_again(tmp_path: Path) -> None:
+    """Node 0 killed mid-merge leaves a half-written root (and no marker); the next commit
+    removes it and merges afresh."""
+    import tensorstore as ts
+
+    url = f"file://{tmp_path}/durable"
+    two = [DurableTier(url, node_rank=r, num_nodes=2) for r in range(2)]
+    for r in range(2):
+        two[r].upload_step(local_step(tmp_path, r, 10), step=10)
+    step_dir = tmp_path / "durable" / "10"
+    (step_dir / "state" / "d").mkdir(parents=True)
+    (step_dir / "state" / "d" / "half-written").write_bytes(b"junk")
+    (step_dir / "state" / "manifest.ocdbt").write_bytes(b"junk")
+    assert two[0].commit_parts(10, epoch=0, marker=b"ok") == []
+    manifest = two[0].verify_step(10)
+    assert manifest.merged and "state/d/half-written" not in manifest.files
+    assert not (step_dir / "state" / "d" / "half-written").exists()
+    base = {"driver": "file", "path": f"{step_dir}/state/"}
+    merged = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+    assert merged.list().result() == [b"w/c/0", b"w/c/1"]
+
+
+def test_a_step_holding_tiereds_own_names_is_refused(tmp_path: Path) -> None:
+    """A local file named tiered-parts/0.json would be copied over node 0's part marker when
+    node 0 commits: the upload refuses it, and node 0 refuses a part that lists one."""
+    from tiered import LayoutError
+    from tiered.storage import parts
+
+    url = f"file://{tmp_path}/durable"
+    two = [DurableTier(url, node_rank=r, num_nodes=2) for r in range(2)]
+    dirs = [local_step(tmp_path, r, 10) for r in range(2)]
+    (dirs[0] / "tiered-parts").mkdir()
+    (dirs[0] / "tiered-parts" / "1.json").write_text('{"forged": true}')
+    with pytest.raises(LayoutError, match=r"tiered-parts/1\.json, a name tiered keeps"):
+        two[0].upload_step(dirs[0], step=10)
+    assert two[0].part_ranks(10) == []
+    # A node that did not check (an older or broken daemon) wrote such a part anyway.
+    two[1].upload_step(dirs[1], step=10)
+    forged = replace(two[0].read_part(10, 1), node=0)
+    forged.files["tiered-parts/1.json"] = next(iter(forged.files.values()))
+    parts.write(two[0], 10, forged, epoch=0)
+    with pytest.raises(LayoutError, match="a name tiered keeps"):
+        two[0].commit_parts(10, epoch=0, marker=b"ok")
+    assert not (tmp_path / "durable" / "10" / COMMIT_MARKER).exists()
+    assert json.loads(two[1].read_part(10, 1).to_json())["node"] == 1  # untouched

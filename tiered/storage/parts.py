@@ -162,6 +162,18 @@ def commit(tier: DurableTier, step: int, *, epoch: int, marker: bytes) -> list[i
     return []
 
 
+def check_names(tier: DurableTier, step: int, manifest: Manifest) -> None:
+    """Refuse a node's step holding ``tiered-parts/...`` or ``tiered-manifest.json``: in a
+    multi-node step node 0 copies its files to their own paths, and those are tiered's (another
+    node's part marker, the step's manifest)."""
+    for rel in manifest.files:
+        if rel.split("/", 1)[0] in (PARTS_DIR, MANIFEST_NAME):
+            raise LayoutError(
+                f"{tier.step_url(step)}: the local step holds {rel}, a name tiered keeps for "
+                "its own files in a multi-node step; refusing to upload it"
+            )
+
+
 def listing(tier: DurableTier, step: int, manifest: Manifest) -> dict[str, Any]:
     """This node's objects of a multi-node step, keyed by the manifest's relative paths: it
     lists ``tiered-parts/node-<r>/`` and this process's own folders, and of folders several
@@ -238,6 +250,7 @@ def _global_files(
     owners: dict[str, int] = {}
     files: dict[str, FileEntry] = {}
     for rank, part in sorted(fresh.items()):
+        check_names(tier, step, part)  # a part from a node that did not check
         for rel, entry in part.files.items():
             if process_owned(rel):
                 if rel in owners:

@@ -56,6 +56,8 @@ def upload_step(
     if manifest is None:
         reason, commit_time = read_step_metadata(step_dir)
         manifest = build_manifest(step_dir, step=step, reason=reason, commit_time=commit_time)
+    if tier.topology.multi:
+        parts.check_names(tier, step, manifest)
     files = manifest.files
     version = tier._marker_version(step)
     if version is not None:
