@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from daemon.metrics import Metrics
 from daemon.mtc import MtcProtocol
@@ -35,6 +36,7 @@ class DaemonBase:
     transfer: Lane
     durable_lane: Lane
     local_lane: Lane
+    peer_lane: Lane
     trainer_lock: DirectoryLock
     state: DaemonState
     view: View | None
@@ -48,4 +50,8 @@ class DaemonBase:
     _tick: float
 
     def _snapshot(self, state: DaemonState) -> Snapshot:
+        raise NotImplementedError
+
+    def peers_view(self) -> dict[str, Any] | None:
+        """The status's ``peers`` block (``daemon.peers``)."""
         raise NotImplementedError

@@ -20,6 +20,7 @@ from tiered.sidecar import (
     Displace,
     DurableStep,
     Manifest,
+    PeerSetup,
     Rendezvous,
     TransferResult,
     Upload,
@@ -143,12 +144,17 @@ def stage(local: LocalTier, durable: DurableTier, step: int) -> Job:
 
 
 def agreement(
-    local: LocalTier, durable: DurableTier, *, timeout: float, stopping: threading.Event
+    local: LocalTier,
+    durable: DurableTier,
+    *,
+    timeout: float,
+    stopping: threading.Event,
+    peers: PeerSetup | None = None,
 ) -> Job:
     return Job(
         "agree",
         None,
-        lambda _p: agree(local, durable, timeout=timeout, should_stop=stopping.is_set),
+        lambda _p: agree(local, durable, timeout=timeout, should_stop=stopping.is_set, peers=peers),
     )
 
 

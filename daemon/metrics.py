@@ -21,7 +21,7 @@ from prometheus_client import (
 disable_created_metrics()
 
 TIERS = ("local", "durable")
-ERROR_KINDS = ("list", "transient", "permanent", "prune", "cycle")
+ERROR_KINDS = ("list", "transient", "permanent", "prune", "cycle", "peer")
 EVENTS = ("crash", "preemption", "node")
 
 
@@ -85,6 +85,18 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("tiered_errors", "Errors by kind", ["kind"], registry=r)
+        self.peer_bytes_sent = Counter(
+            "tiered_peer_sent_bytes", "Bytes of local steps sent to peers", registry=r
+        )
+        self.peer_step = Gauge(
+            "tiered_peer_replicated_step",
+            "Newest local step each partner holds a copy of",
+            ["peer"],
+            registry=r,
+        )
+        self.peer_held_bytes = Gauge(
+            "tiered_peer_held_bytes", "Bytes of other nodes' steps kept here", registry=r
+        )
         self.disk_pressure = Gauge(
             "tiered_local_disk_pressure", "1 while local free space is below the floor", registry=r
         )

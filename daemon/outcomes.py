@@ -26,6 +26,8 @@ from tiered.sidecar import (
     Decision,
     Delete,
     Manifest,
+    PeerSetup,
+    PeerStore,
     RestoreOption,
     TransferResult,
     Upload,
@@ -259,6 +261,7 @@ class Outcomes(DaemonBase):
         decision: Decision = outcome.value
         self.state = replace(self.state, epoch=decision.epoch, scan_requested=True)
         set_aside_newer(self.local, decision.step, why="the nodes agreed on an older step")
+        PeerStore(self.local.root).drop_newer(decision.step)
         if decision.step is None:
             self.restore_choice = FRESH
         else:
@@ -306,6 +309,9 @@ class Outcomes(DaemonBase):
                         self.durable,
                         timeout=self.cfg.tiered.restore_agreement_timeout_seconds,
                         stopping=self.stopping,
+                        peers=PeerSetup(
+                            self.cfg, explicit=mtc.active.peer_ranks if mtc.active else None
+                        ),
                     )
                 )
                 return

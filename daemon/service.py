@@ -34,6 +34,7 @@ from daemon.http import StatusServer
 from daemon.metrics import Metrics
 from daemon.mtc import MtcProtocol
 from daemon.outcomes import FRESH, Outcomes
+from daemon.peers import Peering
 from daemon.state import DaemonState, without
 from daemon.views import Views
 from daemon.workers import Lane, Outcome
@@ -53,6 +54,7 @@ from tiered.sidecar import (
     Displace,
     Fingerprint,
     ForgetPart,
+    PeerStore,
     Plan,
     RestoreOption,
     Snapshot,
@@ -68,7 +70,7 @@ from tiered.sidecar import (
 log = logging.getLogger("daemon")
 
 
-class Daemon(Outcomes, Views):
+class Daemon(Outcomes, Views, Peering):
     def __init__(self, cfg: TieredConfig) -> None:
         self.cfg = cfg
         self.topology = cfg.topology
@@ -82,6 +84,10 @@ class Daemon(Outcomes, Views):
         self.transfer = Lane("transfer", self.outbox, self.wake)
         self.durable_lane = Lane("durable", self.outbox, self.wake)
         self.local_lane = Lane("local", self.outbox, self.wake)
+        self.peer_lane = Lane("peer", self.outbox, self.wake)
+        self.peer_store = PeerStore(self.local.root)
+        self.peer_server = None
+        self._peer_clients = None
         self.lock = DirectoryLock(self.local.tiered_dir)
         self.trainer_lock = DirectoryLock(
             self.local.tiered_dir, name=TRAINER_LOCK_NAME, what="tiered.CheckpointManager"
@@ -134,6 +140,7 @@ class Daemon(Outcomes, Views):
         snap = self._snapshot(self.state)
         decided = plan(snap, self.rules)
         self._execute(decided)
+        self._submit_replication()
         self.view = View(snap, decided)
         self._record_metrics(snap, decided)
         return decided
@@ -187,7 +194,8 @@ class Daemon(Outcomes, Views):
         # (a client that takes no lock, such as orbax's, only ever ends that way).
         trainer_there = self.trainer_lock.holder() is not None or state.coordinator_up
         ended = not trainer_there and (state.trainer_seen or self.draining)
-        busy = {job.step for job in (self.transfer.job, self.local_lane.job) if job and job.step}
+        lanes = (self.transfer.job, self.local_lane.job, self.peer_lane.job)
+        busy = {job.step for job in lanes if job and job.step}
         choice = self.restore_choice
         staged = frozenset({choice.step}) if choice is not None and choice != FRESH else frozenset()
         return Snapshot(
@@ -277,7 +285,8 @@ class Daemon(Outcomes, Views):
         self.state = replace(state, trainer_seen=seen, coordinator_up=bool(up))
 
     def _prune(self, deletes: list[Delete]) -> None:
-        busy = {job.step for job in (self.transfer.job, self.local_lane.job) if job}
+        lanes = (self.transfer.job, self.local_lane.job, self.peer_lane.job)
+        busy = {job.step for job in lanes if job}
         deletes = [d for d in deletes if d.step not in busy]
         if not deletes:
             return
@@ -365,6 +374,7 @@ class Daemon(Outcomes, Views):
         )
         self.server.start()
         self.lock.annotate(self.server.address)
+        self._start_peers()
         if self.mtc is not None:
             self.mtc.ensure_jax_init_info()
         log.info(
@@ -472,4 +482,6 @@ class Daemon(Outcomes, Views):
             self.watcher.stop()
         if self.server is not None:
             self.server.stop()
+        if self.peer_server is not None:
+            self.peer_server.stop()
         self.lock.release()

@@ -87,6 +87,12 @@ class DaemonState:
     """A trainer was seen while this daemon watched (its lock held, or its JAX coordinator)."""
     coordinator_up: bool = False
     """The JAX coordinator named in ``jax-init-info.txt`` accepted a connection just now."""
+    peer_sent: Mapping[int, tuple[int, str | None]] = field(default_factory=_empty)
+    """Per partner: the (step, identity) of the newest local step it is known to hold."""
+    peer_errors: Mapping[int, str] = field(default_factory=_empty)
+    peer_failures: Mapping[int, int] = field(default_factory=_empty)
+    peer_retry_at: Mapping[int, float] = field(default_factory=_empty)
+    """Per partner: when (monotonic) to try it again after a failure."""
 
     def error(self, kind: str, message: str, now: float) -> DaemonState:
         return replace(

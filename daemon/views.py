@@ -81,6 +81,7 @@ class Views(DaemonBase):
             "recently_pruned": [p.__dict__ for p in state.recently_pruned],
             "disk_pressure": state.disk_pressure,
             "mtc_job": self.mtc.active.job_name if self.mtc and self.mtc.active else None,
+            "peers": self.peers_view(),
             "node": (
                 {
                     "rank": self.topology.rank,

@@ -84,6 +84,21 @@ class TieredSettings(BaseModel):
     durable_timeout_seconds: float = Field(60.0, gt=0)
     daemon_nice: int = Field(10, ge=0, le=19)
     log_format: Literal["text", "json"] = "text"
+    peer_addresses: list[str] | str | None = None
+    """Every node's peer server, ``host:port``: a list in rank order, or one template with
+    ``{rank}`` (``job-{rank}.job.default.svc:8478``). Setting it turns peer replication on."""
+    peers: list[int] | None = None
+    """The ranks this node sends its steps to (default: the next node in a ring, or orbax's
+    ``peer-ranks``)."""
+    peer_listen_address: str | None = None
+    """Where the peer server binds (default: every interface, on this node's port)."""
+    peer_secret_file: str | None = None
+    """A file holding the job's shared secret (at least 16 bytes): peers must present it."""
+    peer_bandwidth_mb_per_s: float | None = Field(None, gt=0)
+    """Cap on the replication this node sends, in megabytes per second."""
+    peer_keep: int = Field(2, ge=1)
+    """How many of each partner's newest steps this node keeps."""
+    peer_timeout_seconds: float = Field(30.0, gt=0)
 
     @field_validator("local_capacity", mode="before")
     @classmethod
@@ -97,13 +112,40 @@ class TieredSettings(BaseModel):
             raise ValueError(f"must be a positive size, got {value}")
         return value
 
-    @field_validator("status_address")
+    @field_validator("status_address", "peer_listen_address")
     @classmethod
-    def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected HOST:PORT, got {value!r}")
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_host_port(value)
         return value
+
+    @field_validator("peer_addresses")
+    @classmethod
+    def _peer_addresses(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, str):
+            if "{rank}" not in value:
+                raise ValueError(
+                    f"a single address must be a template with {{rank}}, got {value!r}; "
+                    "or give a list of every node's HOST:PORT in rank order"
+                )
+            try:
+                check_host_port(value.format(rank=0))
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"{value!r}: {err}") from None
+        elif value is not None:
+            if not value:
+                raise ValueError("an empty list: give every node's HOST:PORT, in rank order")
+            for address in value:
+                check_host_port(address)
+            if len(set(value)) != len(value):
+                raise ValueError(f"the same address twice: {value}")
+        return value
+
+
+def check_host_port(value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
 
 
 class TieredConfig(BaseModel):
@@ -154,6 +196,11 @@ class TieredConfig(BaseModel):
     def backup_interval_seconds(self) -> float | None:
         minutes = self.multi_tier_checkpointing_backup_interval_minutes
         return minutes * 60.0 if minutes else None
+
+    @property
+    def peering(self) -> bool:
+        """Whether the nodes replicate their local steps to each other."""
+        return self.tiered.peer_addresses is not None
 
     @property
     def speaks_mtc(self) -> bool:
@@ -261,6 +308,7 @@ def _check_consistency(cfg: TieredConfig) -> None:
             f"({cfg.tiered.num_nodes})"
         )
     _check_tiers_apart(cfg)
+    _check_peers(cfg)
     scheme = cfg.durable_url.partition("://")[0]
     installed = installed_protocols()
     if scheme not in installed:
@@ -270,6 +318,28 @@ def _check_consistency(cfg: TieredConfig) -> None:
             f"checkpoint_dir {cfg.durable_url!r}: unsupported URL scheme {scheme + '://'!r}"
             f"{extra}; installed fsspec protocols: {', '.join(installed)}"
         )
+
+
+def _check_peers(cfg: TieredConfig) -> None:
+    t = cfg.tiered
+    if not cfg.peering:
+        return
+    if not t.peer_secret_file:
+        raise ConfigError(
+            "tiered.peer_addresses is set but tiered.peer_secret_file is not: peers must "
+            "authenticate with a shared secret (mount one from a Kubernetes Secret)"
+        )
+    nodes = t.num_nodes
+    if isinstance(t.peer_addresses, list) and nodes > 1 and len(t.peer_addresses) != nodes:
+        raise ConfigError(
+            f"tiered.peer_addresses lists {len(t.peer_addresses)} addresses, and "
+            f"tiered.num_nodes is {nodes}: give one per node, in rank order"
+        )
+    for p in t.peers or []:
+        if nodes > 1 and not 0 <= p < nodes:
+            raise ConfigError(f"tiered.peers: rank {p} is not a node of {nodes}")
+        if nodes > 1 and p == t.node_rank:
+            raise ConfigError(f"tiered.peers: node {p} cannot keep a copy of its own steps")
 
 
 def _check_tiers_apart(cfg: TieredConfig) -> None:

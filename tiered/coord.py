@@ -2,11 +2,13 @@
 
 No extra service: the nodes meet in ``<checkpoint_dir>/.tiered/restore/``.
 
-1. Every node posts ``request-<r>.json``: a fresh nonce and the committed steps it holds locally.
+1. Every node posts ``request-<r>.json``: a fresh nonce, the committed steps it holds locally
+   (a node that lost its disk first gets its own steps back from its peers, ``tiered.peering``),
+   the epoch each was saved under, and which came back from a peer.
 2. Node 0 waits until each of the N nodes has posted a request it has not answered yet, then
-   writes ``decision.json``: the step (the newest one every node holds locally, or the newest
-   committed durable step when that is newer), which nodes hold it already, the nonces it
-   answers, and a new epoch.
+   writes ``decision.json``: the step (the newest one every node holds locally, saved under one
+   epoch, or the newest committed durable step when that is newer), which nodes hold it already,
+   which of those got it from a peer, the nonces it answers, and a new epoch.
 3. Every node polls ``decision.json`` until it answers its own nonce.
 
 The epoch is what keeps a restart honest: part markers carry the epoch they were written under,
@@ -21,8 +23,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from tiered.errors import AgreementTimeout, CommitError
 from tiered.layout import DECISION_NAME, RESTORE_COORD_DIR, restore_request_name
@@ -41,6 +43,8 @@ class Decision:
     holders: frozenset[int]
     """Nodes that hold ``step`` locally; every other node downloads its own part."""
     nonces: dict[int, str]
+    from_peers: dict[int, int] = field(default_factory=dict)
+    """Nodes whose part of ``step`` came back from a peer just before (node -> peer)."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -49,6 +53,7 @@ class Decision:
                 "step": self.step,
                 "holders": sorted(self.holders),
                 "nonces": {str(r): n for r, n in sorted(self.nonces.items())},
+                "from_peers": {str(r): p for r, p in sorted(self.from_peers.items())},
                 "time": time.time(),
             },
             indent=1,
@@ -62,6 +67,7 @@ class Decision:
             step=int(data["step"]) if data.get("step") is not None else None,
             holders=frozenset(int(r) for r in data.get("holders", [])),
             nonces={int(r): str(n) for r, n in data.get("nonces", {}).items()},
+            from_peers={int(r): int(p) for r, p in data.get("from_peers", {}).items()},
         )
 
 
@@ -94,11 +100,27 @@ class Rendezvous:
         decision = self._decision()
         return decision.epoch if decision else 0
 
-    def post(self, local_steps: Iterable[int]) -> str:
+    def post(
+        self,
+        local_steps: Iterable[int],
+        *,
+        epochs: Mapping[int, int] | None = None,
+        from_peers: Mapping[int, int] | None = None,
+    ) -> str:
+        """Ask: the committed steps this node holds, the epoch each was saved under (where
+        recorded), and which of them came back from a peer (step -> peer)."""
         nonce = uuid.uuid4().hex
         self.durable.store.write_text(
             f"{RESTORE_COORD_DIR}/{restore_request_name(self.rank)}",
-            json.dumps({"nonce": nonce, "local": sorted(set(local_steps)), "time": time.time()}),
+            json.dumps(
+                {
+                    "nonce": nonce,
+                    "local": sorted(set(local_steps)),
+                    "epochs": {str(s): e for s, e in sorted((epochs or {}).items())},
+                    "from_peers": {str(s): p for s, p in sorted((from_peers or {}).items())},
+                    "time": time.time(),
+                }
+            ),
         )
         return nonce
 
@@ -114,12 +136,16 @@ class Rendezvous:
         ):
             return None
         local = {r: [int(s) for s in req.get("local", [])] for r, req in requests.items()}
-        step = agree_step(local, [f.step for f in self.durable.scan() if f.own])
+        epochs = {r: _int_map(req.get("epochs")) for r, req in requests.items()}
+        peers = {r: _int_map(req.get("from_peers")) for r, req in requests.items()}
+        step = agree_step(local, [f.step for f in self.durable.scan() if f.own], epochs=epochs)
+        holders = frozenset(r for r, steps in local.items() if step in steps)
         decision = Decision(
             epoch=(previous.epoch if previous else 0) + 1,
             step=step,
-            holders=frozenset(r for r, steps in local.items() if step in steps),
+            holders=holders,
             nonces={r: str(req["nonce"]) for r, req in requests.items()},
+            from_peers={r: peers[r][step] for r in holders if step in peers[r]},
         )
         self.durable.store.write_text(f"{RESTORE_COORD_DIR}/{DECISION_NAME}", decision.to_json())
         log.info(
@@ -130,6 +156,8 @@ class Rendezvous:
             if len(decision.holders) == self.nodes
             else f"nodes {sorted(set(range(self.nodes)) - decision.holders)} download their part",
         )
+        for rank, peer in sorted(decision.from_peers.items()):
+            log.info("Node %d's part of step %s came back from peer node %d", rank, step, peer)
         return decision
 
     def answer(self, nonce: str) -> Decision | None:
@@ -144,9 +172,11 @@ class Rendezvous:
         *,
         timeout: float,
         should_stop: Callable[[], bool] | None = None,
+        epochs: Mapping[int, int] | None = None,
+        from_peers: Mapping[int, int] | None = None,
     ) -> Decision:
         """Post this node's request and wait for the decision (node 0 makes it)."""
-        nonce = self.post(local_steps)
+        nonce = self.post(local_steps, epochs=epochs, from_peers=from_peers)
         deadline = time.monotonic() + timeout
         while True:
             if self.rank == 0:
@@ -195,3 +225,16 @@ class Rendezvous:
             for r in range(self.nodes)
             if r not in requests or requests[r].get("nonce") in (answered | {None})
         ]
+
+
+def _int_map(raw: object) -> dict[int, int]:
+    """A request's ``{"step": number}`` mapping; anything malformed counts as absent."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[int(k)] = int(v)
+        except (TypeError, ValueError):
+            continue
+    return out

@@ -9,7 +9,9 @@
     ├── StorageError       a tier could not be read or written
     │     .transient = True   worth retrying (timeouts, 5xx, connection resets, a full disk)
     │     .transient = False  retrying will not help (auth, a rejected name, a missing bucket)
-    │     └── NotFound     an object, a file or a bucket is not there (also a FileNotFoundError)
+    │     ├── NotFound     an object, a file or a bucket is not there (also a FileNotFoundError)
+    │     └── PeerRefused  a peer refused a request, or a request from a peer was refused
+    │                      (no secret, a wrong one, a replay, another node's replica)
     └── CommitError        a step could not be committed or restored as a whole
           ├── StepExists        the durable step is already committed, with other content
           └── AgreementTimeout  the nodes did not agree on a restore step in time
@@ -62,6 +64,14 @@ class NotFound(StorageError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class PeerRefused(StorageError):
+    """A peer's request, or a request to a peer, was refused: it was not signed with the job's
+    secret, or asked for what that node may not read or write."""
+
+    def __init__(self, message: str) -> None:
+        StorageError.__init__(self, message, transient=False)
 
 
 class CommitError(TieredError):

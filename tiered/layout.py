@@ -12,6 +12,8 @@ Local tier (``<local_checkpoint_directory>``):
     .tiered/trash/                   local steps being deleted (moved here in one rename)
     .tiered/displaced/<step>-<time>/ local steps set aside: the run went back to an older step
                                      and saves their numbers again (the newest two are kept)
+    .tiered/peers/node-<r>/<step>/   node r's local step, replicated here by its daemon, with
+                                     tiered-replica.json (its header, signed) written last
     replicator.yaml, replicator.errors, replicator.failed, jax-init-info.txt,
     {job}-s{step}-n{node}-w{worker}.restore    orbax's multi-tier protocol files
 
@@ -72,6 +74,8 @@ TRAINER_LOCK_NAME = "trainer.lock"
 TRAINER_STATS = "trainer-stats.json"
 STAGING_DIR = "staging"
 TRASH_DIR = "trash"
+PEERS_DIR = "peers"
+REPLICA_INFO = "tiered-replica.json"
 
 REPLICATOR_FILE = "replicator.yaml"
 REPLICATOR_ERRORS = "replicator.errors"

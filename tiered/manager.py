@@ -12,7 +12,6 @@ Each save carries its reason (``periodic``, ``preemption`` or ``final``) in orba
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -38,10 +37,10 @@ from tiered.errors import (
 from tiered.layout import TRAINER_LOCK_NAME, TRAINER_STATS
 from tiered.loading import Loader
 from tiered.lock import DirectoryLock
-from tiered.orbax_api import local_manager, resolve_config
+from tiered.orbax_api import is_disk_full, local_manager, plain_metrics, resolve_config
 from tiered.policy import RestoreOption, restore_options
 from tiered.storage import DurableTier, LocalTier
-from tiered.tiers import agree_restore, fetch_step, open_durable, set_aside_newer
+from tiered.tiers import PeerSetup, agree_restore, fetch_step, open_durable, set_aside_newer
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,8 @@ class CheckpointManager:
         self._durable: DurableTier | None = None
         self._restored_step: int | None = None
         """The step this manager restored (-1: started fresh), or None before ``restore``."""
+        self._epoch: int | None = None
+        """The restore epoch the nodes agreed under (several nodes): every save records it."""
         self._saved_here: set[int] = set()
         self._blocking: list[float] = []
         self._multi = self._check_topology()
@@ -221,8 +222,10 @@ class CheckpointManager:
                             # the job's shape: a step of another shape is never restored locally
                             "nodes": self.config.tiered.num_nodes,
                         }
+                        # the run it belongs to: parts of one save share it (tiered.coord)
+                        | ({"epoch": self._epoch} if self._epoch is not None else {})
                     }
-                    | ({"metrics": _plain(metrics)} if metrics is not None else {}),
+                    | ({"metrics": plain_metrics(metrics)} if metrics is not None else {}),
                 )
             )
             if blocking:
@@ -265,7 +268,7 @@ class CheckpointManager:
         try:
             yield
         except Exception as err:
-            if _is_disk_full(err):
+            if is_disk_full(err):
                 raise StorageError(
                     f"local tier {self.config.local_dir} is full (no space left on device): is "
                     "the tiered daemon running, and the durable tier reachable, so that promoted "
@@ -382,13 +385,16 @@ class CheckpointManager:
             self.local,
             self.durable,
             timeout=self.config.tiered.restore_agreement_timeout_seconds,
+            peers=PeerSetup(self.config),
         )
         self._mgr.reload()
+        self._epoch = decision.epoch
         self._restored_step = decision.step if decision.step is not None else -1
         if decision.step is None:
             log.info("No checkpoint every node can restore: starting fresh")
             return None
-        source = "local" if self.config.tiered.node_rank in decision.holders else "durable"
+        rank = self.config.tiered.node_rank
+        source = "local" if rank in decision.holders else "durable"
         try:
             state = self._loader.load(decision.step, source, target, args, orbax_form=orbax_form)
         except Exception as err:  # orbax raises many types for shards it cannot find
@@ -406,6 +412,8 @@ class CheckpointManager:
             fetch_step(self.local, self.durable, decision.step, whole=True)
             state = self._loader.load(decision.step, "local", target, args, orbax_form=orbax_form)
             source = "durable"
+        if source == "local" and rank in decision.from_peers:
+            source = "peer"  # this node's own part, back from a peer's copy
         log.info(
             "Restored step %d from the %s tier (agreed by all %d nodes, epoch %d)",
             decision.step,
@@ -472,28 +480,3 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _is_disk_full(err: BaseException) -> bool:
-    """Whether ENOSPC is anywhere in an exception's chain (orbax wraps the OS error)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _plain(metrics: Any) -> Any:
-    """Metrics as JSON can hold them (jax and numpy scalars become numbers)."""
-    if isinstance(metrics, dict):
-        return {str(k): _plain(v) for k, v in metrics.items()}
-    if isinstance(metrics, list | tuple):
-        return [_plain(v) for v in metrics]
-    if hasattr(metrics, "item") and getattr(metrics, "shape", None) == ():
-        return metrics.item()
-    return metrics

@@ -11,6 +11,7 @@ that would silently not apply is worse than an error.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -212,3 +213,28 @@ def _standard_handler(pytree: Any) -> Any:
             self._impl = pytree  # orbax keeps the handler it delegates to here
 
     return Standard()
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ENOSPC is anywhere in an exception's chain (orbax wraps the OS error)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def plain_metrics(metrics: Any) -> Any:
+    """Metrics as JSON can hold them (jax and numpy scalars become numbers)."""
+    if isinstance(metrics, dict):
+        return {str(k): plain_metrics(v) for k, v in metrics.items()}
+    if isinstance(metrics, list | tuple):
+        return [plain_metrics(v) for v in metrics]
+    if hasattr(metrics, "item") and getattr(metrics, "shape", None) == ():
+        return metrics.item()
+    return metrics

@@ -335,11 +335,26 @@ def restore_options(
     return [out[s] for s in sorted(out, reverse=True)]
 
 
-def agree_step(local_by_node: Mapping[int, Iterable[int]], durable: Iterable[int]) -> int | None:
+def agree_step(
+    local_by_node: Mapping[int, Iterable[int]],
+    durable: Iterable[int],
+    *,
+    epochs: Mapping[int, Mapping[int, int]] | None = None,
+) -> int | None:
     """Several nodes: the newest step every node holds locally, or the newest durable step when
-    that is newer (a node without it downloads its part)."""
+    that is newer (a node without it downloads its part).
+
+    ``epochs`` (node -> step -> the restore epoch it was saved under, where recorded): a step
+    whose nodes recorded different epochs is not one checkpoint but parts of two runs (one node
+    kept, or got back from a peer, a copy saved before a rollback), and is never chosen."""
     sets = [set(steps) for steps in local_by_node.values()]
     common = set.intersection(*sets) if sets else set()
+    if epochs:
+        common = {
+            s
+            for s in common
+            if len({by_step[s] for by_step in epochs.values() if s in by_step}) <= 1
+        }
     return max(common | set(durable), default=None)
 
 

@@ -23,6 +23,15 @@ from tiered.layout import (
 from tiered.lock import DirectoryLock
 from tiered.logs import configure, fields
 from tiered.manifest import Manifest
+from tiered.peering import (
+    PeerAuth,
+    PeerClient,
+    clients_for,
+    header_for,
+    listen_address,
+    load_secret,
+    partners,
+)
 from tiered.policy import (
     Abandon,
     Commit,
@@ -42,7 +51,10 @@ from tiered.policy import (
 from tiered.report import build_status, within
 from tiered.risk import at_risk
 from tiered.storage import TransferResult
+from tiered.storage.replicas import PeerStore, read_header
+from tiered.storage.replicas import encode as replica_stream
 from tiered.tiers import (
+    PeerSetup,
     agree,
     apply_deletes,
     commit_parts,
@@ -73,6 +85,10 @@ __all__ = [
     "Fingerprint",
     "ForgetPart",
     "Manifest",
+    "PeerAuth",
+    "PeerClient",
+    "PeerSetup",
+    "PeerStore",
     "Plan",
     "Rendezvous",
     "RestoreOption",
@@ -86,16 +102,23 @@ __all__ = [
     "as_reason",
     "at_risk",
     "build_status",
+    "clients_for",
     "commit_parts",
     "configure",
     "fields",
+    "header_for",
     "is_tmp_name",
+    "listen_address",
+    "load_secret",
     "open_durable",
     "parse_restore",
     "parse_step",
+    "partners",
     "plan",
     "promote_step",
     "publish_file",
+    "read_header",
+    "replica_stream",
     "restore_name",
     "restore_options",
     "rules_for",

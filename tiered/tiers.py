@@ -12,14 +12,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tiered import faults
 from tiered.config import TieredConfig
 from tiered.coord import Decision, Rendezvous
-from tiered.errors import TieredError
+from tiered.errors import StorageError, TieredError
 from tiered.layout import (
     COMMIT_MARKER,
     GLOBAL_LAYOUT,
@@ -30,9 +30,11 @@ from tiered.layout import (
 )
 from tiered.logs import fields
 from tiered.manifest import Manifest, check_entry
+from tiered.peering import recover_own
 from tiered.policy import Delete, Snapshot
 from tiered.storage import DurableTier, LocalTier, Progress, TransferResult, copy_with_crc32c
 from tiered.storage.merge import merge_roots
+from tiered.storage.replicas import PeerStore
 from tiered.types import Reason, Topology
 
 log = logging.getLogger(__name__)
@@ -158,12 +160,29 @@ def agree_restore(
     *,
     timeout: float,
     should_stop: Callable[[], bool] | None = None,
+    peers: PeerSetup | None = None,
 ) -> Decision:
     """Several nodes: agree with the others on the step to restore (``tiered.coord``), then set
-    aside this node's local steps newer than it."""
-    decision = agree(local, durable, timeout=timeout, should_stop=should_stop)
+    aside this node's local steps newer than it, and drop the peer copies newer than it."""
+    decision = agree(local, durable, timeout=timeout, should_stop=should_stop, peers=peers)
     set_aside_newer(local, decision.step, why="the nodes agreed on an older step")
+    for gone in PeerStore(local.root).drop_newer(decision.step):
+        log.info(
+            "Dropped node %d's step %d from the peer store (the run goes on from %s)",
+            gone.owner,
+            gone.step,
+            f"step {decision.step}" if decision.step is not None else "a fresh start",
+        )
     return decision
+
+
+@dataclass(frozen=True)
+class PeerSetup:
+    """What a node needs to get its own steps back from its peers before agreeing."""
+
+    cfg: TieredConfig
+    explicit: tuple[int, ...] | None = None
+    """orbax's ``peer-ranks``, when ``tiered.peers`` is not set."""
 
 
 def agree(
@@ -172,11 +191,34 @@ def agree(
     *,
     timeout: float,
     should_stop: Callable[[], bool] | None = None,
+    peers: PeerSetup | None = None,
 ) -> Decision:
-    """Several nodes: agree with the others on the step to restore (``tiered.coord``)."""
+    """Several nodes: agree with the others on the step to restore (``tiered.coord``). With
+    peers, this node first gets back the steps of its own that its peers hold and it lacks."""
     nodes = durable.topology.nodes
-    usable = [s.step for s in local.scan() if s.committed and s.fits(nodes)]
-    return Rendezvous(durable).agree(usable, timeout=timeout, should_stop=should_stop)
+    from_peers: dict[int, int] = {}
+    if peers is not None and peers.cfg.peering:
+        try:
+            newest = max((d.step for d in durable.scan() if d.own), default=None)
+        except StorageError:
+            newest = None
+        for got in recover_own(
+            peers.cfg,
+            local,
+            rank=durable.topology.rank,
+            nodes=nodes,
+            explicit=peers.explicit,
+            newer_than=newest,
+        ):
+            from_peers[got.step] = got.peer
+    usable = [s for s in local.scan() if s.committed and s.fits(nodes)]
+    return Rendezvous(durable).agree(
+        [s.step for s in usable],
+        timeout=timeout,
+        should_stop=should_stop,
+        epochs={s.step: s.epoch for s in usable if s.epoch is not None},
+        from_peers=from_peers,
+    )
 
 
 def set_aside_newer(local: LocalTier, step: int | None, *, why: str) -> list[int]:

@@ -68,6 +68,10 @@ class LocalStep:
     ``CheckpointManager`` does): a step of another shape holds one process's shards of another
     mesh, so it is never restored, promoted or taken for a copy."""
 
+    epoch: int | None = None
+    """The restore epoch of the run that saved it (``tiered.coord``), where recorded: the nodes'
+    parts of one save share it, and a step saved again after a rollback has a higher one."""
+
     def fits(self, nodes: int) -> bool:
         """Whether a job of ``nodes`` nodes may use this step (unknown shapes may)."""
         return self.nodes is None or self.nodes == nodes

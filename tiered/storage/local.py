@@ -40,29 +40,31 @@ from tiered.types import Displaced, LocalStep, Reason, as_reason
 
 def read_step_metadata(step_dir: Path) -> tuple[Reason, float | None]:
     """(reason, commit time) from orbax's ``_CHECKPOINT_METADATA``, without importing orbax."""
-    reason, commit_time, _nodes = step_metadata(step_dir)
+    reason, commit_time, _nodes, _epoch = step_metadata(step_dir)
     return reason, commit_time
 
 
-def step_metadata(step_dir: Path) -> tuple[Reason, float | None, int | None]:
-    """(reason, commit time, the node count of the job that saved it, when recorded) from
-    orbax's ``_CHECKPOINT_METADATA`` (a small JSON file), without importing orbax."""
+def step_metadata(step_dir: Path) -> tuple[Reason, float | None, int | None, int | None]:
+    """(reason, commit time, the node count of the job that saved it, the restore epoch it was
+    saved under; each when recorded) from orbax's ``_CHECKPOINT_METADATA`` (a small JSON file),
+    without importing orbax."""
     try:
         data = json.loads((step_dir / CHECKPOINT_METADATA).read_text())
     except (OSError, ValueError):
-        return "unknown", None, None
+        return "unknown", None, None, None
     if not isinstance(data, dict):
-        return "unknown", None, None
+        return "unknown", None, None, None
     custom = data.get("custom_metadata") or {}
     meta = custom.get("tiered") if isinstance(custom, dict) else None
     meta = meta if isinstance(meta, dict) else {}
     reason = as_reason(meta.get("reason")) if meta else "unknown"
-    nodes = meta.get("nodes")
+    nodes, epoch = meta.get("nodes"), meta.get("epoch")
     nsecs = data.get("commit_timestamp_nsecs")
     return (
         reason,
         (nsecs / 1e9 if isinstance(nsecs, int | float) else None),
         nodes if isinstance(nodes, int) and not isinstance(nodes, bool) and nodes > 0 else None,
+        epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None,
     )
 
 
@@ -117,7 +119,7 @@ class LocalTier:
             except OSError:
                 facts.append(LocalStep(step=ref.step, committed=False, is_link=is_link))
                 continue
-            reason, commit_time, nodes = step_metadata(path)
+            reason, commit_time, nodes, epoch = step_metadata(path)
             size = self._size(path, marker_stat) if with_size else None
             identity, whole = self._identity(ref.step, marker_stat)
             facts.append(
@@ -131,6 +133,7 @@ class LocalTier:
                     identity=identity,
                     # a whole checkpoint (every process's shards) restores on any shape
                     nodes=None if whole else nodes,
+                    epoch=epoch,
                 )
             )
         return sorted(facts, key=lambda f: f.step)

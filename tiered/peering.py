@@ -1,0 +1,466 @@
+"""Peer replication between nodes: who sends to whom, how a request proves it comes from the
+job, and the client side of the transport (``daemon.peers`` serves it).
+
+Each node's daemon sends its newest committed local step to its partners: the next node in a
+ring by default, or the ranks ``tiered.peers`` (or orbax's ``peer-ranks`` in
+``replicator.yaml``) names. A partner keeps it in its peer store (``tiered.storage.replicas``).
+When a node comes back empty, it asks its partners for its own steps before the restore
+agreement (``recover_own``), so the agreement sees them as local again.
+
+The transport is plain HTTP between the daemons, on ``tiered.peer_listen_address``:
+
+    GET /v1/replicas/<rank>         the replicas of node <rank> held here (JSON)
+    GET /v1/replicas/<rank>/<step>  one of them, as the replica stream
+    PUT /v1/replicas/<rank>/<step>  store one (the body is the replica stream)
+
+Every request is signed with the job's shared secret (``tiered.peer_secret_file``): an HMAC-SHA256
+over the method, the path, the sender's rank, a timestamp and a nonce
+(``X-Tiered-Auth: v1 <rank> <unix time> <nonce> <hex>``). The receiver refuses an unsigned or
+badly signed request, one more than five minutes off, a nonce seen before, and a rank that is not
+the path's: a node may write and read its own replicas only. The replica header (the manifest)
+carries its own HMAC, written by the owner and checked by the owner again when it reads the
+copy back, so a peer cannot pass off another manifest; every file is checked against that
+manifest's size and crc32c as it arrives, on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tiered.config import TieredConfig
+from tiered.errors import ChecksumMismatch, ConfigError, LayoutError, PeerRefused, StorageError
+from tiered.layout import COMMIT_MARKER, step_name, tmp_name
+from tiered.logs import fields
+from tiered.manifest import Manifest
+from tiered.storage import LocalTier
+from tiered.storage.local import step_metadata
+from tiered.storage.replicas import Header, encode, read_header, receive_files
+from tiered.storage.transfer import RateLimiter
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADER = "X-Tiered-Auth"
+SIG_HEADER = "X-Tiered-Replica-Sig"
+WINDOW_SECONDS = 300.0
+MIN_SECRET_BYTES = 16
+
+
+# -- who, where ------------------------------------------------------------------------------
+
+
+def partners(rank: int, nodes: int, explicit: list[int] | tuple[int, ...] | None) -> list[int]:
+    """The nodes this node sends its steps to: ``explicit`` when given, else the next in a
+    ring. Itself and ranks outside the job are never partners."""
+    if nodes < 2:
+        return []
+    if explicit:
+        return sorted({p for p in explicit if p != rank and 0 <= p < nodes})
+    return [(rank + 1) % nodes]
+
+
+def peer_address(cfg: TieredConfig, rank: int, nodes: int) -> str:
+    """``host:port`` of node ``rank``'s peer server (``tiered.peer_addresses``: a list by rank,
+    or one template with ``{rank}``, such as a headless service's DNS names)."""
+    spec = cfg.tiered.peer_addresses
+    if spec is None:
+        raise ConfigError("tiered.peer_addresses is not set: peers cannot be reached")
+    if isinstance(spec, str):
+        return spec.format(rank=rank)
+    if len(spec) != nodes:
+        raise ConfigError(
+            f"tiered.peer_addresses lists {len(spec)} addresses for a job of {nodes} nodes: "
+            "give one per node, in rank order, or a template with {rank}"
+        )
+    return spec[rank]
+
+
+def listen_address(cfg: TieredConfig, rank: int, nodes: int) -> str:
+    """Where this node's peer server binds: ``tiered.peer_listen_address``, else every
+    interface on the port of its own entry in ``tiered.peer_addresses``."""
+    if cfg.tiered.peer_listen_address:
+        return cfg.tiered.peer_listen_address
+    spec = cfg.tiered.peer_addresses
+    if isinstance(spec, list) and rank >= len(spec):
+        raise ConfigError(f"tiered.peer_addresses has no address for node {rank}")
+    own = spec[rank] if isinstance(spec, list) else peer_address(cfg, rank, nodes)
+    return f"0.0.0.0:{own.rpartition(':')[2]}"
+
+
+def load_secret(cfg: TieredConfig) -> bytes:
+    """The job's shared secret, from ``tiered.peer_secret_file`` (a mounted Kubernetes Secret)."""
+    path = cfg.tiered.peer_secret_file
+    if not path:
+        raise ConfigError(
+            "tiered.peer_secret_file is not set: peer replication needs a shared secret so that "
+            "only this job's nodes can write or read replicas (mount one from a Kubernetes "
+            "Secret; `openssl rand -hex 32` makes one)"
+        )
+    try:
+        with open(path, "rb") as f:
+            secret = f.read(4097).strip()  # small: a key, not data
+    except OSError as err:
+        raise ConfigError(
+            f"tiered.peer_secret_file {path}: {err.strerror or err}; peers cannot authenticate"
+        ) from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"tiered.peer_secret_file {path}: the secret is {len(secret)} bytes; at least "
+            f"{MIN_SECRET_BYTES} are needed (`openssl rand -hex 32`)"
+        )
+    return secret
+
+
+# -- authentication --------------------------------------------------------------------------
+
+
+class PeerAuth:
+    """Signs this node's requests and checks other nodes' (one per process)."""
+
+    def __init__(self, secret: bytes, rank: int, *, window: float = WINDOW_SECONDS) -> None:
+        self._secret = secret
+        self.rank = rank
+        self.window = window
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _mac(self, *parts: object) -> str:
+        text = "\n".join(str(p) for p in parts).encode()
+        return hmac.new(self._secret, text, hashlib.sha256).hexdigest()
+
+    def request_header(self, method: str, path: str) -> str:
+        ts, nonce = f"{time.time():.3f}", secrets.token_hex(16)
+        return f"v1 {self.rank} {ts} {nonce} {self._mac('v1', method, path, self.rank, ts, nonce)}"
+
+    def check_request(self, header: str | None, method: str, path: str) -> int:
+        """The rank that signed the request; ``PeerRefused`` when nothing valid did."""
+        if not header:
+            raise PeerRefused("the request is not signed (no X-Tiered-Auth header)")
+        parts = header.split(" ")
+        if len(parts) != 5 or parts[0] != "v1" or not parts[1].isdigit():
+            raise PeerRefused("the request's X-Tiered-Auth header is malformed")
+        _v, rank_text, ts, nonce, mac = parts
+        if not hmac.compare_digest(mac, self._mac("v1", method, path, rank_text, ts, nonce)):
+            raise PeerRefused("the request's signature is wrong: the sender has another secret")
+        try:
+            skew = abs(time.time() - float(ts))
+        except ValueError:
+            raise PeerRefused("the request's timestamp is malformed") from None
+        if skew > self.window:
+            raise PeerRefused(f"the request is {skew:.0f} s off this node's clock")
+        with self._lock:
+            now = time.monotonic()
+            if len(self._seen) > 10000:
+                self._seen = {n: t for n, t in self._seen.items() if now - t < 2 * self.window}
+            if nonce in self._seen:
+                raise PeerRefused("the request replays one already served")
+            self._seen[nonce] = now
+        return int(rank_text)
+
+    def sign_header(self, raw: bytes) -> str:
+        return self._mac("replica", hashlib.sha256(raw).hexdigest())
+
+    def check_header(self, raw: bytes, sig: str | None) -> None:
+        if not sig or not hmac.compare_digest(sig, self.sign_header(raw)):
+            raise PeerRefused(
+                "the replica's header is not signed with this job's secret: it was not written "
+                "by one of its nodes, or it was changed since"
+            )
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Held:
+    """A replica of this node's held by a peer, as that peer lists it."""
+
+    step: int
+    epoch: int | None
+    identity: str
+    bytes: int
+
+
+class PeerClient:
+    """This node talking to one peer's server."""
+
+    def __init__(
+        self,
+        rank: int,
+        address: str,
+        auth: PeerAuth,
+        *,
+        timeout: float,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.rank = rank
+        self.address = address
+        self.auth = auth
+        self.timeout = timeout
+        self.limiter = limiter
+
+    def __str__(self) -> str:
+        return f"node {self.rank} ({self.address})"
+
+    def _connect(self) -> http.client.HTTPConnection:
+        host, _, port = self.address.rpartition(":")
+        return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.timeout)
+
+    def _path(self, step: int | None = None) -> str:
+        base = f"/v1/replicas/{self.auth.rank}"
+        return base if step is None else f"{base}/{step}"
+
+    def _fail(self, what: str, resp: http.client.HTTPResponse) -> StorageError:
+        body = resp.read(2000).decode(errors="replace").strip()
+        message = f"peer {self}: {what}: HTTP {resp.status} {body}"
+        if resp.status in (401, 403):
+            return PeerRefused(message)
+        return StorageError(message, transient=resp.status >= 500 or resp.status == 507)
+
+    def held(self) -> list[Held]:
+        """This node's replicas the peer holds, newest first."""
+        path = self._path()
+        conn = self._connect()
+        try:
+            conn.request("GET", path, headers={AUTH_HEADER: self.auth.request_header("GET", path)})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise self._fail("listing its replicas", resp)
+            data = json.loads(resp.read(16 * 2**20))  # a short list of steps
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise StorageError(f"peer {self} does not answer: {err}", transient=True) from None
+        finally:
+            conn.close()
+        return [
+            Held(
+                step=int(r["step"]),
+                epoch=r.get("epoch"),
+                identity=str(r["identity"]),
+                bytes=int(r["bytes"]),
+            )
+            for r in data.get("replicas", [])
+        ]
+
+    def send(
+        self,
+        step_dir: Path,
+        header: Header,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Stream one local step to the peer (it checks every byte as it arrives)."""
+        raw = header.to_bytes()
+        path = self._path(header.step)
+        total, done = header.stream_length(raw), 0
+        conn = self._connect()
+        try:
+            conn.putrequest("PUT", path)
+            conn.putheader(AUTH_HEADER, self.auth.request_header("PUT", path))
+            conn.putheader(SIG_HEADER, self.auth.sign_header(raw))
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Content-Length", str(total))
+            conn.endheaders()
+
+            def open_file(rel: str) -> Any:
+                return _open_inside(step_dir, rel)
+
+            try:
+                for chunk in encode(header, open_file, raw=raw):
+                    if self.limiter is not None:
+                        self.limiter.take(len(chunk))
+                    conn.send(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+            except OSError as err:
+                # The peer may have answered (and closed) before taking it all: say why.
+                try:
+                    resp = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    raise StorageError(
+                        f"peer {self} dropped the transfer of step {header.step} after "
+                        f"{done} of {total} bytes: {err}",
+                        transient=True,
+                    ) from None
+                raise self._fail(f"storing step {header.step}", resp) from None
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise self._fail(f"storing step {header.step}", resp)
+            resp.read()
+        except (OSError, http.client.HTTPException) as err:
+            raise StorageError(
+                f"peer {self}: sending step {header.step} failed: {err}", transient=True
+            ) from None
+        finally:
+            conn.close()
+
+    def fetch(self, step: int, dest: Path) -> Header:
+        """Download this node's step ``step`` from the peer into ``dest`` (a new directory),
+        every byte checked against the owner-signed manifest; raises on any difference."""
+        path = self._path(step)
+        conn = self._connect()
+        try:
+            conn.request("GET", path, headers={AUTH_HEADER: self.auth.request_header("GET", path)})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise self._fail(f"reading step {step}", resp)
+            header, raw = read_header(resp)
+            self.auth.check_header(raw, resp.getheader(SIG_HEADER))
+            if header.owner != self.auth.rank or header.step != step:
+                raise LayoutError(
+                    f"peer {self} answered for step {step} with node {header.owner}'s step "
+                    f"{header.step}"
+                )
+            dest.mkdir(parents=True)
+            receive_files(resp, header, dest)
+            return header
+        except (OSError, http.client.HTTPException) as err:
+            raise StorageError(
+                f"peer {self}: reading step {step} failed: {err}", transient=True
+            ) from None
+        finally:
+            conn.close()
+
+
+def _open_inside(step_dir: Path, rel: str) -> Any:
+    """A file of a local step for sending, never through a symlink that leaves the step."""
+    path = step_dir / rel
+    real = os.path.realpath(path)
+    if not Path(real).is_relative_to(os.path.realpath(step_dir)):
+        raise LayoutError(f"{path}: symlink points outside the step directory; not sent")
+    return open(real, "rb")
+
+
+def header_for(local: LocalTier, step: int, rank: int, manifest: Manifest) -> Header:
+    """What a replica of this node's local ``step`` carries."""
+    step_dir = local.step_dir(step)
+    _reason, _time, _nodes, epoch = step_metadata(step_dir)
+    with open(step_dir / COMMIT_MARKER, "rb") as f:
+        marker = f.read(65536).decode(errors="replace")  # orbax's marker: one small line
+    return Header(owner=rank, step=step, epoch=epoch, marker=marker, manifest=manifest)
+
+
+# -- a node that lost its disk ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recovered:
+    step: int
+    peer: int
+    bytes: int
+    seconds: float
+
+
+def clients_for(cfg: TieredConfig, rank: int, nodes: int, ranks: list[int]) -> list[PeerClient]:
+    auth = PeerAuth(load_secret(cfg), rank)
+    rate = cfg.tiered.peer_bandwidth_mb_per_s
+    limiter = RateLimiter(rate * 1e6) if rate else None
+    return [
+        PeerClient(
+            r,
+            peer_address(cfg, r, nodes),
+            auth,
+            timeout=cfg.tiered.peer_timeout_seconds,
+            limiter=limiter,
+        )
+        for r in ranks
+    ]
+
+
+def recover_own(
+    cfg: TieredConfig,
+    local: LocalTier,
+    *,
+    rank: int,
+    nodes: int,
+    explicit: list[int] | tuple[int, ...] | None = None,
+    newer_than: int | None = None,
+) -> list[Recovered]:
+    """Bring back from the peers this node's steps it lacks and they hold (newer than its
+    newest committed local step and ``newer_than``), each verified, so the restore agreement
+    sees them as local. A peer that is down, refuses, or serves bytes that differ is logged
+    and skipped; the next one holding the step is tried."""
+    if not cfg.peering or nodes < 2:
+        return []
+    clients = clients_for(cfg, rank, nodes, partners(rank, nodes, cfg.tiered.peers or explicit))
+    mine = [s.step for s in local.scan() if s.committed and s.fits(nodes)]
+    floor = max([*mine, newer_than if newer_than is not None else -1])
+    offers: dict[int, list[tuple[PeerClient, Held]]] = {}
+    for client in clients:
+        try:
+            held = client.held()
+        except StorageError as err:
+            log.warning("No replicas from peer %s: %s", client, err)
+            continue
+        for h in held:
+            if h.step > floor:
+                offers.setdefault(h.step, []).append((client, h))
+    if not offers:
+        if not mine:
+            log.warning(
+                "Node %d holds no local step, and its peers %s hold none of its steps newer "
+                "than %s",
+                rank,
+                [c.rank for c in clients],
+                f"step {floor}" if floor >= 0 else "nothing",
+            )
+        return []
+    recovered = []
+    wanted = sorted(offers, reverse=True)[: cfg.tiered.peer_keep]
+    for step in wanted:
+        for client, _held in sorted(offers[step], key=lambda o: -(o[1].epoch or 0)):
+            got = _fetch_into(local, client, step)
+            if got is not None:
+                recovered.append(got)
+                break
+        else:
+            log.warning(
+                "Node %d could not get its step %d from any peer (%s)",
+                rank,
+                step,
+                ", ".join(str(c) for c, _ in offers[step]),
+            )
+    return recovered
+
+
+def _fetch_into(local: LocalTier, client: PeerClient, step: int) -> Recovered | None:
+    dest = local.step_dir(step)
+    if (dest / COMMIT_MARKER).exists():
+        return None
+    local.staging_dir.mkdir(parents=True, exist_ok=True)
+    partial = local.staging_dir / tmp_name(f"peer-{step_name(step)}")
+    started = time.monotonic()
+    try:
+        header = client.fetch(step, partial)
+        if dest.is_symlink():
+            dest.unlink()
+        elif dest.exists():
+            shutil.rmtree(dest)  # no marker: an interrupted save or delete, not a checkpoint
+        os.replace(partial, dest)
+    except (StorageError, ChecksumMismatch, LayoutError, OSError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        log.warning("Peer %s could not give back step %d: %s", client, step, err)
+        return None
+    local.remember_manifest(step, header.manifest)
+    seconds = time.monotonic() - started
+    log.info(
+        "Recovered this node's step %d from peer %s (%d bytes in %.1f s, every file verified)",
+        step,
+        client,
+        header.total_bytes,
+        seconds,
+        extra=fields("peer_recovered", step=step, tier="local", bytes=header.total_bytes),
+    )
+    return Recovered(step=step, peer=client.rank, bytes=header.total_bytes, seconds=seconds)
