@@ -6,10 +6,12 @@ The GCS emulator (gcp-storage-emulator) is started once per session on a free po
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -53,6 +55,17 @@ class GcsEmulator:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.served_log = Path(tempfile.gettempdir()) / f"gcs-served-{port}-{os.getpid()}.log"
+
+    def served(self, bucket: str) -> dict[str, int]:
+        """Bytes of each object of ``bucket`` the emulator has served so far."""
+        out: dict[str, int] = {}
+        with contextlib.suppress(FileNotFoundError), open(self.served_log) as f:
+            for line in f:
+                b, name, size = line.rstrip("\n").split("\t")
+                if b == bucket:
+                    out[name] = out.get(name, 0) + int(size)
+        return out
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -64,6 +77,7 @@ class GcsEmulator:
                 f"--port={self.port}",
                 "--in-memory",
             ],
+            env={**os.environ, "GCS_EMULATOR_SERVED_LOG": str(self.served_log)},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -92,6 +106,7 @@ def gcs_emulator() -> Iterator[GcsEmulator | None]:
         yield emu
     finally:
         emu.stop()
+        emu.served_log.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True)

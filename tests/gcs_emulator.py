@@ -15,6 +15,9 @@
   (1 s, then 3, 7, 15 s). A 3 KB promotion took 1.1 s that way, and on a loaded 2-core machine
   one took over a minute. Real GCS never refuses a connection for that.
 
+- With ``GCS_EMULATOR_SERVED_LOG`` set, every object download is appended to that file
+  (bucket, name, bytes), so a test can show that a restore read no step data from the store.
+
 Otherwise it is the emulator's own ``main``.
 
     python tests/gcs_emulator.py start --host=127.0.0.1 --port=PORT --in-memory
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from http import HTTPStatus
 from typing import Any
@@ -78,8 +82,16 @@ _original_download = objects.download
 _original_insert = objects.insert
 
 
+_SERVED_LOG = os.environ.get("GCS_EMULATOR_SERVED_LOG")
+
+
 def _download(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) -> Any:
     _original_download(request, response, storage, *args, **kwargs)
+    if _SERVED_LOG and response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+        # What the store served, for tests that must show a restore read nothing from it.
+        with open(_SERVED_LOG, "a") as log:
+            bucket, name = request.params["bucket_name"], request.params["object_id"]
+            log.write(f"{bucket}\t{name}\t{len(response._content or b'')}\n")
     if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
         with contextlib.suppress(NotFound):
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])

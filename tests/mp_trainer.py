@@ -9,12 +9,14 @@ so a step restores into a job of another size), plus a replicated vector;
 at step s every value is a known function of s, so a restore is checked exactly.
 
 Prints ``RESTORED step=N source=TIER rows=LO:HI ok=True`` or ``FRESH``, then ``DONE step=N``.
+With ``MP_HOLD_FILE``, it keeps running after its last save until that file exists.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 from absl import flags
 
@@ -84,6 +86,12 @@ def main() -> int:
         for step in range(start, STEPS):
             mgr.save(step, state_at(step))
         mgr.wait_until_finished()
+        hold = os.environ.get("MP_HOLD_FILE")
+        if hold:  # still running (the lock held) until the test lets go: a node dies meanwhile
+            open(f"{hold}.ready-{RANK}", "w").close()
+            deadline = time.monotonic() + 180
+            while not os.path.exists(hold) and time.monotonic() < deadline:
+                time.sleep(0.1)
     print(f"DONE step={step}", flush=True)
     return 0
 

@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import pytest
 from tiered import DurableTier, LocalTier, config_from_mapping
 from tiered.jaxenv import jax_env
 from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, PARTS_DIR
+from tiered.storage.replicas import PeerStore
 
 from conftest import (
     ROOT,
@@ -37,17 +40,28 @@ from conftest import (
 class Cluster:
     """N nodes on one machine: one config file, per-node settings from the environment."""
 
-    def __init__(self, tmp_path: Path, durable_url: str, nodes: int, **overrides: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, durable_url: str, nodes: int, *, peers: bool = False, **overrides: Any
+    ) -> None:
         import yaml
 
         self.nodes = nodes
         self.tmp_path = tmp_path
         self.data = config_dict(tmp_path, durable_url, **overrides)
+        if peers:  # every node's peer server on loopback, one secret for the job
+            secret = tmp_path / "peer-secret"
+            secret.write_text("0123456789abcdef0123456789abcdef\n")
+            self.data["tiered"]["peer_addresses"] = [
+                f"127.0.0.1:{free_port()}" for _ in range(nodes)
+            ]
+            self.data["tiered"]["peer_secret_file"] = str(secret)
         self.config_path = tmp_path / "config.yml"
         self.config_path.write_text(yaml.safe_dump(self.data))
         self.local = [tmp_path / f"node{r}" for r in range(nodes)]
         self.status = [f"127.0.0.1:{free_port()}" for _ in range(nodes)]
         self.daemons: list[DaemonProc | None] = [None] * nodes
+        self.stderr: list[str] = []
+        """The last run's standard error, one per process."""
         self.cfg = [config_from_mapping(self.data, env=self.env(r)) for r in range(nodes)]
         self.durable = DurableTier(
             durable_url, storage_options=self.data["tiered"].get("storage_options")
@@ -109,6 +123,7 @@ class Cluster:
             for rank in range(self.nodes)
         ]
         outs = []
+        self.stderr = []
         for rank, proc in enumerate(procs):
             try:
                 out, err = proc.communicate(timeout=timeout)
@@ -118,6 +133,7 @@ class Cluster:
                 raise AssertionError(f"process {rank} timed out\n{self.logs()}") from None
             assert proc.returncode == 0, f"process {rank}:\n{out}\n{err[-4000:]}\n{self.logs()}"
             outs.append(out)
+            self.stderr.append(err)
         return outs
 
     def native(self, steps: int, extra_env: dict[str, str] | None = None) -> list[str]:
@@ -133,6 +149,37 @@ class Cluster:
             ],
             extra_env=extra_env,
         )
+
+    def native_held(self, steps: int, meanwhile: Any) -> list[str]:
+        """``native``, with every process kept running after its last save while
+        ``meanwhile()`` runs (say, a node dies then; it runs once all have saved their last
+        step); then they are let go."""
+        hold = self.tmp_path / f"hold-{uuid.uuid4().hex[:6]}"
+        result: list[Any] = []
+
+        def run() -> None:
+            try:
+                result.append(self.native(steps, {"MP_HOLD_FILE": str(hold)}))
+            except BaseException as err:
+                result.append(err)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            wait_for(
+                lambda: (
+                    result or all(Path(f"{hold}.ready-{r}").exists() for r in range(self.nodes))
+                ),
+                timeout=240,
+                what="every process done saving",
+            )
+            meanwhile()
+        finally:
+            hold.touch()
+            thread.join(300)
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
 
     def train_until_durable(self, steps: int, durable: list[int]) -> None:
         """Daemons up, one run of ``tests/mp_trainer.py``, then the daemons stopped once the
@@ -283,6 +330,108 @@ def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) ->
         assert any("ocdbt.process_1/" in f for f in fetched)
         assert not any("ocdbt.process_0/" in f for f in fetched)
         assert COMMIT_MARKER in fetched
+    finally:
+        cluster.stop_daemons()
+
+
+def step_data_served(emulator: Any, url: str) -> dict[str, int]:
+    """The step data (not manifests, markers or the agreement's files) the emulator served from
+    this test's bucket so far."""
+    if emulator is None:  # an emulator this run did not start: nothing to count
+        return {}
+    bucket = url.removeprefix("gs://").split("/", 1)[0]
+    return {
+        name: n
+        for name, n in emulator.served(bucket).items()
+        if not name.startswith(".tiered/") and not name.endswith((".json", COMMIT_MARKER)) and n > 0
+    }
+
+
+def replicas_of(cluster: Cluster, holder: int, owner: int) -> list[int]:
+    return [r.step for r in PeerStore(cluster.local[holder]).replicas(owner)]
+
+
+def restart_wiped(cluster: Cluster, ranks: list[int]) -> None:
+    """These nodes are replaced by empty machines; the others keep their disks (and daemons)."""
+    for rank in ranks:
+        daemon = cluster.daemons[rank]
+        assert daemon is not None
+        daemon.terminate()
+        shutil.rmtree(cluster.local[rank])
+    for rank in ranks:
+        cluster.start_daemon(rank)
+
+
+@pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_a_replaced_node_restores_the_newest_local_step_from_its_peer(
+    gs_url: str, gcs_emulator: Any, tmp_path: Path, nodes: int
+) -> None:
+    """Losing a node costs one local period, not one durable period: its partner (the next node
+    in the ring) kept a verified copy of its newest step, so the job resumes from step 70, not
+    from the durable step 50, and the durable tier serves no step data. Losing a node and its
+    partner falls back to the durable step, and says why."""
+    cluster = Cluster(tmp_path, gs_url, nodes, peers=True, tiered={"local_max_to_keep": 2})
+    cluster.start_daemons()
+    keeper = (1 + 1) % nodes  # node 1's partner in the ring
+
+    def node_1_dies() -> None:
+        """While the job runs: step 50 durable, every node's step 70 at its partner; then the
+        host of node 1 dies (its daemon with it), before it could promote anything more."""
+        wait_for(
+            lambda: 50 in cluster.durable_committed(),
+            timeout=120,
+            what=f"durable step 50\n{cluster.logs()}",
+        )
+        for rank in range(nodes):
+            wait_for(
+                lambda rank=rank: replicas_of(cluster, (rank + 1) % nodes, rank)[:1] == [70],
+                timeout=60,
+                what=f"node {rank}'s step 70 at its peer\n{cluster.logs()}",
+            )
+        status = json.loads(cluster.daemons[0].get("/status")[1])  # type: ignore[union-attr]
+        peers = status["daemon"]["peers"]
+        assert peers["sends_to"] == {"1": {"step": 70, "error": None}}
+        assert (nodes - 1, 70) in [(h["node"], h["step"]) for h in peers["holds"]]
+        cluster.daemons[1].kill()  # type: ignore[union-attr]
+
+    try:
+        outs = cluster.native_held(71, node_1_dies)
+        assert all("FRESH" in out for out in outs)
+        assert 70 not in cluster.durable_committed()
+
+        # Node 1's machine is replaced: its local directory is empty.
+        shutil.rmtree(cluster.local[1])
+        cluster.start_daemon(1)
+        before = step_data_served(gcs_emulator, gs_url)
+
+        def node_1_and_its_keeper_die() -> None:
+            for rank in sorted({1, keeper}):
+                cluster.daemons[rank].kill()  # type: ignore[union-attr]
+
+        outs = cluster.native_held(75, node_1_and_its_keeper_die)
+        restored = restored_lines(outs)
+        assert [r["step"] for r in restored] == ["70"] * nodes, cluster.stderr
+        assert all(r["ok"] == "True" for r in restored), restored
+        assert [r["source"] for r in restored] == [
+            "peer" if rank == 1 else "local" for rank in range(nodes)
+        ]
+        assert step_data_served(gcs_emulator, gs_url) == before, "the durable tier served data"
+        # the agreement records where node 1's part came from
+        decision = json.loads(cluster.durable.store.read_text(".tiered/restore/decision.json"))
+        assert decision["step"] == 70 and decision["from_peers"] == {"1": keeper}
+
+        # Node 1 and the node that keeps its copy were both lost: back to the durable step.
+        for rank in sorted({1, keeper}):
+            shutil.rmtree(cluster.local[rank])
+            cluster.start_daemon(rank)
+        outs = cluster.native(steps=55)
+        restored = restored_lines(outs)
+        assert [r["step"] for r in restored] == ["50"] * nodes, cluster.stderr
+        assert all(r["ok"] == "True" for r in restored), restored
+        assert restored[1]["source"] == "durable"
+        assert (
+            f"its peers [{keeper}] hold none of its steps newer than step 50" in (cluster.stderr[1])
+        )
     finally:
         cluster.stop_daemons()
 
