@@ -37,17 +37,28 @@ from tiered.peering import (
 from tiered.policy import agree_step
 from tiered.storage.replicas import Header, PeerStore, encode
 
+from conftest import DaemonProc, config_dict, free_port, wait_for
+
 SECRET = b"s3cret-shared-by-the-whole-job-0123456789"
 
 
-def write_step(root: Path, step: int, *, epoch: int | None = 1, size: int = 300_000) -> Path:
-    """A committed local step: a few files of known bytes, and orbax's metadata."""
+def write_step(
+    root: Path,
+    step: int,
+    *,
+    epoch: int | None = 1,
+    size: int = 300_000,
+    owner: int = 1,
+    nodes: int = 3,
+) -> Path:
+    """A committed local step of node ``owner``: a few files of known bytes, orbax's metadata."""
     d = root / str(step)
-    (d / "state" / "ocdbt.process_1" / "d").mkdir(parents=True)
+    data = d / "state" / f"ocdbt.process_{owner}" / "d"
+    data.mkdir(parents=True)
     seed = hashlib.sha256(f"{step}".encode()).digest()
-    (d / "state" / "ocdbt.process_1" / "d" / "blob").write_bytes(seed * (size // 32))
+    (data / "blob").write_bytes(seed * (size // 32))
     (d / "state" / "_METADATA").write_text(json.dumps({"step": step}))
-    meta: dict[str, Any] = {"tiered": {"reason": "periodic", "nodes": 3}}
+    meta: dict[str, Any] = {"tiered": {"reason": "periodic", "nodes": nodes}}
     if epoch is not None:
         meta["tiered"]["epoch"] = epoch
     (d / "_CHECKPOINT_METADATA").write_text(json.dumps({"custom_metadata": meta}))
@@ -418,3 +429,77 @@ def test_a_header_with_reserved_or_escaping_names_is_refused() -> None:
         h = Header(owner=1, step=1, epoch=None, marker="", manifest=m)
         with pytest.raises(LayoutError):
             Header.from_bytes(h.to_bytes())
+
+
+def test_daemons_replicate_past_a_peer_that_is_down_or_killed_mid_transfer(tmp_path: Path) -> None:
+    """Two real daemons. While node 1 is down, node 0 still promotes its part of step 50 and
+    says in its status that node 1 does not answer; node 1 then dies in the middle of taking
+    the step, and once it is back, its leftover is cleared and node 0 sends the step whole."""
+    import yaml
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    data = config_dict(
+        tmp_path,
+        f"file://{tmp_path / 'durable'}",
+        tiered={
+            "num_nodes": 2,
+            "peer_addresses": addresses,
+            "peer_secret_file": str(secret),
+            "peer_bandwidth_mb_per_s": 2,
+            "shutdown_grace_seconds": 2,  # node 0 would wait for node 1's part of step 50
+        },
+    )
+    config_path = tmp_path / "config.yml"
+    config_path.write_text(yaml.safe_dump(data))
+    local = [tmp_path / f"node{r}" for r in range(2)]
+
+    def start(rank: int) -> DaemonProc:
+        env = {
+            "TIERED_NODE_RANK": str(rank),
+            "TIERED_LOCAL_CHECKPOINT_DIRECTORY": str(local[rank]),
+            "TIERED_STATUS_ADDRESS": f"127.0.0.1:{free_port()}",
+        }
+        daemon = DaemonProc(config_path, config_from_mapping(data, env=env), env=env)
+        daemon.wait_ready()
+        return daemon
+
+    def sends_to_1(daemon: DaemonProc) -> dict[str, Any]:
+        return json.loads(daemon.get("/status")[1])["daemon"]["peers"]["sends_to"]["1"]
+
+    d0 = start(0)
+    d1: DaemonProc | None = None
+    try:
+        original = files_of(write_step(local[0], 50, owner=0, nodes=2, size=4_000_000))
+        wait_for(lambda: sends_to_1(d0)["error"], timeout=30, what="node 1 reported down")
+        assert "does not answer" in sends_to_1(d0)["error"]
+        # promotion does not wait for the peer: node 0's part of step 50 is up
+        wait_for(
+            lambda: (tmp_path / "durable" / "50" / "tiered-parts" / "0.json").exists(),
+            timeout=30,
+            what=f"node 0's part of step 50\n{d0.log()[-2000:]}",
+        )
+        d1 = start(1)
+        store1 = PeerStore(local[1])
+
+        def receiving() -> bool:
+            return any(".tiered-tmp-" in p.name for p in store1.root.rglob("*"))
+
+        wait_for(receiving, timeout=30, what=f"node 1 receiving\n{d0.log()[-2000:]}")
+        d1.kill()  # mid-transfer: 4 MB at 2 MB/s
+        assert store1.replicas() == [] and receiving(), "killed half way"
+        d1 = start(1)
+        wait_for(
+            lambda: [r.step for r in store1.replicas(0)] == [50],
+            timeout=60,
+            what=f"node 0's step 50 at node 1\n{d0.log()[-3000:]}",
+        )
+        assert not receiving(), "the dead receiver's leftover was cleared"
+        assert files_of(store1.replica_dir(0, 50)) == original
+        wait_for(lambda: sends_to_1(d0) == {"step": 50, "error": None}, timeout=30)
+        assert "Replicating step 50 to peer node 1 failed" in d0.log()
+    finally:
+        d0.terminate()
+        if d1 is not None:
+            d1.terminate()

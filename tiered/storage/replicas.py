@@ -47,7 +47,6 @@ from tiered.layout import (
     REPLICA_INFO,
     TIERED_DIR,
     TRASH_DIR,
-    is_tmp_name,
     parse_step,
     step_name,
     tmp_name,
@@ -235,7 +234,7 @@ class PeerStore:
             except OSError:
                 continue
             for name in names:
-                ref = None if is_tmp_name(name) else parse_step(name)
+                ref = parse_step(name)
                 if ref is None:
                     continue
                 info = self.info(o, ref.step)
@@ -375,7 +374,7 @@ class PeerStore:
         for owner in self._owners():
             with contextlib.suppress(OSError):
                 for name in os.listdir(self.owner_dir(owner)):
-                    pid = tmp_owner(name) if is_tmp_name(name) else None
+                    pid = tmp_owner(name)
                     if pid is not None and not _alive(pid):
                         shutil.rmtree(self.owner_dir(owner) / name, ignore_errors=True)
 
