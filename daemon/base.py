@@ -55,3 +55,6 @@ class DaemonBase:
     def peers_view(self) -> dict[str, Any] | None:
         """The status's ``peers`` block (``daemon.peers``)."""
         raise NotImplementedError
+
+    def _replicated_step(self) -> int | None:
+        raise NotImplementedError

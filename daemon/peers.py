@@ -406,6 +406,16 @@ class Peering(DaemonBase):
             )
         self.state = state
 
+    def _replicated_step(self) -> int | None:
+        """The newest local step every partner is known to hold (None: not all hold one)."""
+        if self.peer_server is None or not self.topology.multi:
+            return None
+        ranks = self._peer_ranks()
+        sent = self.state.peer_sent
+        if not ranks or any(r not in sent for r in ranks):
+            return None
+        return min(sent[r][0] for r in ranks)
+
     def peers_view(self) -> dict[str, Any] | None:
         """The status's ``peers`` block: what this node sent, and what it keeps for others."""
         if self.peer_server is None:

@@ -168,6 +168,7 @@ class Daemon(Outcomes, Views, Peering):
             now=snap.now,
             saves_on_signal=not self.cfg.speaks_mtc,
             trainer_running=self._trainer_running(),
+            replicated=self._replicated_step(),
         )
         for event, loss in risk.items():
             if loss.steps is not None:
@@ -176,6 +177,8 @@ class Daemon(Outcomes, Views, Peering):
         running = job is not None and job.kind == "upload"
         m.current_upload_seconds.set(time.time() - job.started if running and job else 0)
         m.ready.set(1 if self.health()[0] else 0)
+        if self.peer_server is not None:
+            m.peer_held_bytes.set(self.peer_store.used_bytes())
         self.metrics.backlog.set(len(decided.owed))
         self.metrics.skipped.set(len(decided.skipped))
         self.metrics.failed.set(len(self.state.failed))

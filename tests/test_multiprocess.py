@@ -392,6 +392,11 @@ def test_a_replaced_node_restores_the_newest_local_step_from_its_peer(
         peers = status["daemon"]["peers"]
         assert peers["sends_to"] == {"1": {"step": 70, "error": None}}
         assert (nodes - 1, 70) in [(h["node"], h["step"]) for h in peers["holds"]]
+        shown = run_module(
+            "tiered.cli", "status", "--config", str(cluster.config_path), env=cluster.env(0)
+        )
+        assert "peers    node 1 has step 70" in shown.stdout, shown.stdout + shown.stderr
+        assert f"keeping node {nodes - 1} step 70" in shown.stdout
         cluster.daemons[1].kill()  # type: ignore[union-attr]
 
     try:

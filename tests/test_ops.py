@@ -43,6 +43,12 @@ def test_what_each_interruption_would_cost_now() -> None:
     # with one save there is no step time yet: the steps are unknown, the age is not
     alone = at_risk(local[:1], [], now=700.0, saves_on_signal=True)
     assert alone["crash"].steps is None and alone["crash"].seconds == pytest.approx(100.0)
+    # with step 3000 copied to this node's peers, losing the node costs what a crash does
+    peered = at_risk(local, durable, now=1100.0, saves_on_signal=True, replicated=3000)
+    assert peered["node"] == peered["crash"]
+    # a copy older than the durable step changes nothing
+    old = at_risk(local, durable, now=1100.0, saves_on_signal=True, replicated=500)
+    assert old["node"] == risk["node"]
 
 
 def test_young_daly_worked_example() -> None:

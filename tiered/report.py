@@ -154,6 +154,7 @@ def build_status(
         now=now,
         saves_on_signal=signal_saves,
         trainer_running=trainer_running,
+        replicated=replicated_step((live or {}).get("peers")),
     )
     return TierStatus(
         schema=SCHEMA_VERSION,
@@ -178,6 +179,15 @@ def build_status(
             "preemption_saves": signal_saves,
         },
     )
+
+
+def replicated_step(peers: dict[str, Any] | None) -> int | None:
+    """The newest local step every peer of this node holds (from the daemon's ``peers``)."""
+    sends = (peers or {}).get("sends_to") or {}
+    steps = [info.get("step") for info in sends.values()]
+    if not steps or any(s is None for s in steps):
+        return None
+    return min(steps)
 
 
 def is_settled(status: TierStatus) -> bool:
@@ -377,6 +387,19 @@ def render_table(status: TierStatus) -> str:
         lines.append(f"{state}{ago}: {d['last_error']}")
     if d.get("disk_pressure"):
         lines.append("local disk pressure: keeping only the newest and pinned steps")
+    peers = d.get("peers")
+    if peers:
+        sent = "; ".join(
+            f"node {rank} has step {info['step'] if info.get('step') is not None else '-'}"
+            + (f" (failing: {info['error']})" if info.get("error") else "")
+            for rank, info in sorted(peers.get("sends_to", {}).items())
+        )
+        held = ", ".join(f"node {h['node']} step {h['step']}" for h in peers.get("holds", []))
+        lines.append(f"peers    {sent or 'no partner yet'}")
+        lines.append(
+            f"         keeping {held or 'nothing'} for others"
+            f" ({human_bytes(peers.get('holds_bytes') or 0)})"
+        )
     lines.append("")
     lines.append(
         f"{'STEP':>10}  {'LOCAL':<5}  {'DURABLE':<7}  {'STATE':<10}  {'SIZE':>9}  "

@@ -9,7 +9,8 @@ consecutive saves (the median over the local steps). Then
 - a preemption or Ctrl+C loses nothing when the trainer writes a checkpoint on the signal
   (``tiered.CheckpointManager`` does); MaxText's multi-tier path writes none, so there it costs
   what a crash does;
-- losing the node (its disk with it) loses the steps since the newest durable step.
+- losing the node (its disk with it) loses the steps since the newest durable step, or since
+  the newest step its peers hold a copy of, when that is newer (peer replication).
 
 **Advice** (``tiered advise``), the Young/Daly first-order optimum: with C the time a checkpoint
 costs the run and M the mean time between interruptions, checkpointing every
@@ -58,8 +59,13 @@ def at_risk(
     now: float,
     saves_on_signal: bool,
     trainer_running: bool | None = None,
+    replicated: int | None = None,
 ) -> dict[str, Loss]:
     """What a crash, a preemption and the loss of this node would each cost at ``now``.
+
+    ``replicated``: the newest local step every one of this node's peers holds a copy of;
+    losing the node then costs only the steps since it (or since the newest durable step, when
+    that is newer).
 
     The trainer is taken to be where its last save left it (nothing more to lose locally) once
     that save was its final one, or when ``trainer_running`` is False (its lock is free)."""
@@ -87,6 +93,9 @@ def at_risk(
         newest_durable.step if newest_durable else None,
         newest_durable.commit_time if newest_durable else None,
     )
+    if replicated is not None and (newest_durable is None or replicated > newest_durable.step):
+        copy = next((s for s in committed if s.step == replicated), None)
+        node = since(replicated, copy.commit_time if copy else None)
     return {"crash": crash, "preemption": Loss(0, 0.0) if saves_on_signal else crash, "node": node}
 
 
