@@ -72,7 +72,8 @@ def test_pod_template_matches_config(manifest: str, overlay: str | None) -> None
         sidecar = next(c for c in spec["initContainers"] if c["name"] == "tiered-daemon")
         trainer = next(c for c in spec["containers"] if c["name"] == "trainer")
         assert sidecar["restartPolicy"] == "Always"  # a native sidecar
-        assert [p["containerPort"] for p in sidecar["ports"]] == [port]
+        ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+        assert ports["status"] == port and set(ports) <= {"status", "peers"}
         # liveness is the daemon's loop; readiness is the store's health
         assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -232,7 +233,8 @@ def test_the_network_policy_lets_the_job_reach_its_own_coordinator() -> None:
         for rule in policy["spec"]["ingress"]
         if any(src.get("podSelector", {}).get("matchLabels") == selected for src in rule["from"])
     ]
-    assert peer_rules and all("ports" not in rule for rule in peer_rules)
+    # one rule lets them reach each other on every port (the collectives pick theirs)
+    assert peer_rules and any("ports" not in rule for rule in peer_rules)
     (jobset,) = docs(K8S / "base" / "jobset.yaml")
     for rj in jobset["spec"]["replicatedJobs"]:
         pod_labels = rj["template"]["spec"]["template"]["metadata"]["labels"]
@@ -256,3 +258,57 @@ def test_images_are_set_in_one_place() -> None:
         for c in [*spec.get("initContainers", []), *spec["containers"]]
     }
     assert used and used <= named
+
+
+@pytest.mark.parametrize("path", [K8S / "base" / "jobset.yaml", K8S / "maxtext" / "jobset.yaml"])
+def test_every_host_reaches_its_peers_with_the_secret(path: Path) -> None:
+    """Peer replication in the JobSet: the addresses are the headless service's names of this
+    JobSet's pods, on the port the daemon exposes; the daemon (and the native trainer, which
+    gets its steps back itself) reads the secret from a mounted Secret; the network policy
+    opens the peer port to the job's own pods only."""
+    from tiered.peering import listen_address, peer_address
+
+    jobset = next(d for d in docs(path) if d["kind"] == "JobSet")
+    name = jobset["metadata"]["name"]
+    rj = jobset["spec"]["replicatedJobs"][0]
+    spec = rj["template"]["spec"]["template"]["spec"]
+    nodes = rj["template"]["spec"]["parallelism"]
+    sidecar = next(c for c in spec["initContainers"] if c["name"] == "tiered-daemon")
+    readers = [sidecar]
+    if path.parent.name == "base":
+        readers.append(next(c for c in spec["containers"] if c["name"] == "trainer"))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for container in readers:
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        cfg = config_from_mapping(
+            {
+                "checkpoint_dir": "gs://b/c",
+                "local_checkpoint_directory": "/local",
+                "tiered": {"num_nodes": nodes},
+            },
+            env=env,
+        )
+        assert cfg.peering
+        addresses = [peer_address(cfg, r, nodes) for r in range(nodes)]
+        assert addresses[3] == f"{name}-{rj['name']}-0-3.{name}:8478"
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "peer-secret")
+        assert env["TIERED_PEER_SECRET_FILE"].startswith(mount["mountPath"] + "/")
+        assert mount["readOnly"]
+        assert volumes["peer-secret"]["secret"]["secretName"] == "tiered-peer-secret"
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert listen_address(cfg, 0, nodes) == f"0.0.0.0:{ports['peers']}"
+    (policy,) = docs(K8S / "base" / "networkpolicy.yaml")
+    own = policy["spec"]["podSelector"]["matchLabels"]
+    rules = [
+        r
+        for r in policy["spec"]["ingress"]
+        if {"port": 8478, "protocol": "TCP"} in r.get("ports", [])
+    ]
+    assert rules and all(
+        src == {"podSelector": {"matchLabels": own}} for r in rules for src in r["from"]
+    ), "the peer port takes the job's own pods, nobody else"
+    assert not any(
+        "namespaceSelector" in src and "ports" not in r
+        for r in policy["spec"]["ingress"]
+        for src in r["from"]
+    )
