@@ -1,7 +1,8 @@
 """``python -m bench [SCENARIO ...]``: run benchmarks, write bench/results/*.json, and regenerate
 docs/benchmarks.md (tables and PNG plots) from every result present.
 
-Scenarios: stall, promote, restore, interference, footprint, physical, scaling (default: all).
+Scenarios: stall, promote, restore, interference, footprint, physical, scaling, peers
+(default: all).
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import sys
 from bench import report, scenarios
 from bench.common import gcs_emulator, save_result
 
-ALL = ["stall", "promote", "restore", "interference", "footprint", "physical", "scaling"]
+ALL = [
+    "stall",
+    "promote",
+    "restore",
+    "interference",
+    "footprint",
+    "physical",
+    "scaling",
+    "peers",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +101,10 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
         return scenarios.footprint(work=work, memory_mb=args.memory_mb)
     if name == "scaling":
         return scenarios.scaling(per_node_mb=args.per_node_mb, reps=min(args.reps, 2), work=work)
+    if name == "peers":
+        from bench import peers
+
+        return peers.peers(size_mb=args.size_mb, reps=args.reps, step_ms=args.step_ms, work=work)
     if name == "physical":
         return scenarios.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
     raise SystemExit(f"unknown scenario {name}")

@@ -282,6 +282,44 @@ def _scaling(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _peers(r: dict[str, Any]) -> list[str]:
+    rs, it = r["restore"], r["interference"]
+    size = rs["params"]["size_mb"]
+    rows = [
+        f"A replaced node restores its {size} MB part of the newest step: from the peer that "
+        "kept a copy (a real daemon's peer server on loopback, every file checked against the "
+        "owner-signed manifest) against the same step from the durable tier (the GCS "
+        "emulator, every file checked). Both end with a verified local step. "
+        f"{rs['params']['reps']} rounds, order alternating.",
+        "",
+        "| source | median (s) | runs (s) |",
+        "|---|---|---|",
+    ]
+    for key, label in (("from_peer", "peer"), ("from_durable", "durable tier")):
+        runs = ", ".join(f"{t:.2f}" for t in rs["times_s"][key])
+        rows.append(f"| {label} | {rs['median'][key]:.2f} | {runs} |")
+    rows += [
+        "",
+        f"Peer / durable time: **{rs['ratios']['peer_vs_durable_time']:.2f}x**. A peer copy "
+        "also needs no durable step at all: it is the newest local step, up to a durable "
+        "period newer.",
+        "",
+        f"Compute steps of about {it['params']['step_ms']:.0f} ms while one daemon sends a "
+        f"{it['params']['size_mb']} MB step to another (both at nice 10, both on this "
+        "machine's 2 cores, so the receiver's checksumming competes too), from the first "
+        "bytes at the receiver to the copy being complete.",
+        "",
+        "| replication | median idle step (ms) | median step while replicating (ms) | slowdown |",
+        "|---|---|---|---|",
+    ]
+    for label, s in it["summary"].items():
+        rows.append(
+            f"| {label} | {s['median_idle_s'] * 1000:.1f} | {s['median_busy_s'] * 1000:.1f} "
+            f"| {s['slowdown']:.3f}x |"
+        )
+    return rows
+
+
 SECTIONS = [
     ("stall", "1. Training stall", _stall),
     ("stall-gpu", "1b. Training stall, state on the GPU (device-to-host copy included)", _stall),
@@ -291,6 +329,7 @@ SECTIONS = [
     ("footprint", "5. Daemon footprint", _footprint),
     ("physical", "6. The physical limit", _physical),
     ("scaling", "7. Several processes: per-node parts, one commit", _scaling),
+    ("peers", "8. Peer replication: a lost node, and training while replicating", _peers),
 ]
 
 

@@ -58,3 +58,6 @@ class DaemonBase:
 
     def _replicated_step(self) -> int | None:
         raise NotImplementedError
+
+    def _shed_replicas(self) -> None:
+        raise NotImplementedError

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -316,10 +317,26 @@ class Peering(DaemonBase):
         )
 
     def _local_free_now(self) -> int:
+        """Room for a replica: the free bytes less the floor the daemon keeps free
+        (``tiered.min_free_local_fraction``), so others' copies never push this node's own
+        saves into disk pressure."""
+        capacity = self.cfg.tiered.local_capacity
         try:
-            return self.local.free_bytes(self.cfg.tiered.local_capacity)
+            free = self.local.free_bytes(capacity)
+            total = capacity if capacity is not None else shutil.disk_usage(self.local.root).total
         except OSError:
             return 0
+        return max(0, free - int(total * self.cfg.tiered.min_free_local_fraction))
+
+    def _shed_replicas(self) -> None:
+        """Under disk pressure: keep only each partner's newest copy."""
+        for owner in {r.owner for r in self.peer_store.replicas()}:
+            for step in self.peer_store.prune(owner, keep=1):
+                log.warning(
+                    "Local disk pressure: dropped node %d's step %d from the peer store",
+                    owner,
+                    step,
+                )
 
     def _clients(self) -> list[PeerClient]:
         ranks = tuple(self._peer_ranks())

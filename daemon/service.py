@@ -117,6 +117,7 @@ class Daemon(Outcomes, Views, Peering):
         self._started = time.time()
         self._started_mono = time.monotonic()
         self._probed_at = 0.0
+        self._commit_tried_at = 0.0
         self.heartbeat = time.monotonic()
         self.local_free: int | None = None
         """Free bytes on the local tier, as this cycle measured them."""
@@ -265,7 +266,11 @@ class Daemon(Outcomes, Views, Peering):
                 log.warning("Moving durable step %d aside: %s", transfer.step, transfer.why)
                 self.transfer.submit(jobs.displace(self.durable, transfer))
         commits = decided.of(Commit)
-        if commits and not self.durable_lane.busy:
+        # Once a second: each try lists the step's parts, and the job's end wakes the loop,
+        # which would otherwise try again at once, a listing after another, while a node is away.
+        now = time.monotonic()
+        if commits and not self.durable_lane.busy and now - self._commit_tried_at >= 1.0:
+            self._commit_tried_at = now
             self.durable_lane.submit(jobs.commit(self.local, self.durable, commits))
 
     def _watch_trainer(self) -> None:
@@ -350,6 +355,8 @@ class Daemon(Outcomes, Views, Peering):
             else:
                 log.info("Local disk pressure over: %.1f%% free", free * 100)
             self.state = replace(self.state, disk_pressure=pressure)
+        if pressure and self.peer_server is not None:
+            self._shed_replicas()
         self.metrics.disk_pressure.set(1 if pressure else 0)
 
     # -- run ------------------------------------------------------------------------------------

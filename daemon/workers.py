@@ -5,7 +5,8 @@ a durable listing, a checksum) and returns a value or raises; the lane puts an `
 the loop's queue and wakes it, and the loop applies it. A lane never touches the daemon's
 state, so no lock guards it.
 
-Three lanes keep slow work from blocking quick work: ``transfer`` (uploads, moving a durable
+Four lanes keep slow work from blocking quick work: ``peer`` (sending a local step to the
+node's peers), ``transfer`` (uploads, moving a durable
 step aside, restore staging), ``durable`` (listings, deletions, multi-node commits) and
 ``local`` (checksumming local steps).
 """

@@ -11,12 +11,15 @@ state is one float32 vector of 64 values, sharded over the NPROCS processes (def
 on CPUs of one machine is the gloo CPU collectives.
 
 Prints ``RESTORED step=N w=[...]`` (this process's shard) or ``FRESH``, then ``DONE step=N``.
+With ``MP_HOLD_FILE``, it keeps running after its last save until that file exists.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 from absl import flags
 
@@ -80,6 +83,12 @@ def main() -> int:
         state = {"w": w}
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
     mgr.wait_until_finished()
+    hold = os.environ.get("MP_HOLD_FILE")
+    if hold:  # still running (the coordinator up) until the test lets go: a node dies meanwhile
+        open(f"{hold}.ready-{jax.process_index()}", "w").close()
+        deadline = time.monotonic() + 180
+        while not os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.1)
     mgr.close()
     print(f"DONE step={step}", flush=True)
     return 0

@@ -150,8 +150,8 @@ class Cluster:
             extra_env=extra_env,
         )
 
-    def native_held(self, steps: int, meanwhile: Any) -> list[str]:
-        """``native``, with every process kept running after its last save while
+    def native_held(self, steps: int, meanwhile: Any, *, client: str = "native") -> list[str]:
+        """``native`` (or ``mtc``), with every process kept running after its last save while
         ``meanwhile()`` runs (say, a node dies then; it runs once all have saved their last
         step); then they are let go."""
         hold = self.tmp_path / f"hold-{uuid.uuid4().hex[:6]}"
@@ -159,7 +159,9 @@ class Cluster:
 
         def run() -> None:
             try:
-                result.append(self.native(steps, {"MP_HOLD_FILE": str(hold)}))
+                env = {"MP_HOLD_FILE": str(hold)}
+                run_client = self.native if client == "native" else self.mtc
+                result.append(run_client(steps, env))
             except BaseException as err:
                 result.append(err)
 
@@ -191,7 +193,7 @@ class Cluster:
         finally:
             self.stop_daemons()
 
-    def mtc(self, steps: int) -> list[str]:
+    def mtc(self, steps: int, extra_env: dict[str, str] | None = None) -> list[str]:
         """orbax's unmodified client on every node, in the environment `tiered jax-env` prints
         for that node (jax.distributed takes the process count from it)."""
         coordinator = self.data["tiered"].get("coordinator_address")
@@ -202,6 +204,7 @@ class Cluster:
                 str(steps),
                 str(self.nodes),
             ],
+            extra_env=extra_env,
             env_for=lambda r: jax_env(rank=r, nodes=self.nodes, coordinator=coordinator, job="j"),
         )
 
@@ -526,6 +529,55 @@ def test_replicator_checkpoint_manager_across_processes(
         assert "Fetched step 50" in cluster.daemons[1].log()
         for rank in (0, *range(2, nodes)):
             assert "Fetched" not in cluster.daemons[rank].log()
+    finally:
+        cluster.stop_daemons()
+
+
+def test_orbax_multi_tier_client_gets_a_lost_node_back_from_its_peer(
+    gs_url: str, gcs_emulator: Any, tmp_path: Path
+) -> None:
+    """MaxText's path, unmodified orbax client: the daemons replicate, and a replaced node's
+    daemon gets its step 70 back from its peer before the agreement, so orbax restores 70
+    everywhere (the newest durable step is 50) and node 1 downloads nothing from the store."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    cluster = Cluster(
+        tmp_path,
+        gs_url,
+        2,
+        peers=True,
+        enable_multi_tier_checkpointing=True,
+        checkpoint_period=1000,
+        tiered={"write_jax_init_info": True, "coordinator_address": coordinator},
+    )
+    cluster.start_daemons()
+
+    def node_1_dies() -> None:
+        wait_for(lambda: 50 in cluster.durable_committed(), timeout=120, what=cluster.logs())
+        for rank in range(2):
+            wait_for(
+                lambda rank=rank: replicas_of(cluster, 1 - rank, rank)[:1] == [70],
+                timeout=60,
+                what=f"node {rank}'s step 70 at its peer\n{cluster.logs()}",
+            )
+        cluster.daemons[1].kill()  # type: ignore[union-attr]
+
+    try:
+        outs = cluster.native_held(75, node_1_dies, client="mtc")
+        assert all("FRESH" in out for out in outs)
+        shutil.rmtree(cluster.local[1])
+        cluster.start_daemon(1)
+        before = step_data_served(gcs_emulator, gs_url)
+        outs = cluster.mtc(steps=80)
+        restored = restored_lines(outs)
+        assert [r["step"] for r in restored] == ["70", "70"], cluster.logs()
+        for rank, out in enumerate(outs):
+            lo = int(next(ln for ln in out.splitlines() if ln.startswith("SHARD")).split()[1])
+            want = [i * 0.5 + 70 for i in range(lo, lo + 32)]
+            assert json.loads(restored[rank]["w"]) == want, f"node {rank}"
+        assert step_data_served(gcs_emulator, gs_url) == before, "the durable tier served data"
+        log1 = cluster.daemons[1].log()  # type: ignore[union-attr]
+        assert "Recovered this node's step 70 from peer node 0" in log1
+        assert "Fetched" not in log1
     finally:
         cluster.stop_daemons()
 

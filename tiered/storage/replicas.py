@@ -182,7 +182,11 @@ def receive_files(
 ) -> None:
     """Write every file of ``header``'s manifest from ``stream`` under ``dest`` (a fresh
     directory of this writer's), each checked against the manifest as it arrives, then the
-    commit marker. Any difference raises ``ChecksumMismatch`` naming the file."""
+    commit marker. Any difference raises ``ChecksumMismatch`` naming the file.
+
+    The files are not synced one by one (that took 60% of a restore from a peer): a copy torn
+    by a power cut fails its check when it is read back (a peer's copy is checked again by its
+    owner; a step got back is checked against its kept manifest before it is promoted)."""
     for rel, entry in sorted(header.manifest.files.items()):
         path = dest / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +205,6 @@ def receive_files(
                 checksum.update(chunk)
                 out.write(chunk)
                 left -= len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
         crc = int.from_bytes(checksum.digest(), "big")
         if crc != entry.crc32c:
             raise ChecksumMismatch(f"{rel}: the bytes received differ from the sender's manifest")
