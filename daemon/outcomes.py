@@ -27,14 +27,13 @@ from tiered.sidecar import (
     Delete,
     Manifest,
     PeerSetup,
-    PeerStore,
     RestoreOption,
     TransferResult,
     Upload,
+    go_on_from,
     open_durable,
     restore_options,
     rules_for,
-    set_aside_newer,
 )
 
 log = logging.getLogger("daemon")
@@ -260,8 +259,7 @@ class Outcomes(DaemonBase):
             return
         decision: Decision = outcome.value
         self.state = replace(self.state, epoch=decision.epoch, scan_requested=True)
-        set_aside_newer(self.local, decision.step, why="the nodes agreed on an older step")
-        PeerStore(self.local.root).drop_newer(decision.step)
+        go_on_from(self.local, decision.step)
         if decision.step is None:
             self.restore_choice = FRESH
         else:

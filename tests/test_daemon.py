@@ -84,7 +84,7 @@ def check_metric_conventions(text: str) -> None:
             assert name.split("_")[-1] in ("bytes", "seconds"), f"{name}: unit not last"
     for name, label, values in (
         ("tiered_pruned_steps", "tier", {"local", "durable"}),
-        ("tiered_errors", "kind", {"list", "transient", "permanent", "prune", "cycle"}),
+        ("tiered_errors", "kind", {"list", "transient", "permanent", "prune", "cycle", "peer"}),
         ("tiered_at_risk_steps", "event", {"crash", "preemption", "node"}),
     ):
         assert {s.labels[label] for s in ours[name].samples} == values, name

@@ -58,9 +58,9 @@ from tiered.tiers import (
     agree,
     apply_deletes,
     commit_parts,
+    go_on_from,
     open_durable,
     promote_step,
-    set_aside_newer,
     stage_step,
 )
 from tiered.types import Displaced, DurableStep, Topology, as_reason
@@ -106,6 +106,7 @@ __all__ = [
     "commit_parts",
     "configure",
     "fields",
+    "go_on_from",
     "header_for",
     "is_tmp_name",
     "listen_address",
@@ -122,7 +123,6 @@ __all__ = [
     "restore_name",
     "restore_options",
     "rules_for",
-    "set_aside_newer",
     "split_overrides",
     "stage_step",
     "staging_path",

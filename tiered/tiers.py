@@ -165,15 +165,21 @@ def agree_restore(
     """Several nodes: agree with the others on the step to restore (``tiered.coord``), then set
     aside this node's local steps newer than it, and drop the peer copies newer than it."""
     decision = agree(local, durable, timeout=timeout, should_stop=should_stop, peers=peers)
-    set_aside_newer(local, decision.step, why="the nodes agreed on an older step")
-    for gone in PeerStore(local.root).drop_newer(decision.step):
+    go_on_from(local, decision.step)
+    return decision
+
+
+def go_on_from(local: LocalTier, step: int | None) -> None:
+    """After the nodes agreed on ``step``: set aside this node's local steps newer than it, and
+    drop the copies of other nodes' steps newer than it (the run saves those numbers again)."""
+    set_aside_newer(local, step, why="the nodes agreed on an older step")
+    for gone in PeerStore(local.root).drop_newer(step):
         log.info(
             "Dropped node %d's step %d from the peer store (the run goes on from %s)",
             gone.owner,
             gone.step,
-            f"step {decision.step}" if decision.step is not None else "a fresh start",
+            f"step {step}" if step is not None else "a fresh start",
         )
-    return decision
 
 
 @dataclass(frozen=True)
