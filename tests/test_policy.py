@@ -437,6 +437,14 @@ def test_rules_compose_and_validate() -> None:
         Topology(rank=2, nodes=2)
 
 
+def test_a_step_whose_job_just_failed_reads_failed_not_uploading() -> None:
+    """A lane posts its outcome a moment before it goes idle; a status taken in between sees
+    the step both failed and busy. Failed is final: the step is never worked on again."""
+    p = plan(snap([L(50, identity=None)], [], failed={50: "crc32c mismatch"}, busy={50}), RULES)
+    assert p.verdicts[50].state == "failed" and p.verdicts[50].why == "crc32c mismatch"
+    assert not p.actions
+
+
 def test_every_step_gets_a_verdict_with_a_reason_in_words() -> None:
     local = [L(10), L(40, identity=None), L(50), L(60), L(100)]
     durable = [D(5, foreign=True), D(50), D(70, partial=True), D(100, other=True)]

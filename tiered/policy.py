@@ -529,10 +529,12 @@ def plan(snap: Snapshot, rules: Rules) -> Plan:
         assert local is not None
         if step in verdicts:
             continue  # a part forgotten or abandoned above: planned afresh next time
-        if step in snap.busy:
-            verdict(step, "uploading", "a worker is on it now")
-        elif step in snap.failed:
+        if step in snap.failed:
+            # first: a failed step is never worked on again, so "busy" too means its job has
+            # just posted the failure and its lane is a moment from going idle
             verdict(step, "failed", snap.failed[step])
+        elif step in snap.busy:
+            verdict(step, "uploading", "a worker is on it now")
         elif step in waiting:
             verdict(step, "committing", "this node's part is uploaded; node 0 commits the step")
             if topo.committer:
