@@ -169,6 +169,19 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def slowdown_summary(results: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Per setup: the median step idle and while busy, their ratio, how many busy samples."""
+    return {
+        label: {
+            "median_idle_s": median(r["idle_step_s"]),
+            "median_busy_s": median(r["busy_step_s"]),
+            "slowdown": median(r["busy_step_s"]) / median(r["idle_step_s"]),
+            "busy_samples": len(r["busy_step_s"]),
+        }
+        for label, r in results.items()
+    }
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),

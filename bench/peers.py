@@ -25,6 +25,7 @@ from bench.common import (
     random_state,
     save_state_locally,
     settle,
+    slowdown_summary,
     state_bytes,
     write_config,
 )
@@ -182,15 +183,7 @@ def replication_interference(
             for n in node:
                 shutil.rmtree(n, ignore_errors=True)
         results[label] = {"idle_step_s": idle, "busy_step_s": busy}
-    summary = {
-        label: {
-            "median_idle_s": median(r["idle_step_s"]),
-            "median_busy_s": median(r["busy_step_s"]),
-            "slowdown": median(r["busy_step_s"]) / median(r["idle_step_s"]),
-            "busy_samples": len(r["busy_step_s"]),
-        }
-        for label, r in results.items()
-    }
+    summary = slowdown_summary(results)
     return {
         "params": {"size_mb": size_mb, "step_ms": step_ms, "reps": reps},
         "samples": results,

@@ -28,6 +28,7 @@ from bench.common import (
     proc_rss_mb,
     random_state,
     settle,
+    slowdown_summary,
     state_bytes,
     write_config,
 )
@@ -474,15 +475,7 @@ def interference(*, size_mb: int, reps: int, step_ms: float, work: Path) -> dict
                     busy.append(time.perf_counter() - t0)
             shutil.rmtree(durable, ignore_errors=True)
         results[label] = {"idle_step_s": idle, "busy_step_s": busy}
-    summary = {
-        label: {
-            "median_idle_s": median(r["idle_step_s"]),
-            "median_busy_s": median(r["busy_step_s"]),
-            "slowdown": median(r["busy_step_s"]) / median(r["idle_step_s"]),
-            "busy_samples": len(r["busy_step_s"]),
-        }
-        for label, r in results.items()
-    }
+    summary = slowdown_summary(results)
     return {
         "params": {"size_mb": size_mb, "step_ms": step_ms, "reps": reps},
         "samples": results,

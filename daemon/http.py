@@ -58,10 +58,20 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s", format % args)
 
 
-class StatusServer:
-    def __init__(self, address: str, routes: dict[str, Route]) -> None:
+class Server:
+    """A ``ThreadingHTTPServer`` on a thread of its own. A bind that fails is one
+    ``ConfigError`` naming the setting to change (``key``, and where else it is set)."""
+
+    def __init__(
+        self,
+        address: str,
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        key: str,
+        elsewhere: str,
+        thread: str,
+    ) -> None:
         host, _, port = address.rpartition(":")
-        handler = type("Handler", (_Handler,), {"routes": routes})
         try:
             self.httpd = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
         except OSError as err:
@@ -71,13 +81,10 @@ class StatusServer:
                 errno.EACCES: "a port below 1024 needs privileges",
             }.get(err.errno or 0, err.strerror or str(err))
             raise ConfigError(
-                f"tiered.status_address {address}: {why}; choose another with "
-                "tiered.status_address or TIERED_STATUS_ADDRESS"
+                f"{key} {address}: {why}; choose another with {key} or {elsewhere}"
             ) from None
         self.httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="tiered-http", daemon=True
-        )
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name=thread, daemon=True)
 
     @property
     def address(self) -> str:
@@ -91,3 +98,15 @@ class StatusServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class StatusServer(Server):
+    def __init__(self, address: str, routes: dict[str, Route]) -> None:
+        handler = type("Handler", (_Handler,), {"routes": routes})
+        super().__init__(
+            address,
+            handler,
+            key="tiered.status_address",
+            elsewhere="TIERED_STATUS_ADDRESS",
+            thread="tiered-http",
+        )

@@ -18,15 +18,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from daemon.base import DaemonBase
+from daemon.http import Server
 from daemon.state import with_item, without
 from daemon.workers import Job, Outcome, Progress
 from tiered import (
     ChecksumMismatch,
-    ConfigError,
     LayoutError,
     LocalTier,
     PeerRefused,
@@ -216,33 +216,16 @@ class _PeerHandler(BaseHTTPRequestHandler):
         log.debug("peer http %s", format % args)
 
 
-class PeerServer:
+class PeerServer(Server):
     def __init__(self, address: str, ctx: PeerContext, *, timeout: float) -> None:
-        host, _, port = address.rpartition(":")
         handler = type("Handler", (_PeerHandler,), {"ctx": ctx, "timeout": timeout})
-        try:
-            self.httpd = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
-        except OSError as err:
-            raise ConfigError(
-                f"tiered.peer_listen_address {address}: {err.strerror or err}; choose another "
-                "with tiered.peer_listen_address or tiered.peer_addresses"
-            ) from None
-        self.httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="tiered-peers", daemon=True
+        super().__init__(
+            address,
+            handler,
+            key="tiered.peer_listen_address",
+            elsewhere="tiered.peer_addresses",
+            thread="tiered-peers",
         )
-
-    @property
-    def address(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"{host if isinstance(host, str) else host.decode()}:{port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # -- sending ---------------------------------------------------------------------------------
