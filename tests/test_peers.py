@@ -505,3 +505,21 @@ def test_daemons_replicate_past_a_peer_that_is_down_or_killed_mid_transfer(tmp_p
         d0.terminate()
         if d1 is not None:
             d1.terminate()
+
+
+def test_a_local_file_gone_mid_send_is_the_senders_error_not_the_peers(cluster: Any) -> None:
+    """The step is pruned while it is being sent: the sender says so at once (it does not wait
+    out the peer's timeout and blame the peer), and the peer keeps nothing."""
+    _n0, n1, n2 = cluster(3)
+    step_dir = write_step(n1.local.root, 70)
+    header = header_for(n1.local, 70, 1, n1.local.manifest(70))
+    (step_dir / "state" / "ocdbt.process_1" / "d" / "blob").unlink()
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="reading the local step") as err:
+        n1.client_to(n2).send(step_dir, header)
+    assert not err.value.transient and time.monotonic() - started < 5
+    deadline = time.monotonic() + 10
+    while any(".tiered-tmp-" in p.name for p in n2.store.root.rglob("*")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert n2.store.replicas() == []

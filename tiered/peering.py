@@ -35,7 +35,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,7 +263,7 @@ class PeerClient:
         """Stream one local step to the peer (it checks every byte as it arrives)."""
         raw = header.to_bytes()
         path = self._path(header.step)
-        total, done = header.stream_length(raw), 0
+        total = header.stream_length(raw)
         conn = self._connect()
         try:
             conn.putrequest("PUT", path)
@@ -276,22 +276,15 @@ class PeerClient:
             def open_file(rel: str) -> Any:
                 return _open_inside(step_dir, rel)
 
-            try:
-                for chunk in encode(header, open_file, raw=raw):
-                    if self.limiter is not None:
-                        self.limiter.take(len(chunk))
-                    conn.send(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, total)
-            except OSError as err:
+            dropped = self._stream(conn, encode(header, open_file, raw=raw), total, progress)
+            if dropped is not None:
                 # The peer may have answered (and closed) before taking it all: say why.
                 try:
                     resp = conn.getresponse()
                 except (OSError, http.client.HTTPException):
                     raise StorageError(
                         f"peer {self} dropped the transfer of step {header.step} after "
-                        f"{done} of {total} bytes: {err}",
+                        f"{dropped[0]} of {total} bytes: {dropped[1]}",
                         transient=True,
                     ) from None
                 raise self._fail(f"storing step {header.step}", resp) from None
@@ -305,6 +298,35 @@ class PeerClient:
             ) from None
         finally:
             conn.close()
+
+    def _stream(
+        self,
+        conn: http.client.HTTPConnection,
+        chunks: Iterator[bytes],
+        total: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[int, OSError] | None:
+        """Send ``chunks``; (bytes sent, the error) when the peer's side of the connection
+        failed. An error reading this node's own files is not the peer's: it is raised."""
+        done = 0
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except OSError as err:  # this node's own file (pruned meanwhile, say)
+                raise StorageError(
+                    f"reading the local step to send it: {err}", transient=False
+                ) from None
+            if chunk is None:
+                return None
+            if self.limiter is not None:
+                self.limiter.take(len(chunk))
+            try:
+                conn.send(chunk)
+            except OSError as err:
+                return done, err
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
 
     def fetch(self, step: int, dest: Path) -> Header:
         """Download this node's step ``step`` from the peer into ``dest`` (a new directory),
