@@ -25,6 +25,7 @@ manifest's size and crc32c as it arrives, on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -222,6 +223,18 @@ class PeerClient:
         base = f"/v1/replicas/{self.auth.rank}"
         return base if step is None else f"{base}/{step}"
 
+    @contextlib.contextmanager
+    def _exchange(self, failed: str) -> Iterator[http.client.HTTPConnection]:
+        """One connection to the peer, closed after; a network or protocol error becomes a
+        transient ``StorageError`` saying ``failed``."""
+        conn = self._connect()
+        try:
+            yield conn
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise StorageError(f"{failed}: {err}", transient=True) from None
+        finally:
+            conn.close()
+
     def _fail(self, what: str, resp: http.client.HTTPResponse) -> StorageError:
         body = resp.read(2000).decode(errors="replace").strip()
         message = f"peer {self}: {what}: HTTP {resp.status} {body}"
@@ -232,17 +245,12 @@ class PeerClient:
     def held(self) -> list[Held]:
         """This node's replicas the peer holds, newest first."""
         path = self._path()
-        conn = self._connect()
-        try:
+        with self._exchange(f"peer {self} does not answer") as conn:
             conn.request("GET", path, headers={AUTH_HEADER: self.auth.request_header("GET", path)})
             resp = conn.getresponse()
             if resp.status != 200:
                 raise self._fail("listing its replicas", resp)
             data = json.loads(resp.read(16 * 2**20))  # a short list of steps
-        except (OSError, http.client.HTTPException, ValueError) as err:
-            raise StorageError(f"peer {self} does not answer: {err}", transient=True) from None
-        finally:
-            conn.close()
         return [
             Held(
                 step=int(r["step"]),
@@ -264,8 +272,7 @@ class PeerClient:
         raw = header.to_bytes()
         path = self._path(header.step)
         total = header.stream_length(raw)
-        conn = self._connect()
-        try:
+        with self._exchange(f"peer {self}: sending step {header.step} failed") as conn:
             conn.putrequest("PUT", path)
             conn.putheader(AUTH_HEADER, self.auth.request_header("PUT", path))
             conn.putheader(SIG_HEADER, self.auth.sign_header(raw))
@@ -292,12 +299,6 @@ class PeerClient:
             if resp.status != 200:
                 raise self._fail(f"storing step {header.step}", resp)
             resp.read()
-        except (OSError, http.client.HTTPException) as err:
-            raise StorageError(
-                f"peer {self}: sending step {header.step} failed: {err}", transient=True
-            ) from None
-        finally:
-            conn.close()
 
     def _stream(
         self,
@@ -332,8 +333,7 @@ class PeerClient:
         """Download this node's step ``step`` from the peer into ``dest`` (a new directory),
         every byte checked against the owner-signed manifest; raises on any difference."""
         path = self._path(step)
-        conn = self._connect()
-        try:
+        with self._exchange(f"peer {self}: reading step {step} failed") as conn:
             conn.request("GET", path, headers={AUTH_HEADER: self.auth.request_header("GET", path)})
             resp = conn.getresponse()
             if resp.status != 200:
@@ -348,12 +348,6 @@ class PeerClient:
             dest.mkdir(parents=True)
             receive_files(resp, header, dest)
             return header
-        except (OSError, http.client.HTTPException) as err:
-            raise StorageError(
-                f"peer {self}: reading step {step} failed: {err}", transient=True
-            ) from None
-        finally:
-            conn.close()
 
 
 def _open_inside(step_dir: Path, rel: str) -> Any:
