@@ -210,3 +210,54 @@ def test_ocdbt_files_are_never_skipped_by_checksum(durable_url: str, tmp_path: P
         assert (dest / rel).read_bytes() == (new / "10" / rel).read_bytes()
     restored = orbax_restore(str(dest.parent), 10, example_state(5))
     assert_trees_equal(restored, example_state(2))
+
+
+def test_a_file_name_of_255_bytes_promotes_restores_and_exports(tmp_path: Path) -> None:
+    """NAME_MAX is 255 bytes: a step file of exactly that name must go through every copy that
+    writes under a temporary name first (the file:// upload, the restore, a local export)."""
+    from tiered.tiers import export_step, fetch_step, promote_step
+
+    long_name = "é" * 100 + "x" * 55  # 255 bytes in UTF-8
+    assert len(long_name.encode()) == 255
+    local = LocalTier(tmp_path / "local")
+    orbax_save(tmp_path / "local", 10, example_state(), reason="periodic")
+    (local.step_dir(10) / long_name).write_bytes(b"long-named bytes")
+    durable = tier(f"file://{tmp_path}/durable")
+    promote_step(local, durable, 10)
+    assert durable.verify_step(10).files[long_name].size == 16
+    export_step(local, durable, 10, tmp_path / "exported")
+    assert (tmp_path / "exported" / long_name).read_bytes() == b"long-named bytes"
+    fresh = LocalTier(tmp_path / "fresh")
+    fresh.ensure()
+    back = fetch_step(fresh, durable, 10)
+    assert (back / long_name).read_bytes() == b"long-named bytes"
+    leftovers = [p for p in tmp_path.rglob("*") if ".tiered-tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_temporary_names_fit_name_max_and_two_writers_never_share_one(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tiered.layout import NAME_MAX, tmp_name, tmp_owner
+
+    from conftest import subprocess_env
+
+    script = "from tiered.layout import tmp_name as t; print(t('a' * 255)); print(t('é' * 128))"
+    names = [tmp_name("a" * 255), tmp_name("a" * 255), tmp_name("é" * 128)]
+    for _ in range(2):  # two other writers, each its own process
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=subprocess_env(),
+        ).stdout
+        names += out.splitlines()
+    assert len(names) == 7 and len(set(names)) == 7
+    for name in names:
+        assert len(name.encode()) <= NAME_MAX
+        assert tmp_owner(name) is not None  # cleanup still knows whose it is
+        (tmp_path / name).write_bytes(b"")  # a real file system takes it
+    assert tmp_owner(names[0]) == os.getpid() and tmp_owner(names[3]) != os.getpid()
+    assert tmp_name("7").startswith("7.tiered-tmp-")  # short names keep their final name whole

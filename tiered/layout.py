@@ -45,7 +45,9 @@ Durable tier, any number of nodes:
                                      take its place; never pruned by tiered
 
 Temporary names, on both tiers, are ``<final name>.tiered-tmp-<pid>-<random>``: every writer's
-are its own, and a leftover whose writer is dead can be told from one being written.
+are its own, and a leftover whose writer is dead can be told from one being written. A final
+name too long for that (the suffix would take it past ``NAME_MAX``, 255 bytes) is cut to fit:
+the pid and the random part are what make the name unique, never the final name.
 
 A step name is a canonical decimal integer: no sign, no leading zeros, below 2**63. Anything
 else (``-1``, ``00100``, ``../x``) is not a step and is left alone.
@@ -54,6 +56,7 @@ else (``-1``, ``00100``, ``../x``) is not a step and is left alone.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import os
 import re
 import time
@@ -92,6 +95,8 @@ DECISION_NAME = "decision.json"
 DISPLACED_DIR = f"{TIERED_DIR}/displaced"
 
 TMP_INFIX = ".tiered-tmp-"
+NAME_MAX = 255
+"""The longest file name, in bytes, that Linux file systems take (ext4, xfs, tmpfs)."""
 
 MAX_STEP = 2**63 - 1
 
@@ -149,9 +154,23 @@ def is_tmp_name(name: str) -> bool:
 
 
 def tmp_name(name: str) -> str:
-    """A temporary name for something that will be published as ``name``: unique to this
-    process and this call."""
-    return f"{name}{TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    """A temporary name for something that will be published as ``name`` in the same folder:
+    unique to this process and this call, and never longer than ``NAME_MAX`` bytes (a long
+    ``name`` is cut, at a character boundary, to leave room for the suffix)."""
+    suffix = f"{TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    room = NAME_MAX - len(suffix)
+    raw = os.fsencode(name)
+    if len(raw) > room:
+        name = _cut(raw[:room])
+    return f"{name}{suffix}"
+
+
+def _cut(raw: bytes) -> str:
+    """``raw`` as a name, without the partial character a cut may have left at its end."""
+    for end in range(len(raw), max(0, len(raw) - 4), -1):
+        with contextlib.suppress(UnicodeDecodeError):
+            return raw[:end].decode()
+    return os.fsdecode(raw)  # not UTF-8 at all: keep the bytes as they are
 
 
 def tmp_owner(name: str) -> int | None:
