@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,3 +225,48 @@ def test_a_config_file_is_told_from_a_checkpoint_directory(tmp_path: Path) -> No
     assert is_config_file(plain) and is_config_file("configs/demo.yml")
     assert not is_config_file(tmp_path) and not is_config_file("gs://bucket/run.yml")
     assert resolve_config(plain, env={}).local_dir == tmp_path / "l"
+
+
+def test_should_save_answers_as_orbax_does_for_every_step(tmp_path: Path) -> None:
+    """The same loop on orbax's manager and on tiered's: saved every 5 and at 22 (forced),
+    then every step 0..30 probed, in the same run and in a resumed one. Orbax never saves a
+    step at or below its newest: a resumed loop that asks first must not write a step twice."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    import tiered
+
+    state = {"w": jnp.arange(4.0)}
+
+    def run(mgr: Any) -> tuple[list[int], list[int]]:
+        for step in range(23):
+            if mgr.should_save(step) or step == 22:
+                mgr.save(step, args=ocp.args.StandardSave(state), force=step == 22)
+        mgr.wait_until_finished()
+        return sorted(mgr.all_steps()), [s for s in range(31) if mgr.should_save(s)]
+
+    def resumed(mgr: Any) -> list[int]:
+        mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(state))
+        return [s for s in range(31) if mgr.should_save(s)]
+
+    options = ocp.CheckpointManagerOptions(save_interval_steps=5)
+    with ocp.CheckpointManager(tmp_path / "orbax", options=options) as mgr:
+        orbax_run = run(mgr)
+    with ocp.CheckpointManager(tmp_path / "orbax", options=options) as mgr:
+        orbax_resumed = resumed(mgr)
+
+    def tiered_manager() -> tiered.CheckpointManager:
+        return tiered.CheckpointManager(
+            f"{tmp_path}/durable",
+            options=options,
+            local_dir=tmp_path / "local",
+            install_signal_handlers=False,
+        )
+
+    with tiered_manager() as mgr:
+        tiered_run = run(mgr)
+    with tiered_manager() as mgr:
+        tiered_resumed = resumed(mgr)
+    assert orbax_run == ([0, 5, 10, 15, 20, 22], [25, 30])
+    assert tiered_run == orbax_run
+    assert tiered_resumed == orbax_resumed == [25, 30]

@@ -434,10 +434,25 @@ class CheckpointManager:
         return sorted({o.step for o in self._options()})
 
     def should_save(self, step: int) -> bool:
-        """Whether ``save(step, ...)`` would save: a periodic step, or a signal arrived."""
+        """Whether to save ``step``, as orbax answers: never a step at or below the newest one
+        this run holds (``_newest_held``); otherwise a periodic step, or a signal arrived."""
         if not self.config.enable_checkpointing:
             return False
+        newest = self._newest_held()
+        if newest is not None and step <= newest:
+            return False
         return self._signal is not None or step % self.config.local_checkpoint_period == 0
+
+    def _newest_held(self) -> int | None:
+        """The newest step of this run: saved by this manager, or restored by it (the local
+        steps above a restored one are another trajectory's, which ``save`` writes again);
+        before any restore, also the newest local step, as orbax reads its directory."""
+        held = set(self._saved_here)
+        if self._restored_step is None:
+            held.update(self._mgr.all_steps())
+        elif self._restored_step >= 0:
+            held.add(self._restored_step)
+        return max(held, default=None)
 
     def reached_preemption(self, step: int) -> bool:
         """orbax's name for "a signal arrived": save now, then stop."""
