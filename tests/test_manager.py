@@ -12,7 +12,16 @@ import jax
 import numpy as np
 import pytest
 
-from tiered import CheckpointManager, DurableTier, LocalTier, config_from_mapping, promote_step
+from tiered import (
+    CheckpointManager,
+    ChecksumMismatch,
+    CommitError,
+    DurableTier,
+    LocalTier,
+    StepUnreadable,
+    config_from_mapping,
+    promote_step,
+)
 
 from conftest import ROOT, subprocess_env, write_config
 from helpers import assert_trees_equal, corrupt_largest_file, example_state
@@ -124,6 +133,36 @@ def test_a_rolled_back_run_saves_its_step_numbers_again(tmp_path: Path) -> None:
     assert_trees_equal(restored.state, again)
     (aside,) = LocalTier(cfg.local_dir).displaced()
     assert aside.step == 30 and (cfg.local_dir / ".tiered" / "displaced" / aside.name).is_dir()
+
+
+def test_a_named_step_that_cannot_be_loaded_raises_naming_it(tmp_path: Path) -> None:
+    """``restore(target, step=30)`` of a local step orbax cannot read raises ``StepUnreadable``
+    naming the step and the cause: never None (that means "no checkpoint anywhere", so the
+    caller would start fresh) and never step 20 instead. Without a step it falls back."""
+    _, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        for step in (20, 30):
+            mgr.save(step, advance(example_state(), step))
+    broken = max((cfg.local_dir / "30").rglob("*"), key=lambda p: p.stat().st_size)
+    broken.write_bytes(b"\xff" * broken.stat().st_size)  # same size, undecodable
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        with pytest.raises(StepUnreadable, match=r"step 30 from the local tier") as info:
+            mgr.restore(example_state(), step=30)
+        assert isinstance(info.value, CommitError) and info.value.__cause__ is not None
+        fallback = mgr.restore(example_state())
+    assert fallback is not None and fallback.step == 20
+
+
+def test_a_named_durable_step_that_fails_verification_raises_naming_it(
+    durable_url: str, tmp_path: Path
+) -> None:
+    _, cfg = write_config(tmp_path, durable_url)
+    _states, _local, durable = only_on_durable(cfg, (50, 100))
+    victim = corrupt_largest_file(durable, 100)
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        with pytest.raises(StepUnreadable, match=r"step 100 from the durable tier") as info:
+            mgr.restore(example_state(), step=100)
+    assert victim in str(info.value) and isinstance(info.value.__cause__, ChecksumMismatch)
 
 
 def test_no_checkpoint_anywhere_returns_none(tmp_path: Path) -> None:

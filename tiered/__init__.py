@@ -22,6 +22,7 @@ from tiered.errors import (
     PeerRefused,
     ReplicatorConfigError,
     StepExists,
+    StepUnreadable,
     StorageError,
     TieredError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "ReplicatorConfigError",
     "Restored",
     "StepExists",
+    "StepUnreadable",
     "StorageError",
     "TierStatus",
     "TieredConfig",

@@ -14,6 +14,7 @@
     │                      (no secret, a wrong one, a replay, another node's replica)
     └── CommitError        a step could not be committed or restored as a whole
           ├── StepExists        the durable step is already committed, with other content
+          ├── StepUnreadable    the step a restore named fails to verify or to load
           └── AgreementTimeout  the nodes did not agree on a restore step in time
 
 fsspec, OS and network errors are translated into ``StorageError`` at the storage boundary
@@ -80,6 +81,11 @@ class CommitError(TieredError):
 
 class StepExists(CommitError):
     """The durable step is committed already, with other content: it is never overwritten."""
+
+
+class StepUnreadable(CommitError):
+    """The step a restore asked for by number fails to verify or to load: named, it is never
+    swapped for an older one (only a restore of "the newest good step" falls back)."""
 
 
 class AgreementTimeout(CommitError):

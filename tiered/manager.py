@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from tiered.atomic import publish_file
 from tiered.config import TieredConfig
@@ -32,6 +32,7 @@ from tiered.errors import (
     ConfigError,
     LayoutError,
     NotFound,
+    StepUnreadable,
     StorageError,
 )
 from tiered.layout import TRAINER_LOCK_NAME, TRAINER_STATS
@@ -312,7 +313,9 @@ class CheckpointManager:
 
         A durable-only step is downloaded into the local tier and verified against its manifest
         first. Without an explicit step, a step that fails to verify or load is skipped with a
-        warning, and the next older one is tried.
+        warning, and the next older one is tried. A step named explicitly is never swapped for
+        another: one that fails raises ``StepUnreadable`` naming it and the cause (orbax's
+        form raises what orbax raised).
         """
         orbax_form = args is not None or (isinstance(target, int) and not isinstance(target, bool))
         if not orbax_form:
@@ -344,8 +347,8 @@ class CheckpointManager:
             try:
                 state = self._loader.load(s, source, target, args, orbax_form=orbax_form)
             except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
-                if orbax_form and step is not None:
-                    raise
+                if step is not None:
+                    _named_step_failed(s, source, err, orbax_form=orbax_form)
                 log.warning(
                     "Step %d from the %s tier failed verification: %s; falling back to "
                     "an older step",
@@ -355,8 +358,8 @@ class CheckpointManager:
                 )
                 continue
             except Exception as err:  # orbax raises many types for unreadable data
-                if orbax_form and step is not None:
-                    raise
+                if step is not None:
+                    _named_step_failed(s, source, err, orbax_form=orbax_form)
                 log.warning(
                     "Step %d from the %s tier failed to load: %s: %s; falling back to "
                     "an older step",
@@ -495,3 +498,13 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _named_step_failed(step: int, source: str, err: Exception, *, orbax_form: bool) -> NoReturn:
+    """A restore that named its step gets that step or an error, never an older step and
+    never None ("no checkpoint anywhere"). orbax's form raises what orbax raised."""
+    if orbax_form:
+        raise err
+    raise StepUnreadable(
+        f"step {step} from the {source} tier could not be restored: {type(err).__name__}: {err}"
+    ) from err
