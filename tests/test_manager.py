@@ -159,9 +159,11 @@ def test_a_named_durable_step_that_fails_verification_raises_naming_it(
     _, cfg = write_config(tmp_path, durable_url)
     _states, _local, durable = only_on_durable(cfg, (50, 100))
     victim = corrupt_largest_file(durable, 100)
-    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
-        with pytest.raises(StepUnreadable, match=r"step 100 from the durable tier") as info:
-            mgr.restore(example_state(), step=100)
+    with (
+        CheckpointManager(cfg, install_signal_handlers=False) as mgr,
+        pytest.raises(StepUnreadable, match=r"step 100 from the durable tier") as info,
+    ):
+        mgr.restore(example_state(), step=100)
     assert victim in str(info.value) and isinstance(info.value.__cause__, ChecksumMismatch)
 
 
