@@ -99,3 +99,24 @@ def test_wait_settled_waits_for_preemption_steps(tmp_path: Path) -> None:
     assert tiered("promote", "37", "--config", c).returncode == 0
     settled = tiered("status", "--no-daemon", "--wait-settled", "1", "--config", c)
     assert settled.returncode == 0, settled.stderr
+
+
+def test_verify_catches_another_steps_ocdbt_file_of_the_same_size(tmp_path: Path) -> None:
+    """Every OCDBT file has the same crc32c: only the manifest's xxh3 tells step 50's root
+    database from step 40's, and `tiered verify` exits 3 naming it."""
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    trainer = Trainer(cfg.local_dir)
+    trainer.save(40, example_state(1))
+    trainer.save(50, example_state(2))
+    trainer.close()
+    c = str(config_path)
+    for step in ("40", "50"):
+        assert tiered("promote", step, "--config", c).returncode == 0
+    durable = DurableTier(cfg.durable_url)
+    rel = next(r for r in durable.read_manifest(50).files if r.endswith("manifest.ocdbt"))
+    theirs = Path(durable.object_path(40, rel)).read_bytes()
+    assert len(theirs) == durable.read_manifest(50).files[rel].size
+    Path(durable.object_path(50, rel)).write_bytes(theirs)
+    out = tiered("verify", "50", "--config", c)
+    assert out.returncode == 3 and f"{rel}: xxh3" in out.stderr
+    assert tiered("verify", "40", "--config", c).returncode == 0

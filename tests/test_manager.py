@@ -167,6 +167,32 @@ def test_a_named_durable_step_that_fails_verification_raises_naming_it(
     assert victim in str(info.value) and isinstance(info.value.__cause__, ChecksumMismatch)
 
 
+def test_a_durable_step_with_another_steps_ocdbt_root_is_refused_on_a_fresh_node(
+    durable_url: str, tmp_path: Path
+) -> None:
+    """Step 100's ``manifest.ocdbt`` overwritten with step 50's (same size, same crc32c: every
+    OCDBT file has the one crc32c): the xxh3 catches it in both restore modes, so the named
+    step raises and the newest good one is step 50."""
+    _, cfg = write_config(tmp_path, durable_url)
+    states, _local, durable = only_on_durable(cfg, (50, 100))
+    rel = "manifest.ocdbt"
+    roots = [r for r in durable.read_manifest(100).files if r.endswith(rel)]
+    for root in roots:
+        durable.fs.pipe_file(
+            durable.object_path(100, root), durable.fs.cat_file(durable.object_path(50, root))
+        )
+    assert (
+        durable.remote_files(100)[roots[0]]["size"]
+        == durable.read_manifest(100).files[roots[0]].size
+    )
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        with pytest.raises(StepUnreadable, match=r"step 100 .*xxh3"):
+            mgr.restore(example_state(), step=100)
+        restored = mgr.restore(example_state())
+    assert restored is not None and restored.step == 50
+    assert_trees_equal(restored.state, states[50])
+
+
 def test_no_checkpoint_anywhere_returns_none(tmp_path: Path) -> None:
     _, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
     with CheckpointManager(cfg, install_signal_handlers=False) as mgr:

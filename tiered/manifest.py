@@ -1,4 +1,10 @@
-"""Per-step manifests: relative path, size and crc32c of every file of a step.
+"""Per-step manifests: relative path, size, crc32c and xxh3 of every file of a step.
+
+Two checksums, computed in one pass over the bytes (``Digest``): crc32c, because GCS keeps one
+for every object and so vouches for an upload without a read; and xxh3-128, because crc32c
+cannot tell OCDBT files apart: each ends with its own crc32c, so every whole one has the same
+crc32c (the CRC-32C residue), and only the xxh3 says which bytes it holds. Manifests written
+before tiered 0.3 have no xxh3; they verify by crc32c alone, as they did.
 
 A manifest is built from a committed local step and written to the durable tier before the
 commit marker, so a committed durable step can always be checked byte for byte. The top-level
@@ -22,11 +28,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import google_crc32c
+import xxhash
 
 from tiered.errors import ChecksumMismatch, LayoutError
 from tiered.layout import COMMIT_MARKER, is_marker_or_manifest
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: each file has an ``xxh3``. Version 1 manifests (no ``xxh3``) are read as they are."""
 _CHUNK = 4 * 1024 * 1024
 
 
@@ -34,6 +42,8 @@ _CHUNK = 4 * 1024 * 1024
 class FileEntry:
     size: int
     crc32c: int
+    xxh3: str | None = None
+    """The xxh3-128 of the bytes, 32 hex digits; None in a manifest written before tiered 0.3."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,14 @@ class Manifest:
 
     @property
     def identity(self) -> str:
-        """A digest of what the step holds (every file's path, size and crc32c), and nothing
-        else: two steps are the same checkpoint exactly when their identities are equal."""
+        """A digest of what the step holds (every file's path, size, crc32c and xxh3), and
+        nothing else: two steps are the same checkpoint exactly when their identities are
+        equal. An entry without an xxh3 (a manifest of before tiered 0.3) adds what it added
+        then, so an old step keeps its identity."""
         digest = hashlib.sha256()
         for rel, entry in sorted(self.files.items()):
-            digest.update(f"{rel}\0{entry.size}\0{entry.crc32c}\n".encode())
+            xxh3 = f"\0{entry.xxh3}" if entry.xxh3 is not None else ""
+            digest.update(f"{rel}\0{entry.size}\0{entry.crc32c}{xxh3}\n".encode())
         return digest.hexdigest()[:32]
 
     def to_json(self) -> str:
@@ -80,10 +93,7 @@ class Manifest:
                 "reason": self.reason,
                 "commit_time": self.commit_time,
                 **extra,
-                "files": {
-                    p: {"size": e.size, "crc32c": crc32c_b64(e.crc32c)}
-                    for p, e in sorted(self.files.items())
-                },
+                "files": {p: _entry_json(e) for p, e in sorted(self.files.items())},
             },
             indent=1,
         )
@@ -93,7 +103,11 @@ class Manifest:
         try:
             data = json.loads(text)
             files = {
-                str(p): FileEntry(size=int(e["size"]), crc32c=crc32c_from_b64(e["crc32c"]))
+                str(p): FileEntry(
+                    size=int(e["size"]),
+                    crc32c=crc32c_from_b64(e["crc32c"]),
+                    xxh3=_xxh3_from_json(e.get("xxh3")),
+                )
                 for p, e in data["files"].items()
             }
             commit_time = data.get("commit_time")
@@ -116,6 +130,21 @@ class Manifest:
         return manifest
 
 
+def _entry_json(entry: FileEntry) -> dict[str, object]:
+    out: dict[str, object] = {"size": entry.size, "crc32c": crc32c_b64(entry.crc32c)}
+    if entry.xxh3 is not None:
+        out["xxh3"] = entry.xxh3
+    return out
+
+
+def _xxh3_from_json(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 32 or value.strip("0123456789abcdef"):
+        raise ValueError(f"xxh3 {value!r} is not 32 lowercase hex digits")
+    return value
+
+
 def crc32c_b64(value: int) -> str:
     """The base64 big-endian form GCS uses for crc32c metadata."""
     return base64.b64encode(value.to_bytes(4, "big")).decode()
@@ -128,20 +157,41 @@ def crc32c_from_b64(text: str) -> int:
     return int.from_bytes(raw, "big")
 
 
-def crc32c_of_file(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(size, crc32c) of a local file, streamed."""
+class Digest:
+    """Size, crc32c and xxh3-128 of bytes fed in order, each byte seen once: whatever streams
+    a file (a copy, a download, a read-back, a peer's send) feeds its chunks here."""
+
+    def __init__(self) -> None:
+        self._crc32c = google_crc32c.Checksum()
+        self._xxh3 = xxhash.xxh3_128()
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self._crc32c.update(data)
+        self._xxh3.update(data)
+        self.size += len(data)
+
+    def entry(self) -> FileEntry:
+        """What a manifest says of these bytes."""
+        return FileEntry(
+            size=self.size,
+            crc32c=int.from_bytes(self._crc32c.digest(), "big"),
+            xxh3=self._xxh3.hexdigest(),
+        )
+
+
+def digest_of_file(path: str | os.PathLike[str]) -> FileEntry:
+    """Size and checksums of a local file, streamed."""
     with open(path, "rb") as f:
-        return crc32c_of_stream(f)
+        return digest_of_stream(f)
 
 
-def crc32c_of_stream(f: BinaryIO, *, chunk: int = _CHUNK) -> tuple[int, int]:
-    """(size, crc32c) of everything left to read in ``f``, in reads of ``chunk`` bytes."""
-    checksum = google_crc32c.Checksum()
-    size = 0
+def digest_of_stream(f: BinaryIO, *, chunk: int = _CHUNK) -> FileEntry:
+    """Size and checksums of everything left to read in ``f``, in reads of ``chunk`` bytes."""
+    digest = Digest()
     while data := f.read(chunk):
-        checksum.update(data)
-        size += len(data)
-    return size, int.from_bytes(checksum.digest(), "big")
+        digest.update(data)
+    return digest.entry()
 
 
 def _check_relpath(rel: str) -> None:
@@ -192,11 +242,8 @@ def build_manifest(
     ]
     # Reading and checksumming release the GIL, so a few threads keep the disk busy.
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(todo)))) as pool:
-        sums = list(pool.map(lambda item: crc32c_of_file(item[1]), todo))
-    files = {
-        rel: FileEntry(size=size, crc32c=crc)
-        for (rel, _), (size, crc) in zip(todo, sums, strict=True)
-    }
+        sums = list(pool.map(lambda item: digest_of_file(item[1]), todo))
+    files = {rel: entry for (rel, _), entry in zip(todo, sums, strict=True)}
     return Manifest(step=step, files=files, reason=reason, commit_time=commit_time)
 
 
@@ -205,16 +252,29 @@ def verify_local(step_dir: Path, manifest: Manifest) -> None:
     for rel, entry in sorted(manifest.files.items()):
         path = step_dir / rel
         try:
-            size, crc = crc32c_of_file(path)
+            got = digest_of_file(path)
         except FileNotFoundError:
             raise ChecksumMismatch(f"{path}: missing (listed in the manifest)") from None
-        check_entry(str(path), entry, size=size, crc32c=crc)
+        check_file(str(path), entry, got)
 
 
-def check_entry(where: str, entry: FileEntry, *, size: int, crc32c: int | None) -> None:
+def check_file(where: str, entry: FileEntry, got: FileEntry) -> None:
+    """Raise ``ChecksumMismatch`` unless the bytes read (``got``) are the manifest's."""
+    check_entry(where, entry, size=got.size, crc32c=got.crc32c, xxh3=got.xxh3)
+
+
+def check_entry(
+    where: str, entry: FileEntry, *, size: int, crc32c: int | None, xxh3: str | None = None
+) -> None:
+    """Raise ``ChecksumMismatch`` when what is known of a file (its size always; a checksum
+    where it was read or listed) differs from the manifest. A manifest entry without an xxh3
+    (before tiered 0.3) is checked by size and crc32c alone."""
     if size != entry.size:
         raise ChecksumMismatch(f"{where}: size {size} != manifest {entry.size}")
     if crc32c is not None and crc32c != entry.crc32c:
         raise ChecksumMismatch(
             f"{where}: crc32c {crc32c_b64(crc32c)} != manifest {crc32c_b64(entry.crc32c)}"
         )
+    if xxh3 is not None and entry.xxh3 is not None and xxh3 != entry.xxh3:
+        same_crc = " (same size and crc32c: another file's bytes)" if crc32c is not None else ""
+        raise ChecksumMismatch(f"{where}: xxh3 {xxh3} != manifest {entry.xxh3}{same_crc}")

@@ -29,10 +29,10 @@ from tiered.layout import (
     tmp_name,
 )
 from tiered.logs import fields
-from tiered.manifest import Manifest, check_entry
+from tiered.manifest import Manifest, check_file
 from tiered.peering import recover_own
 from tiered.policy import Delete, Snapshot
-from tiered.storage import DurableTier, LocalTier, Progress, TransferResult, copy_with_crc32c
+from tiered.storage import DurableTier, LocalTier, Progress, TransferResult, copy_with_digest
 from tiered.storage.merge import merge_roots
 from tiered.storage.replicas import PeerStore
 from tiered.types import Reason, Topology
@@ -305,8 +305,7 @@ def export_step(
         for rel, entry in sorted(files.items()):
             src = local.step_dir(step) / (prefix + rel)
             (partial / rel).parent.mkdir(parents=True, exist_ok=True)
-            size, crc = copy_with_crc32c(src, partial / rel)
-            check_entry(str(src), entry, size=size, crc32c=crc)
+            check_file(str(src), entry, copy_with_digest(src, partial / rel))
         if not item:
             shutil.copyfile(local.step_dir(step) / COMMIT_MARKER, partial / COMMIT_MARKER)
         os.replace(partial, dest)

@@ -21,7 +21,7 @@ from tiered.storage.transfer import (
     RemoteFile,
     TransferPlan,
     TransferResult,
-    copy_with_crc32c,
+    copy_with_digest,
     plan_transfer,
 )
 
@@ -32,7 +32,7 @@ __all__ = [
     "RemoteFile",
     "TransferPlan",
     "TransferResult",
-    "copy_with_crc32c",
+    "copy_with_digest",
     "plan_transfer",
     "read_step_metadata",
     "translate_errors",

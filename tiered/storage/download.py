@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from tiered.errors import CommitError
 from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, node_dir, part_path, tmp_name
-from tiered.manifest import Manifest, check_entry, crc32c_of_file
+from tiered.manifest import Manifest, check_file, digest_of_file
 from tiered.storage import parts
 from tiered.storage.errormap import translate_errors
 from tiered.storage.transfer import Progress, TransferResult, run_parallel
@@ -70,10 +70,10 @@ def download_step(
         entry = manifest.files[rel]
         with translate_errors(f"downloading {rel} of {tier.step_url(step)}"):
             tier.store.get(tier.object_path(step, locate(rel)), local, entry.size, tier.budget)
-        size, crc = crc32c_of_file(local)
-        check_entry(f"{tier.step_url(step)}/{rel}", entry, size=size, crc32c=crc)
+        got = digest_of_file(local)
+        check_file(f"{tier.step_url(step)}/{rel}", entry, got)
         with lock:
-            done += size
+            done += got.size
             if progress:
                 progress(done, total)
 

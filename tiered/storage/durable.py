@@ -32,7 +32,7 @@ from tiered.layout import (
     part_path,
     step_name,
 )
-from tiered.manifest import Manifest, check_entry, crc32c_of_stream
+from tiered.manifest import FileEntry, Manifest, check_entry, check_file, digest_of_stream
 from tiered.storage import download, parts, upload
 from tiered.storage.errormap import translate_errors
 from tiered.storage.stores import Store, listed_crc32c, object_version, open_store
@@ -42,6 +42,7 @@ from tiered.storage.transfer import (
     Progress,
     RateLimiter,
     TransferResult,
+    listing_proves,
     run_parallel,
 )
 from tiered.types import Displaced, DurableStep, Topology, as_reason
@@ -250,12 +251,9 @@ class DurableTier:
             self, step_dir, step=step, progress=progress, manifest=manifest, epoch=epoch
         )
 
-    def crc32c_of(self, step: int, rel: str) -> int:
-        """The crc32c of one object of a step, streamed."""
-        return self._read_crc32c(step, rel)
-
-    def _read_crc32c(self, step: int, rel: str) -> int:
-        """The crc32c of an object, streamed in bounded reads: never the whole object at once."""
+    def digest_of(self, step: int, rel: str) -> FileEntry:
+        """Size and checksums of one object of a step, read back in bounded reads (never the
+        whole object at once), each byte once."""
         block = self.store.read_block()
         with (
             translate_errors(f"reading back {rel} of {self.step_url(step)}"),
@@ -264,7 +262,7 @@ class DurableTier:
                 self.object_path(step, rel), "rb", **self.store.stream_options(block)
             ) as f,
         ):
-            return crc32c_of_stream(f, chunk=block)[1]
+            return digest_of_stream(f, chunk=block)
 
     # -- verification --
 
@@ -273,28 +271,39 @@ class DurableTier:
         the crc32c the store keeps for it (GCS computes it from the bytes it received), equal
         the manifest's, so the bytes at rest are the bytes saved without reading them back.
         None when an object differs, is missing, or the store keeps no checksum (``file://``,
-        and S3 as uploaded here); one listing, no reads."""
+        and S3 as uploaded here). One listing, and reads only of the objects whose crc32c
+        tells nothing (``listing_proves``): OCDBT's manifests and b-tree nodes, a few small
+        files (the array data files do not end with their own crc32c)."""
         cached = self._manifests.get(step)  # read by the scan that chose this step
         manifest = cached[1] if cached is not None and cached[1] is not None else None
         if manifest is None or self.topology.multi:
             manifest = self.read_manifest(step)
         remote = self.remote_files(step)
+        unproven = []
         for rel, entry in manifest.files.items():
             info = remote.get(rel)
             if info is None or int(info.get("size", -1)) != entry.size:
                 return None
-            if listed_crc32c(info) != entry.crc32c:
+            crc = listed_crc32c(info)
+            if crc != entry.crc32c:
                 return None
-        return manifest
+            if not listing_proves(entry, crc):
+                unproven.append(rel)
+        differ: list[str] = []
+
+        def read_back(rel: str) -> None:
+            if self.digest_of(step, rel) != manifest.files[rel]:
+                differ.append(rel)
+
+        self.parallel(read_back, unproven)
+        return None if differ else manifest
 
     def verify_step(
         self, step: int, manifest: Manifest | None = None, *, read_back: bool = True
     ) -> Manifest:
-        """Check every object of a step against its manifest.
-
-        Sizes always; crc32c from object metadata where the backend gives it (GCS), otherwise
-        by reading the object back, unless ``read_back`` is False.
-        """
+        """Check every object of a step against its manifest: sizes always; the checksums by
+        reading each object back, unless ``read_back`` is False, except where the store's
+        crc32c (GCS) shows the bytes are the manifest's (``listing_proves``)."""
         manifest = manifest or self.read_manifest(step)
         self.verify_files(step, manifest, read_back=read_back)
         return manifest
@@ -308,7 +317,11 @@ class DurableTier:
         locate: Callable[[str], str] | None = None,
     ) -> None:
         """Check the objects a manifest lists: the step's own paths, or this node's part when
-        ``locate`` maps them (``DurableTier.locate``)."""
+        ``locate`` maps them (``DurableTier.locate``). A crc32c in the listing (GCS) is taken
+        where it settles the question (``listing_proves``); with ``read_back`` every other
+        object is read back: all of them where listings carry no crc32c, and on GCS the few
+        small OCDBT files that share one crc32c, so a same-size file of another step is
+        caught."""
         if locate is None:
             remote = self.remote_files(step)
             where: Callable[[str], str] = str
@@ -322,16 +335,13 @@ class DurableTier:
             )
 
         def check(rel: str) -> None:
-            info = remote[rel]
+            info, entry = remote[rel], manifest.files[rel]
+            url = f"{self.step_url(step)}/{where(rel)}"
             crc = listed_crc32c(info)
-            if crc is None and read_back:
-                crc = self._read_crc32c(step, where(rel))
-            check_entry(
-                f"{self.step_url(step)}/{where(rel)}",
-                manifest.files[rel],
-                size=int(info.get("size", -1)),
-                crc32c=crc,
-            )
+            size = int(info.get("size", -1))
+            check_entry(url, entry, size=size, crc32c=crc)
+            if read_back and not listing_proves(entry, crc):
+                check_file(url, entry, self.digest_of(step, where(rel)))
 
         self.parallel(check, sorted(manifest.files))
 

@@ -10,7 +10,7 @@ On disk (``<local>/.tiered/peers/``)::
                                             at the next start when its writer is gone
 
 A replica counts only once ``tiered-replica.json`` is in it, and that is written only after
-every file was checked against the manifest, size and crc32c, as its bytes arrived. A replica
+every file was checked against the manifest (size, crc32c and xxh3) as its bytes arrived. A replica
 is never a step of this node: the local tier's scan does not see it, retention does not prune
 it, and only its owner can read it back.
 
@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import google_crc32c
-
 from tiered.atomic import publish_file
 from tiered.errors import ChecksumMismatch, LayoutError, StorageError
 from tiered.layout import (
@@ -52,7 +50,7 @@ from tiered.layout import (
     tmp_name,
     tmp_owner,
 )
-from tiered.manifest import Manifest
+from tiered.manifest import Digest, Manifest
 from tiered.storage.errormap import translate_errors
 
 MAGIC = b"TIERED-REPLICA 1\n"
@@ -190,7 +188,7 @@ def receive_files(
     for rel, entry in sorted(header.manifest.files.items()):
         path = dest / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        checksum = google_crc32c.Checksum()
+        digest = Digest()
         left = entry.size
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as out:
@@ -202,11 +200,11 @@ def receive_files(
                     )
                 if limit is not None:
                     limit(len(chunk))
-                checksum.update(chunk)
+                digest.update(chunk)
                 out.write(chunk)
                 left -= len(chunk)
-        crc = int.from_bytes(checksum.digest(), "big")
-        if crc != entry.crc32c:
+        got = digest.entry()
+        if got.crc32c != entry.crc32c or (entry.xxh3 is not None and got.xxh3 != entry.xxh3):
             raise ChecksumMismatch(f"{rel}: the bytes received differ from the sender's manifest")
     publish_file(dest / COMMIT_MARKER, header.marker.encode())
 

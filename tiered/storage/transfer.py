@@ -19,7 +19,7 @@ from typing import Any
 
 from tiered.errors import ChecksumMismatch
 from tiered.layout import is_marker_or_manifest, tmp_name
-from tiered.manifest import Manifest
+from tiered.manifest import Digest, FileEntry, Manifest
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total) as a transfer proceeds."""
@@ -58,6 +58,8 @@ class TransferResult:
 class RemoteFile:
     size: int
     crc32c: int | None
+    xxh3: str | None = None
+    """Known only where the object was read back."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class TransferPlan:
     put: tuple[str, ...]
     """Files to upload: missing, or there with other bytes."""
     skip: tuple[str, ...]
-    """Files already there with the manifest's size and crc32c."""
+    """Files already there with the manifest's bytes (``same_bytes``)."""
     remove: tuple[str, ...]
     """Objects under the step that the manifest does not list."""
 
@@ -73,25 +75,43 @@ class TransferPlan:
 CRC32C_RESIDUE = 0x48674BC7
 """The crc32c of any file that ends with its own crc32c (little-endian), as every OCDBT file
 (``manifest.ocdbt``, ``d/...``) does: all of them share this one value, so for them size and
-crc32c say nothing about which bytes a file holds."""
+crc32c say nothing about which bytes a file holds; only the xxh3 does."""
+
+
+def crc32c_tells_apart(entry: FileEntry) -> bool:
+    """Whether a matching crc32c (the one GCS keeps, say) shows a file holds the manifest's
+    bytes: not for a file whose crc32c is ``CRC32C_RESIDUE``, which every OCDBT file has."""
+    return entry.crc32c != CRC32C_RESIDUE
+
+
+def listing_proves(entry: FileEntry, crc32c: int | None) -> bool:
+    """Whether a crc32c the store lists settles whether an object holds the manifest's bytes:
+    one is there, and it differs, or it tells files apart, or the manifest (before tiered 0.3)
+    has no xxh3 to check beyond it."""
+    return crc32c is not None and (
+        crc32c != entry.crc32c or entry.xxh3 is None or crc32c_tells_apart(entry)
+    )
+
+
+def same_bytes(entry: FileEntry, there: RemoteFile) -> bool:
+    """Whether an object already there holds the manifest's bytes: size and crc32c equal, and
+    the xxh3 where both sides know it; without one, only a crc32c that tells files apart
+    counts (an older run's ``manifest.ocdbt`` of the same size has the same crc32c)."""
+    if there.size != entry.size or there.crc32c != entry.crc32c:
+        return False
+    if entry.xxh3 is not None and there.xxh3 is not None:
+        return there.xxh3 == entry.xxh3
+    return crc32c_tells_apart(entry)
 
 
 def plan_transfer(manifest: Manifest, remote: dict[str, RemoteFile]) -> TransferPlan:
-    """What an upload of ``manifest`` moves, given what is already under the step.
-
-    A file already there is skipped when its size and crc32c match, except a file whose crc32c
-    is ``CRC32C_RESIDUE``: an older run's ``manifest.ocdbt`` of the same size would match the
-    new one, and skipping it would commit the old database over the new data files."""
+    """What an upload of ``manifest`` moves, given what is already under the step: a file
+    already there is skipped when it holds the same bytes (``same_bytes``)."""
     put: list[str] = []
     skip: list[str] = []
     for rel, entry in sorted(manifest.files.items()):
         there = remote.get(rel)
-        ok = (
-            there is not None
-            and there.size == entry.size
-            and there.crc32c == entry.crc32c
-            and entry.crc32c != CRC32C_RESIDUE
-        )
+        ok = there is not None and same_bytes(entry, there)
         (skip if ok else put).append(rel)
     remove = sorted(
         rel for rel in remote if rel not in manifest.files and not is_marker_or_manifest(rel)
@@ -164,28 +184,24 @@ def run_parallel(fn: Callable[[str], None], items: Sequence[str], *, workers: in
             raise err
 
 
-def copy_with_crc32c(src: Path, dest: Path) -> tuple[int, int]:
-    """Copy a file, checksumming the bytes as they are written; the file appears whole or not
-    at all (written to a temporary name, synced, then renamed)."""
-    import google_crc32c
-
-    checksum = google_crc32c.Checksum()
-    size = 0
+def copy_with_digest(src: Path, dest: Path) -> FileEntry:
+    """Copy a file, checksumming the bytes as they are written (``Digest``); the file appears
+    whole or not at all (written to a temporary name, synced, then renamed)."""
+    digest = Digest()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(tmp_name(dest.name))
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             while chunk := fin.read(CHUNK):
-                checksum.update(chunk)
+                digest.update(chunk)
                 fout.write(chunk)
-                size += len(chunk)
             fout.flush()
             os.fsync(fout.fileno())
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    return size, int.from_bytes(checksum.digest(), "big")
+    return digest.entry()
 
 
 def get_ranged(fs: Any, remote: str, local: Path, size: int, budget: MemoryBudget) -> None:

@@ -23,6 +23,7 @@ from tiered.storage.transfer import (
     Progress,
     RemoteFile,
     TransferResult,
+    listing_proves,
     plan_transfer,
 )
 
@@ -136,15 +137,18 @@ def upload_step(
 def _remote_facts(
     tier: DurableTier, step: int, manifest: Manifest, remote: dict[str, Any]
 ) -> dict[str, RemoteFile]:
-    """Size and crc32c of this node's objects of the step. The crc32c comes from the
-    listing where the backend keeps one (GCS); otherwise it is read back, streamed, only
-    for objects whose size already matches the manifest."""
+    """Size and checksums of this node's objects of the step. The crc32c comes from the
+    listing where the backend keeps one (GCS), and is enough for a file it tells apart;
+    otherwise the object is read back, streamed, only when its size already matches the
+    manifest (an OCDBT file is then skipped only if its xxh3 matches too)."""
     facts: dict[str, RemoteFile] = {}
     for rel, info in remote.items():
         size = int(info.get("size", -1))
         crc = listed_crc32c(info)
         entry = manifest.files.get(rel)
-        if crc is None and entry is not None and size == entry.size:
-            crc = tier.crc32c_of(step, tier.locate(rel))
-        facts[rel] = RemoteFile(size=size, crc32c=crc)
+        if entry is not None and size == entry.size and not listing_proves(entry, crc):
+            got = tier.digest_of(step, tier.locate(rel))
+            facts[rel] = RemoteFile(size=got.size, crc32c=got.crc32c, xxh3=got.xxh3)
+        else:
+            facts[rel] = RemoteFile(size=size, crc32c=crc)
     return facts
