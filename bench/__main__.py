@@ -1,8 +1,8 @@
 """``python -m bench [SCENARIO ...]``: run benchmarks, write bench/results/*.json, and regenerate
 docs/benchmarks.md (tables and PNG plots) from every result present.
 
-Scenarios: stall, promote, restore, interference, footprint, physical, scaling, peers
-(default: all).
+Scenarios: stall, promote, restore, interference, footprint, physical, scaling, peers,
+hashing (default: all).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ ALL = [
     "physical",
     "scaling",
     "peers",
+    "hashing",
 ]
 
 
@@ -105,6 +106,10 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
         from bench import peers
 
         return peers.peers(size_mb=args.size_mb, reps=args.reps, step_ms=args.step_ms, work=work)
+    if name == "hashing":
+        from bench import hashing
+
+        return hashing.hashing(size_mb=args.size_mb, reps=args.reps, work=work)
     if name == "physical":
         return scenarios.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
     raise SystemExit(f"unknown scenario {name}")
