@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from tiered.errors import TieredError
+from tiered.errors import StepUnreadable, TieredError
 
 if TYPE_CHECKING:
     from tiered.manager import CheckpointManager
@@ -105,3 +105,13 @@ def default_shardings(target: Any) -> Any:
         return leaf
 
     return jax.tree.map(fix, target)
+
+
+def named_step_failed(step: int, source: str, err: Exception, *, orbax_form: bool) -> NoReturn:
+    """A restore that named its step gets that step or an error, never an older step and
+    never None ("no checkpoint anywhere"). orbax's form raises what orbax raised."""
+    if orbax_form:
+        raise err
+    raise StepUnreadable(
+        f"step {step} from the {source} tier could not be restored: {type(err).__name__}: {err}"
+    ) from err

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 from tiered.atomic import publish_file
 from tiered.config import TieredConfig
@@ -32,11 +32,10 @@ from tiered.errors import (
     ConfigError,
     LayoutError,
     NotFound,
-    StepUnreadable,
     StorageError,
 )
 from tiered.layout import TRAINER_LOCK_NAME, TRAINER_STATS
-from tiered.loading import Loader
+from tiered.loading import Loader, named_step_failed
 from tiered.lock import DirectoryLock
 from tiered.orbax_api import is_disk_full, local_manager, plain_metrics, resolve_config
 from tiered.policy import RestoreOption, restore_options
@@ -348,7 +347,7 @@ class CheckpointManager:
                 state = self._loader.load(s, source, target, args, orbax_form=orbax_form)
             except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
                 if step is not None:
-                    _named_step_failed(s, source, err, orbax_form=orbax_form)
+                    named_step_failed(s, source, err, orbax_form=orbax_form)
                 log.warning(
                     "Step %d from the %s tier failed verification: %s; falling back to "
                     "an older step",
@@ -359,7 +358,7 @@ class CheckpointManager:
                 continue
             except Exception as err:  # orbax raises many types for unreadable data
                 if step is not None:
-                    _named_step_failed(s, source, err, orbax_form=orbax_form)
+                    named_step_failed(s, source, err, orbax_form=orbax_form)
                 log.warning(
                     "Step %d from the %s tier failed to load: %s: %s; falling back to "
                     "an older step",
@@ -498,13 +497,3 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _named_step_failed(step: int, source: str, err: Exception, *, orbax_form: bool) -> NoReturn:
-    """A restore that named its step gets that step or an error, never an older step and
-    never None ("no checkpoint anywhere"). orbax's form raises what orbax raised."""
-    if orbax_form:
-        raise err
-    raise StepUnreadable(
-        f"step {step} from the {source} tier could not be restored: {type(err).__name__}: {err}"
-    ) from err
