@@ -397,7 +397,7 @@ def test_a_manifest_of_before_the_xxh3_still_verifies_restores_and_keeps_its_ide
         then.update(f"{rel}\0{entry.size}\0{entry.crc32c}\n".encode())
     assert old.identity == then.hexdigest()[:32]
     assert Manifest.from_json(old.to_json()).identity == old.identity
-    assert "xxh3" not in old.to_json()
+    assert "xxh3" not in old.to_json() and json.loads(old.to_json())["version"] == 1
     assert [f.identity for f in durable.scan()] == [old.identity]
     durable.verify_step(20)
     durable.download_step(20, tmp_path / "back" / "20")

@@ -80,6 +80,10 @@ class Manifest:
             digest.update(f"{rel}\0{entry.size}\0{entry.crc32c}{xxh3}\n".encode())
         return digest.hexdigest()[:32]
 
+    @property
+    def has_xxh3(self) -> bool:
+        return any(e.xxh3 is not None for e in self.files.values())
+
     def to_json(self) -> str:
         extra: dict[str, object] = {}
         if self.nodes != 1 or self.node is not None:
@@ -88,7 +92,8 @@ class Manifest:
             extra = {**extra, "layout": self.layout, "merged": self.merged}
         return json.dumps(
             {
-                "version": MANIFEST_VERSION,
+                # a manifest of tiered 0.2, kept or passed on, stays what it was
+                "version": MANIFEST_VERSION if self.has_xxh3 else 1,
                 "step": self.step,
                 "reason": self.reason,
                 "commit_time": self.commit_time,
