@@ -52,6 +52,22 @@ def test_the_public_surface_shadows_no_module() -> None:
             assert hasattr(tiered, name)
 
 
+@pytest.mark.parametrize("module", ["tiered", "tiered.types", "tiered.errors"])
+def test_importing_tiered_loads_no_storage_config_or_training_stack(module: str) -> None:
+    # A fresh interpreter: this test process has long imported everything.
+    probe = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('fsspec', 'pydantic', 'jax', 'orbax', 'yaml') or m.startswith('tiered.storage'))\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"import {module} loaded: {done.stdout.strip()}"
+
+
 def test_design_doc_names_every_module() -> None:
     design = (ROOT / "docs" / "design.md").read_text()
     for folder in ("tiered", "daemon"):

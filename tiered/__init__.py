@@ -1,16 +1,16 @@
 """tiered: two-tier checkpointing for JAX training.
 
 The public surface: what a training script, a notebook or an operator's tool imports. The
-sidecar's plumbing is in ``tiered.sidecar``. ``CheckpointManager`` imports jax and orbax, so it
-is loaded only when first used; everything else here is light enough for the sidecar daemon.
+sidecar's plumbing is in ``tiered.sidecar``. Only the exception tree is imported eagerly; every
+other name (``CheckpointManager`` with jax and orbax, the config with pydantic, the tiers with
+fsspec) is loaded when first used.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from tiered.config import TieredConfig, config_from_mapping
-from tiered.config_files import load_config
 from tiered.errors import (
     AgreementTimeout,
     AlreadyRunning,
@@ -26,13 +26,32 @@ from tiered.errors import (
     StorageError,
     TieredError,
 )
-from tiered.manifest import Manifest
-from tiered.report import TierStatus, collect_status
-from tiered.storage import DurableTier, LocalTier
-from tiered.tiers import fetch_step, promote_step
 
 if TYPE_CHECKING:
+    from tiered.config import TieredConfig, config_from_mapping
+    from tiered.config_files import load_config
     from tiered.manager import CheckpointManager, Restored
+    from tiered.manifest import Manifest
+    from tiered.report import TierStatus
+    from tiered.storage import DurableTier, LocalTier
+    from tiered.tiers import fetch_step, promote_step
+
+_LAZY = {
+    "TieredConfig": "tiered.config",
+    "config_from_mapping": "tiered.config",
+    "load_config": "tiered.config_files",
+    "CheckpointManager": "tiered.manager",
+    "Restored": "tiered.manager",
+    "Manifest": "tiered.manifest",
+    "TierStatus": "tiered.report",
+    "collect_status": "tiered.report",
+    "DurableTier": "tiered.storage",
+    "LocalTier": "tiered.storage",
+    "fetch_step": "tiered.tiers",
+    "promote_step": "tiered.tiers",
+}
+"""Public names loaded on first use: ``import tiered`` (and ``import tiered.types``) costs the
+exception tree only, never pydantic, fsspec, jax or a storage module (tests/test_structure.py)."""
 
 __version__ = "0.2.0"
 
@@ -67,13 +86,22 @@ __all__ = [
 
 def status(config: TieredConfig | str) -> TierStatus:
     """The tier status, as ``tiered status --json`` reports it."""
+    from tiered.config import TieredConfig
+    from tiered.config_files import load_config
+    from tiered.report import collect_status
+
     cfg = config if isinstance(config, TieredConfig) else load_config(config)
     return collect_status(cfg)
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("CheckpointManager", "Restored"):
-        from tiered import manager
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tiered' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return getattr(manager, name)
-    raise AttributeError(f"module 'tiered' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
