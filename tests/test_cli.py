@@ -120,3 +120,20 @@ def test_verify_catches_another_steps_ocdbt_file_of_the_same_size(tmp_path: Path
     out = tiered("verify", "50", "--config", c)
     assert out.returncode == 3 and f"{rel}: xxh3" in out.stderr
     assert tiered("verify", "40", "--config", c).returncode == 0
+
+
+def test_python_m_daemon_is_tiered_daemon(tmp_path: Path) -> None:
+    # Images run the sidecar as `python -m daemon`; it must take what `tiered daemon` takes.
+    from conftest import run_module
+
+    both = [run_module("daemon", "--help"), tiered("daemon", "--help")]
+    for done in both:
+        assert done.returncode == 0, done.stderr
+        assert "--verbose" in done.stdout and "--debug-logger" in done.stdout
+    missing = str(tmp_path / "nope.yml")
+    errors = [
+        run_module("daemon", "-v", "--config", missing),
+        tiered("daemon", "-v", "--config", missing),
+    ]
+    assert [e.returncode for e in errors] == [2, 2]
+    assert errors[0].stderr == errors[1].stderr and "nope.yml" in errors[0].stderr
