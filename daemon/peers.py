@@ -2,10 +2,12 @@
 them back from), and the job that sends this node's newest step to its partners.
 
 The server binds ``tiered.peer_listen_address`` (the status server stays on loopback). Every
-request must be signed with the job's secret (``tiered.peering.PeerAuth``); a node may write and
-read only its own replicas, and only under ``.tiered/peers/node-<rank>/``: nothing else of this
-node is ever read or served. It answers one request per connection (HTTP/1.0), at most two
-transfers in at a time, and drops a sender that goes quiet for ``tiered.peer_timeout_seconds``.
+request must be signed with the job's secret, for this job and this node, and is taken once
+(``tiered.peerauth``); a request of another peer protocol version gets 426 naming both; a node
+may write and read only its own replicas, and only under ``.tiered/peers/node-<rank>/``: nothing
+else of this node is ever read or served. It answers one request per connection (HTTP/1.0), at
+most two transfers in at a time, and drops a sender that goes quiet for
+``tiered.peer_timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -18,27 +20,32 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from daemon.base import DaemonBase
-from daemon.http import Server
+from daemon.http import Handler, Server
 from daemon.state import with_item, without
 from daemon.workers import Job, Outcome, Progress
 from tiered import (
     ChecksumMismatch,
     LayoutError,
     LocalTier,
+    PeerProtocolMismatch,
     PeerRefused,
     StorageError,
     TieredError,
 )
 from tiered.sidecar import (
+    PEER_NONCES,
+    PROTOCOL_VERSION,
+    VERSION_HEADER,
+    NonceRecord,
     PeerAuth,
     PeerClient,
     PeerStore,
     clients_for,
     header_for,
+    job_identity,
     listen_address,
     load_secret,
     partners,
@@ -50,6 +57,8 @@ log = logging.getLogger("daemon")
 
 _PATH = re.compile(r"/v1/replicas/(0|[1-9][0-9]{0,8})(?:/(0|[1-9][0-9]{0,18}))?")
 MAX_TRANSFERS_IN = 2
+PEER_WORKERS = 8
+"""Requests answered at once: two transfers in, the rest listings and steps served back."""
 
 
 @dataclass
@@ -65,7 +74,7 @@ class PeerContext:
     slots: threading.Semaphore
 
 
-class _PeerHandler(BaseHTTPRequestHandler):
+class _PeerHandler(Handler):
     ctx: PeerContext
     server_version = "tiered-peer"
     sys_version = ""
@@ -82,15 +91,23 @@ class _PeerHandler(BaseHTTPRequestHandler):
         ctx = self.ctx
         try:
             rank = ctx.auth.check_request(
-                self.headers.get("X-Tiered-Auth"), self.command, self.path
+                self.headers.get("X-Tiered-Auth"), self.command, self.path, receiver=ctx.rank()
             )
             if rank != owner:
                 raise PeerRefused(f"node {rank} asked for node {owner}'s replicas")
             if rank == ctx.rank() or not 0 <= rank < ctx.nodes():
                 raise PeerRefused(f"node {rank} is not another node of this {ctx.nodes()}")
+        except PeerProtocolMismatch as err:
+            log.warning("Refused a peer request from %s: %s", self.client_address[0], err)
+            self._send(426, {"error": str(err)})
+            return False
         except PeerRefused as err:
             log.warning("Refused a peer request from %s: %s", self.client_address[0], err)
             self._send(401, {"error": str(err)})
+            return False
+        except StorageError as err:  # the record of nonces cannot take it: refused, closed
+            log.error("Refused a peer request from %s: %s", self.client_address[0], err)
+            self._send(503, {"error": str(err)})
             return False
         return True
 
@@ -116,6 +133,7 @@ class _PeerHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(header.stream_length(raw)))
         self.send_header("X-Tiered-Replica-Sig", sig)
+        self.send_header(VERSION_HEADER, str(PROTOCOL_VERSION))
         self.end_headers()
         try:
             for chunk in replica_stream(
@@ -206,6 +224,9 @@ class _PeerHandler(BaseHTTPRequestHandler):
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header(VERSION_HEADER, str(PROTOCOL_VERSION))
+            if code == 426:
+                self.send_header("Upgrade", f"tiered-peer/{PROTOCOL_VERSION}")
             self.end_headers()
             self.wfile.write(data)
         except OSError:
@@ -225,6 +246,7 @@ class PeerServer(Server):
             key="tiered.peer_listen_address",
             elsewhere="tiered.peer_addresses",
             thread="tiered-peers",
+            workers=PEER_WORKERS,
         )
 
 
@@ -279,7 +301,12 @@ class Peering(DaemonBase):
         """Start the peer server (with peer replication configured)."""
         if not self.cfg.peering:
             return
-        auth = PeerAuth(load_secret(self.cfg), self.topology.rank)
+        auth = PeerAuth(
+            load_secret(self.cfg),
+            self.topology.rank,
+            job=job_identity(self.cfg.durable_url),
+            record=NonceRecord(self.local.tiered_dir / PEER_NONCES),
+        )
         self.peer_store.clean_partial()
         ctx = PeerContext(
             store=self.peer_store,

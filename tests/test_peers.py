@@ -23,7 +23,8 @@ import pytest
 
 from daemon.peers import PeerContext, PeerServer
 from tiered import ConfigError, LocalTier, PeerRefused, StorageError, config_from_mapping
-from tiered.layout import COMMIT_MARKER, REPLICA_INFO
+from tiered.layout import COMMIT_MARKER, PEER_NONCES, REPLICA_INFO
+from tiered.peerauth import NonceRecord, job_identity
 from tiered.peering import (
     AUTH_HEADER,
     SIG_HEADER,
@@ -40,6 +41,12 @@ from tiered.storage.replicas import Header, PeerStore, encode
 from conftest import DaemonProc, config_dict, free_port, wait_for
 
 SECRET = b"s3cret-shared-by-the-whole-job-0123456789"
+JOB = "the-test-job"
+
+
+def auth_of(rank: int, secret: bytes = SECRET, *, job: str = JOB) -> PeerAuth:
+    """A node's signing half (what its clients use)."""
+    return PeerAuth(secret, rank, job=job)
 
 
 def write_step(
@@ -89,9 +96,15 @@ class Node:
         self.local = LocalTier(tmp / f"node{rank}")
         self.local.ensure()
         self.store = PeerStore(self.local.root)
+        self.job = job_identity(f"file://{tmp / 'durable'}")  # config_for's durable tier
         ctx = PeerContext(
             store=self.store,
-            auth=PeerAuth(secret, rank),
+            auth=PeerAuth(
+                secret,
+                rank,
+                job=self.job,
+                record=NonceRecord(self.local.tiered_dir / PEER_NONCES),
+            ),
             rank=lambda: rank,
             nodes=lambda: nodes,
             keep=2,
@@ -103,7 +116,9 @@ class Node:
         self.address = self.server.address
 
     def client_to(self, other: Node, *, secret: bytes = SECRET) -> PeerClient:
-        return PeerClient(other.rank, other.address, PeerAuth(secret, self.rank), timeout=5)
+        return PeerClient(
+            other.rank, other.address, auth_of(self.rank, secret, job=self.job), timeout=5
+        )
 
     def send(self, step: int, to: Node, *, secret: bytes = SECRET) -> None:
         manifest = self.local.manifest(step)
@@ -190,22 +205,22 @@ def test_a_node_reads_and_writes_its_own_replicas_only(cluster: Any) -> None:
     write_step(n1.local.root, 70)
     n1.send(70, n2)
     # node 0, with the job's secret, asks node 2 for node 1's step by forging the path
-    auth = PeerAuth(SECRET, 0)
+    auth = auth_of(0, job=n2.job)
     for method, path in (("GET", "/v1/replicas/1"), ("GET", "/v1/replicas/1/70")):
         conn = http.client.HTTPConnection(*n2.address.split(":"), timeout=5)
-        conn.request(method, path, headers={AUTH_HEADER: auth.request_header(method, path)})
+        conn.request(method, path, headers={AUTH_HEADER: auth.request_header(method, path, to=2)})
         assert conn.getresponse().status == 401
     # nothing but the replica API exists: no other path, no traversal
     for path in ("/", "/v1/replicas/1/../../0", "/v1/replicas/1/70/state", "/status"):
         conn = http.client.HTTPConnection(*n2.address.split(":"), timeout=5)
-        conn.request("GET", path, headers={AUTH_HEADER: auth.request_header("GET", path)})
+        conn.request("GET", path, headers={AUTH_HEADER: auth.request_header("GET", path, to=2)})
         assert conn.getresponse().status == 404, path
 
 
 def test_a_replayed_request_is_refused(cluster: Any) -> None:
     _n0, _n1, n2 = cluster(3)
     path = "/v1/replicas/1"
-    header = PeerAuth(SECRET, 1).request_header("GET", path)
+    header = auth_of(1, job=n2.job).request_header("GET", path, to=2)
     statuses = []
     for _ in range(2):
         conn = http.client.HTTPConnection(*n2.address.split(":"), timeout=5)
@@ -235,12 +250,13 @@ def test_a_sender_killed_mid_transfer_leaves_nothing(cluster: Any) -> None:
     manifest = n1.local.manifest(70)
     header = header_for(n1.local, 70, 1, manifest)
     raw = header.to_bytes()
-    auth = PeerAuth(SECRET, 1)
+    auth = auth_of(1, job=n2.job)
     path = "/v1/replicas/1/70"
     host, port = n2.address.split(":")
     sock = socket.create_connection((host, int(port)))
+    signed = auth.request_header("PUT", path, to=2)
     head = (
-        f"PUT {path} HTTP/1.1\r\nHost: x\r\n{AUTH_HEADER}: {auth.request_header('PUT', path)}\r\n"
+        f"PUT {path} HTTP/1.1\r\nHost: x\r\n{AUTH_HEADER}: {signed}\r\n"
         f"{SIG_HEADER}: {auth.sign_header(raw)}\r\n"
         f"Content-Length: {header.stream_length(raw)}\r\n\r\n"
     ).encode()
@@ -261,13 +277,14 @@ def test_a_sender_that_goes_quiet_is_dropped_after_the_timeout(cluster: Any) -> 
     write_step(n1.local.root, 70)
     header = header_for(n1.local, 70, 1, n1.local.manifest(70))
     raw = header.to_bytes()
-    auth = PeerAuth(SECRET, 1)
+    auth = auth_of(1, job=n2.job)
     path = "/v1/replicas/1/70"
     host, port = n2.address.split(":")
     sock = socket.create_connection((host, int(port)))
+    signed = auth.request_header("PUT", path, to=2)
     sock.sendall(
         (
-            f"PUT {path} HTTP/1.1\r\nHost: x\r\n{AUTH_HEADER}: {auth.request_header('PUT', path)}"
+            f"PUT {path} HTTP/1.1\r\nHost: x\r\n{AUTH_HEADER}: {signed}"
             f"\r\n{SIG_HEADER}: {auth.sign_header(raw)}\r\n"
             f"Content-Length: {header.stream_length(raw)}\r\n\r\n"
         ).encode()
@@ -328,10 +345,10 @@ def test_a_truncating_or_unsigned_peer_gives_nothing_back(
     n1.local.step_dir(70).mkdir()
     write_step(n1.local.root / "again", 70)
     n1b = LocalTier(n1.local.root / "again")
-    n2_client = PeerClient(2, n2.address, PeerAuth(SECRET, 1), timeout=5)
+    n2_client = PeerClient(2, n2.address, auth_of(1, job=n2.job), timeout=5)
     n2_client.send(n1b.step_dir(70), header_for(n1b, 70, 1, n1b.manifest(70)))
     data = json.loads(info.read_text())
-    data["sig"] = PeerAuth(b"an-impostor-secret-0123456789", 1).sign_header(data["header"].encode())
+    data["sig"] = auth_of(1, b"an-impostor-secret-0123456789").sign_header(data["header"].encode())
     info.write_text(json.dumps(data))
     os.system(f"rm -rf '{n1.local.step_dir(70)}'")
     caplog.clear()
@@ -354,7 +371,7 @@ def test_a_peer_down_or_full_is_an_error_for_the_sender_only(cluster: Any, tmp_p
     # a node that asks its (down) peer for its steps just gets none, and says so
     assert recover_own(config_for(tmp_path, [n0, n1, n2], 1), n1.local, rank=1, nodes=3) == []
     assert n1.local.committed_steps() == [70]
-    n2.server = PeerServer("127.0.0.1:0", n2.server.httpd.RequestHandlerClass.ctx, timeout=2)
+    n2.server = PeerServer("127.0.0.1:0", n2.server.handler.ctx, timeout=2)
     n2.server.start()
 
 
@@ -368,7 +385,7 @@ def test_a_peer_keeps_the_newest_copies_by_epoch_then_step(cluster: Any) -> None
     assert [(r.step, r.epoch) for r in n2.store.replicas(1)] == [(80, 2), (70, 2)]
     write_step(n1.local.root / "b", 80, epoch=3, size=3000)
     other = LocalTier(n1.local.root / "b")
-    PeerClient(2, n2.address, PeerAuth(SECRET, 1), timeout=5).send(
+    PeerClient(2, n2.address, auth_of(1, job=n2.job), timeout=5).send(
         other.step_dir(80), header_for(other, 80, 1, other.manifest(80))
     )
     assert [(r.step, r.epoch) for r in n2.store.replicas(1)] == [(80, 3), (70, 2)]

@@ -11,7 +11,8 @@
     │     .transient = False  retrying will not help (auth, a rejected name, a missing bucket)
     │     ├── NotFound     an object, a file or a bucket is not there (also a FileNotFoundError)
     │     └── PeerRefused  a peer refused a request, or a request from a peer was refused
-    │                      (no secret, a wrong one, a replay, another node's replica)
+    │           │          (no secret, a wrong one, a replay, another node's replica)
+    │           └── PeerProtocolMismatch  the peer speaks another peer protocol version
     └── CommitError        a step could not be committed or restored as a whole
           ├── StepExists        the durable step is already committed, with other content
           ├── StepUnreadable    the step a restore named fails to verify or to load
@@ -73,6 +74,11 @@ class PeerRefused(StorageError):
 
     def __init__(self, message: str) -> None:
         StorageError.__init__(self, message, transient=False)
+
+
+class PeerProtocolMismatch(PeerRefused):
+    """The other node's daemon speaks another version of the peer protocol (another tiered
+    version): the message names both."""
 
 
 class CommitError(TieredError):

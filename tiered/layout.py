@@ -14,6 +14,8 @@ Local tier (``<local_checkpoint_directory>``):
                                      and saves their numbers again (the newest two are kept)
     .tiered/peers/node-<r>/<step>/   node r's local step, replicated here by its daemon, with
                                      tiered-replica.json (its header, signed) written last
+    .tiered/peer-nonces              the peer requests this node's daemon took lately (their
+                                     nonces), so none is taken twice (``tiered.peerauth``)
     replicator.yaml, replicator.errors, replicator.failed, jax-init-info.txt,
     {job}-s{step}-n{node}-w{worker}.restore    orbax's multi-tier protocol files
 
@@ -78,6 +80,7 @@ TRAINER_STATS = "trainer-stats.json"
 STAGING_DIR = "staging"
 TRASH_DIR = "trash"
 PEERS_DIR = "peers"
+PEER_NONCES = "peer-nonces"
 REPLICA_INFO = "tiered-replica.json"
 
 REPLICATOR_FILE = "replicator.yaml"

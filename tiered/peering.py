@@ -13,28 +13,22 @@ The transport is plain HTTP between the daemons, on ``tiered.peer_listen_address
     GET /v1/replicas/<rank>/<step>  one of them, as the replica stream
     PUT /v1/replicas/<rank>/<step>  store one (the body is the replica stream)
 
-Every request is signed with the job's shared secret (``tiered.peer_secret_file``): an HMAC-SHA256
-over the method, the path, the sender's rank, a timestamp and a nonce
-(``X-Tiered-Auth: v1 <rank> <unix time> <nonce> <hex>``). The receiver refuses an unsigned or
-badly signed request, one more than five minutes off, a nonce seen before, and a rank that is not
-the path's: a node may write and read its own replicas only. The replica header (the manifest)
-carries its own HMAC, written by the owner and checked by the owner again when it reads the
-copy back, so a peer cannot pass off another manifest; every file is checked against that
-manifest's size and crc32c as it arrives, on both sides.
+Every request is signed with the job's shared secret (``tiered.peer_secret_file``), for one
+receiver, once (``tiered.peerauth``: peer protocol v2); the receiver refuses any other request,
+and a rank that is not the path's: a node may write and read its own replicas only. The replica
+header (the manifest) carries its own HMAC, written by the owner and checked by the owner again
+when it reads the copy back, so a peer cannot pass off another manifest; every file is checked
+against that manifest's size and checksums as it arrives, on both sides.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import http.client
 import json
 import logging
 import os
-import secrets
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,10 +36,26 @@ from pathlib import Path
 from typing import Any
 
 from tiered.config import TieredConfig
-from tiered.errors import ChecksumMismatch, ConfigError, LayoutError, PeerRefused, StorageError
+from tiered.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    LayoutError,
+    PeerProtocolMismatch,
+    PeerRefused,
+    StorageError,
+)
 from tiered.layout import COMMIT_MARKER, step_name, tmp_name
 from tiered.logs import fields
 from tiered.manifest import Manifest
+from tiered.peerauth import (
+    AUTH_HEADER,
+    PROTOCOL_VERSION,
+    SIG_HEADER,
+    VERSION_HEADER,
+    PeerAuth,
+    job_identity,
+    mismatch,
+)
 from tiered.storage import LocalTier
 from tiered.storage.local import step_metadata
 from tiered.storage.replicas import Header, encode, read_header, receive_files
@@ -53,9 +63,6 @@ from tiered.storage.transfer import RateLimiter
 
 log = logging.getLogger(__name__)
 
-AUTH_HEADER = "X-Tiered-Auth"
-SIG_HEADER = "X-Tiered-Replica-Sig"
-WINDOW_SECONDS = 300.0
 MIN_SECRET_BYTES = 16
 
 
@@ -124,63 +131,6 @@ def load_secret(cfg: TieredConfig) -> bytes:
     return secret
 
 
-# -- authentication --------------------------------------------------------------------------
-
-
-class PeerAuth:
-    """Signs this node's requests and checks other nodes' (one per process)."""
-
-    def __init__(self, secret: bytes, rank: int, *, window: float = WINDOW_SECONDS) -> None:
-        self._secret = secret
-        self.rank = rank
-        self.window = window
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def _mac(self, *parts: object) -> str:
-        text = "\n".join(str(p) for p in parts).encode()
-        return hmac.new(self._secret, text, hashlib.sha256).hexdigest()
-
-    def request_header(self, method: str, path: str) -> str:
-        ts, nonce = f"{time.time():.3f}", secrets.token_hex(16)
-        return f"v1 {self.rank} {ts} {nonce} {self._mac('v1', method, path, self.rank, ts, nonce)}"
-
-    def check_request(self, header: str | None, method: str, path: str) -> int:
-        """The rank that signed the request; ``PeerRefused`` when nothing valid did."""
-        if not header:
-            raise PeerRefused("the request is not signed (no X-Tiered-Auth header)")
-        parts = header.split(" ")
-        if len(parts) != 5 or parts[0] != "v1" or not parts[1].isdigit():
-            raise PeerRefused("the request's X-Tiered-Auth header is malformed")
-        _v, rank_text, ts, nonce, mac = parts
-        if not hmac.compare_digest(mac, self._mac("v1", method, path, rank_text, ts, nonce)):
-            raise PeerRefused("the request's signature is wrong: the sender has another secret")
-        try:
-            skew = abs(time.time() - float(ts))
-        except ValueError:
-            raise PeerRefused("the request's timestamp is malformed") from None
-        if skew > self.window:
-            raise PeerRefused(f"the request is {skew:.0f} s off this node's clock")
-        with self._lock:
-            now = time.monotonic()
-            if len(self._seen) > 10000:
-                self._seen = {n: t for n, t in self._seen.items() if now - t < 2 * self.window}
-            if nonce in self._seen:
-                raise PeerRefused("the request replays one already served")
-            self._seen[nonce] = now
-        return int(rank_text)
-
-    def sign_header(self, raw: bytes) -> str:
-        return self._mac("replica", hashlib.sha256(raw).hexdigest())
-
-    def check_header(self, raw: bytes, sig: str | None) -> None:
-        if not sig or not hmac.compare_digest(sig, self.sign_header(raw)):
-            raise PeerRefused(
-                "the replica's header is not signed with this job's secret: it was not written "
-                "by one of its nodes, or it was changed since"
-            )
-
-
 # -- the client ------------------------------------------------------------------------------
 
 
@@ -235,6 +185,19 @@ class PeerClient:
         finally:
             conn.close()
 
+    def _answer(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+        """The peer's response; ``PeerProtocolMismatch`` when its server is of another version
+        (every v2 answer names its version; the servers before it named none)."""
+        resp = conn.getresponse()
+        theirs = resp.getheader(VERSION_HEADER)
+        if theirs != str(PROTOCOL_VERSION):
+            body = resp.read(2000).decode(errors="replace").strip()
+            named = f"v{theirs}" if theirs else "v1 (an older tiered, which names no version)"
+            raise PeerProtocolMismatch(
+                f"peer {self}: {mismatch(named)} (HTTP {resp.status} {body})"
+            )
+        return resp
+
     def _fail(self, what: str, resp: http.client.HTTPResponse) -> StorageError:
         body = resp.read(2000).decode(errors="replace").strip()
         message = f"peer {self}: {what}: HTTP {resp.status} {body}"
@@ -246,8 +209,12 @@ class PeerClient:
         """This node's replicas the peer holds, newest first."""
         path = self._path()
         with self._exchange(f"peer {self} does not answer") as conn:
-            conn.request("GET", path, headers={AUTH_HEADER: self.auth.request_header("GET", path)})
-            resp = conn.getresponse()
+            conn.request(
+                "GET",
+                path,
+                headers={AUTH_HEADER: self.auth.request_header("GET", path, to=self.rank)},
+            )
+            resp = self._answer(conn)
             if resp.status != 200:
                 raise self._fail("listing its replicas", resp)
             data = json.loads(resp.read(16 * 2**20))  # a short list of steps
@@ -274,7 +241,7 @@ class PeerClient:
         total = header.stream_length(raw)
         with self._exchange(f"peer {self}: sending step {header.step} failed") as conn:
             conn.putrequest("PUT", path)
-            conn.putheader(AUTH_HEADER, self.auth.request_header("PUT", path))
+            conn.putheader(AUTH_HEADER, self.auth.request_header("PUT", path, to=self.rank))
             conn.putheader(SIG_HEADER, self.auth.sign_header(raw))
             conn.putheader("Content-Type", "application/octet-stream")
             conn.putheader("Content-Length", str(total))
@@ -287,7 +254,7 @@ class PeerClient:
             if dropped is not None:
                 # The peer may have answered (and closed) before taking it all: say why.
                 try:
-                    resp = conn.getresponse()
+                    resp = self._answer(conn)
                 except (OSError, http.client.HTTPException):
                     raise StorageError(
                         f"peer {self} dropped the transfer of step {header.step} after "
@@ -295,7 +262,7 @@ class PeerClient:
                         transient=True,
                     ) from None
                 raise self._fail(f"storing step {header.step}", resp) from None
-            resp = conn.getresponse()
+            resp = self._answer(conn)
             if resp.status != 200:
                 raise self._fail(f"storing step {header.step}", resp)
             resp.read()
@@ -334,8 +301,12 @@ class PeerClient:
         every byte checked against the owner-signed manifest; raises on any difference."""
         path = self._path(step)
         with self._exchange(f"peer {self}: reading step {step} failed") as conn:
-            conn.request("GET", path, headers={AUTH_HEADER: self.auth.request_header("GET", path)})
-            resp = conn.getresponse()
+            conn.request(
+                "GET",
+                path,
+                headers={AUTH_HEADER: self.auth.request_header("GET", path, to=self.rank)},
+            )
+            resp = self._answer(conn)
             if resp.status != 200:
                 raise self._fail(f"reading step {step}", resp)
             header, raw = read_header(resp)
@@ -380,7 +351,7 @@ class Recovered:
 
 
 def clients_for(cfg: TieredConfig, rank: int, nodes: int, ranks: list[int]) -> list[PeerClient]:
-    auth = PeerAuth(load_secret(cfg), rank)
+    auth = PeerAuth(load_secret(cfg), rank, job=job_identity(cfg.durable_url))
     rate = cfg.tiered.peer_bandwidth_mb_per_s
     limiter = RateLimiter(rate * 1e6) if rate else None
     return [

@@ -8,6 +8,7 @@ from tiered.coord import Decision, Rendezvous
 from tiered.layout import (
     COMMIT_MARKER,
     JAX_INIT_INFO,
+    PEER_NONCES,
     REPLICATOR_ERRORS,
     REPLICATOR_FAILED,
     REPLICATOR_FILE,
@@ -23,8 +24,15 @@ from tiered.layout import (
 from tiered.lock import DirectoryLock
 from tiered.logs import configure, fields
 from tiered.manifest import Manifest
-from tiered.peering import (
+from tiered.peerauth import (
+    PROTOCOL_VERSION,
+    VERSION_HEADER,
+    NonceRecord,
     PeerAuth,
+    job_identity,
+    mismatch,
+)
+from tiered.peering import (
     PeerClient,
     clients_for,
     header_for,
@@ -68,12 +76,15 @@ from tiered.types import Displaced, DurableStep, Topology, as_reason
 __all__ = [
     "COMMIT_MARKER",
     "JAX_INIT_INFO",
+    "PEER_NONCES",
+    "PROTOCOL_VERSION",
     "REPLICATOR_ERRORS",
     "REPLICATOR_FAILED",
     "REPLICATOR_FILE",
     "RESTORE_SUFFIX",
     "TIERED_DIR",
     "TRAINER_LOCK_NAME",
+    "VERSION_HEADER",
     "Abandon",
     "Commit",
     "Decision",
@@ -85,6 +96,7 @@ __all__ = [
     "Fingerprint",
     "ForgetPart",
     "Manifest",
+    "NonceRecord",
     "PeerAuth",
     "PeerClient",
     "PeerSetup",
@@ -109,8 +121,10 @@ __all__ = [
     "go_on_from",
     "header_for",
     "is_tmp_name",
+    "job_identity",
     "listen_address",
     "load_secret",
+    "mismatch",
     "open_durable",
     "parse_restore",
     "parse_step",
