@@ -142,20 +142,18 @@ class NonceRecord:
     def take(self, nonce: str, ts: float) -> None:
         """Record ``nonce`` as taken; ``PeerRefused`` if it was, ``StorageError`` (transient)
         when the record cannot keep it: the request is then refused too."""
-        if ts < self.not_before:
-            raise PeerRefused(
-                "the request was signed before this daemon started, and its record of the "
-                "requests it took is gone: it may be a replay"
-            )
         with self._lock:
-            if nonce in self._seen:
-                raise PeerRefused("the request replays one already served")
             now = time.time()
             try:
                 if not self._loaded:
                     self._load()
-                    if nonce in self._seen:
-                        raise PeerRefused("the request replays one already served")
+                if ts < self.not_before:
+                    raise PeerRefused(
+                        "the request was signed before this daemon started, and its record of "
+                        "the requests it took is gone: it may be a replay"
+                    )
+                if nonce in self._seen:
+                    raise PeerRefused("the request replays one already served")
                 if self._file is None or self._lines >= max(1024, 2 * len(self._seen)):
                     self._rewrite(now)
                 if len(self._seen) >= self.cap:
