@@ -2,7 +2,7 @@
 docs/benchmarks.md (tables and PNG plots) from every result present.
 
 Scenarios: stall, promote, restore, interference, footprint, physical, scaling, peers,
-hashing (default: all).
+hashing, scale (default: all).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ ALL = [
     "scaling",
     "peers",
     "hashing",
+    "scale",
 ]
 
 
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--memory-mb", type=int, default=2048, help="file size for the footprint's memory table"
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="simulated node counts for the scale scenario (default: 16 64 256 1024)",
     )
     p.add_argument("--report-only", action="store_true", help="only regenerate the docs")
     args = p.parse_args(argv)
@@ -110,6 +118,10 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
         from bench import hashing
 
         return hashing.hashing(size_mb=args.size_mb, reps=args.reps, work=work)
+    if name == "scale":
+        from bench import scale
+
+        return scale.scale(work=work, node_counts=tuple(args.nodes or scale.NODE_COUNTS))
     if name == "physical":
         return scenarios.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
     raise SystemExit(f"unknown scenario {name}")

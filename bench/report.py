@@ -362,6 +362,46 @@ def _hashing(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _scale(r: dict[str, Any]) -> list[str]:
+    rows = r["rows"]
+    backends = [b for b in ("file", "gs") if b in rows[0]]
+    out = [
+        "One durable step through N simulated nodes, each the daemon's own code over its own "
+        "rank (`bench/scale.py`): every node uploads its part and part marker, node 0 tries the "
+        f"commit once every {r['params']['commit_poll_s']:.0f} s as its daemon does (the OCDBT "
+        "merge of N databases included), every node lists the tier once, then a restore "
+        "agreement of all N, then node 0 prunes the step. Node 0 runs in a process of its "
+        "own; the others are threads of the bench. Store requests are calls that reach the "
+        "store, counted per node (each node's filesystem wrapped); on the GCS emulator, HTTP "
+        "requests are also counted at the server (every node's and the merge child's).",
+        "",
+    ]
+    names = {"file": "`file://`", "gs": "GCS emulator"}
+    for b in backends:
+        out += [
+            f"**{names[b]}**",
+            "",
+            "| nodes | last part marker to commit (s) | commit call (s) | merge (s) | merge peak "
+            "RSS (MB) | node 0 peak RSS (MB) | requests/step, node 0 | requests/step, other "
+            "node (max) | restore agreement (s) | agreement requests, node 0 / other (max) | "
+            "prune (s) |" + (" HTTP requests/step, all nodes |" if b == "gs" else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if b == "gs" else ""),
+        ]
+        for row in rows:
+            x = row[b]
+            out.append(
+                f"| {row['nodes']} | {x['last_part_to_commit_s']:.2f} | {x['commit_call_s']:.2f}"
+                f" | {x['merge_s']:.2f} | {x['merge_peak_rss_mb']:.0f} | "
+                f"{x['node0_peak_rss_mb']:.0f} | {x['requests_node0_per_step']} | "
+                f"{x['requests_per_other_node_per_step']['max']} | {x['agreement_s']:.2f} | "
+                f"{x['requests_node0_agreement']} / "
+                f"{x['requests_per_other_node_agreement']['max']} | {x['prune_s']:.2f} |"
+                + (f" {x['http_requests_per_step']} |" if b == "gs" else "")
+            )
+        out.append("")
+    return out
+
+
 SECTIONS = [
     ("stall", "1. Training stall", _stall),
     ("stall-gpu", "1b. Training stall, state on the GPU (device-to-host copy included)", _stall),
@@ -373,6 +413,7 @@ SECTIONS = [
     ("scaling", "7. Several processes: per-node parts, one commit", _scaling),
     ("peers", "8. Peer replication: a lost node, and training while replicating", _peers),
     ("hashing", "9. The manifest's second checksum (xxh3) against crc32c alone", _hashing),
+    ("scale", "10. The multi-node protocol at 16 to 1,024 nodes", _scale),
 ]
 
 

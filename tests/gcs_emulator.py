@@ -17,6 +17,8 @@
 
 - With ``GCS_EMULATOR_SERVED_LOG`` set, every object download is appended to that file
   (bucket, name, bytes), so a test can show that a restore read no step data from the store.
+- ``GET /_tiered/requests`` answers how many requests it has served so far (``{"requests":
+  N}``, itself not counted), so a benchmark can count what a protocol costs the store.
 
 Otherwise it is the emulator's own ``main``.
 
@@ -160,6 +162,27 @@ def _get_resumable_byte_count(self: Any, file_id: str) -> int:
 
 Storage.add_to_resumable_upload = _add_to_resumable_upload
 Storage.get_resumable_byte_count = _get_resumable_byte_count
+
+_served = 0
+_original_handle = server.Router.handle
+
+
+def _handle(self: Any, method: str) -> None:
+    global _served
+    handler = self._request_handler
+    if handler.path == "/_tiered/requests":
+        body = json.dumps({"requests": _served}).encode()
+        handler.send_response(HTTPStatus.OK)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+        return
+    _served += 1  # one request at a time: the server has one thread
+    _original_handle(self, method)
+
+
+server.Router.handle = _handle
 
 if __name__ == "__main__":
     sys.exit(main())
