@@ -74,6 +74,8 @@ class DurableTier:
         self.limiter = RateLimiter(bandwidth_mb_per_s * 1e6) if bandwidth_mb_per_s else None
         self.budget = MemoryBudget(TRANSFER_MEMORY)
         self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
+        self.parts_read = parts.PartCache()
+        """Node 0's part markers read while a commit waits (``parts.commit``)."""
 
     @property
     def fs(self) -> Any:
@@ -414,6 +416,7 @@ class DurableTier:
     def delete_step(self, step: int) -> None:
         """Marker first, then the manifest, then the data."""
         self._manifests.pop(step, None)
+        self.parts_read.forget(step)
         for rel in (COMMIT_MARKER, MANIFEST_NAME):
             with (
                 translate_errors(f"deleting {rel} of {self.step_url(step)}"),

@@ -14,8 +14,10 @@ manifests (byte ranges), never array data, and writes a few small objects.
 Replicated arrays are written by every process that holds a replica (tiered saves with
 ``replica_id=None`` so that each node's part restores on its own), so several children hold the
 same keys. They hold the same bytes (a jax.Array's replicas are equal), and the merge makes the
-choice explicit: children are copied highest rank first, each in its own transaction, so for a
-key several hold the lowest rank's entry is the one that stays.
+choice explicit: children are copied highest rank first into one transaction, so for a key
+several hold the lowest rank's entry is the last written, and the one that stays. One
+transaction makes the merged root one new version with a few data files, whatever the node
+count.
 """
 
 from __future__ import annotations
@@ -120,11 +122,16 @@ def _merge(jobs: list[dict[str, Any]]) -> None:
             spec = {**base, "path": base["path"] + (sub.rstrip("/") + "/" if sub else "")}
             return ts.KvStore.open({"driver": "ocdbt", "base": spec}, context=context).result()
 
-        parent = kv("")
+        # One transaction for all children, as orbax's own merge: one commit writes one new
+        # version of the root (a transaction per child wrote N versions and N data files,
+        # which node 0 then read back, each commit rereading the root's manifest: at 1,024
+        # nodes that was most of the commit). Copied one after the other, highest rank
+        # first, so that for a key several children hold, the lowest rank's entry is the
+        # last write in the transaction, and the one that stays.
+        parent = kv("").with_transaction(txn := ts.Transaction(atomic=True))
         for child in reversed(job["children"]):
-            txn = ts.Transaction(atomic=True)
-            kv(child).experimental_copy_range_to(parent.with_transaction(txn)).result()
-            txn.commit_async().result()
+            kv(child).experimental_copy_range_to(parent).result()
+        txn.commit_async().result()
 
 
 def main() -> int:

@@ -56,14 +56,41 @@ def write(tier: DurableTier, step: int, manifest: Manifest, *, epoch: int) -> No
         tier.store.write_small(tier.object_path(step, part_marker(rank)), part.to_json().encode())
 
 
+class PartCache:
+    """Part markers already read, by step and rank, each with the version of the object it was
+    read from: node 0 polls a waiting step once a second, and rereads only the markers written
+    since (while a stale part waits for its node, the others are not read again and again:
+    at a thousand nodes that was a thousand GETs a second)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[int, int], tuple[str, Manifest]] = {}
+
+    def get(self, step: int, rank: int, version: str) -> Manifest | None:
+        kept = self._parts.get((step, rank))
+        return kept[1] if kept is not None and kept[0] == version and version else None
+
+    def put(self, step: int, rank: int, version: str, part: Manifest) -> None:
+        self._parts[(step, rank)] = (version, part)
+
+    def forget(self, step: int) -> None:
+        for key in [k for k in self._parts if k[0] == step]:
+            del self._parts[key]
+
+
+def _versions(tier: DurableTier, step: int) -> dict[int, str]:
+    """rank -> version of its part marker, for every marker of a multi-node step (one
+    listing, no reads)."""
+    listed = tier.store.list_versions(f"{step_name(step)}/{PARTS_DIR}")
+    return {
+        int(n.removesuffix(".json")): version
+        for n, version in listed.items()
+        if n.endswith(".json") and n.removesuffix(".json").isdigit()
+    }
+
+
 def ranks(tier: DurableTier, step: int) -> list[int]:
     """Nodes whose part marker of a multi-node step exists (one listing, no reads)."""
-    names = tier.store.list_names(f"{step_name(step)}/{PARTS_DIR}")
-    return sorted(
-        int(n.removesuffix(".json"))
-        for n in names
-        if n.endswith(".json") and n.removesuffix(".json").isdigit()
-    )
+    return sorted(_versions(tier, step))
 
 
 def read(tier: DurableTier, step: int, rank: int) -> Manifest:
@@ -73,19 +100,30 @@ def read(tier: DurableTier, step: int, rank: int) -> Manifest:
     return _parse(tier, step, rank, data)
 
 
-def read_all(tier: DurableTier, step: int) -> dict[int, Manifest]:
-    """node rank -> part marker, for every part written so far; read in parallel, since node 0
+def read_all(
+    tier: DurableTier, step: int, *, versions: dict[int, str] | None = None
+) -> dict[int, Manifest]:
+    """node rank -> part marker, for every part written so far (``versions``: from a listing
+    just made). Those not read before at their version are read, in parallel, since node 0
     reads all N of them before a commit."""
-    listed = ranks(tier, step)
-    texts = tier.store.read_texts(
-        [f"{step_name(step)}/{part_marker(r)}" for r in listed], workers=tier.concurrency
-    )
+    versions = _versions(tier, step) if versions is None else versions
     out = {}
-    for rank, text in zip(listed, texts, strict=True):
+    todo = []
+    for rank, version in sorted(versions.items()):
+        kept = tier.parts_read.get(step, rank, version)
+        if kept is None:
+            todo.append(rank)
+        else:
+            out[rank] = kept
+    texts = tier.store.read_texts(
+        [f"{step_name(step)}/{part_marker(r)}" for r in todo], workers=tier.concurrency
+    )
+    for rank, text in zip(todo, texts, strict=True):
         if text is None:
             raise NotFound(f"{tier.step_url(step)}/{part_marker(rank)}: vanished while read")
         out[rank] = _parse(tier, step, rank, text)
-    return out
+        tier.parts_read.put(step, rank, versions[rank], out[rank])
+    return dict(sorted(out.items()))
 
 
 def _parse(tier: DurableTier, step: int, rank: int, data: str | bytes) -> Manifest:
@@ -107,14 +145,18 @@ def commit(tier: DurableTier, step: int, *, epoch: int, marker: bytes) -> list[i
     """
     nodes = tier.topology.nodes
     if tier.has_marker(step):
+        tier.parts_read.forget(step)
         return []
-    listed = ranks(tier, step)
-    if len(listed) < nodes:
-        # Read one part (a single small GET) so a job-shape mismatch shows up at once.
-        sample = {listed[-1]: read(tier, step, listed[-1])} if listed else {}
+    versions = _versions(tier, step)
+    if len(versions) < nodes:
+        # Read one part (a single small GET, once) so a job-shape mismatch shows up at once.
+        newest = max(versions, default=None)
+        sample = (
+            read_all(tier, step, versions={newest: versions[newest]}) if newest is not None else {}
+        )
         _check_shapes(tier, step, sample)
-        return [r for r in range(nodes) if r not in listed]
-    found = read_all(tier, step)
+        return [r for r in range(nodes) if r not in versions]
+    found = read_all(tier, step, versions=versions)
     _check_shapes(tier, step, found)
     fresh = {r: p for r, p in found.items() if p.epoch == epoch}
     missing = [r for r in range(nodes) if r not in fresh]
@@ -158,6 +200,7 @@ def commit(tier: DurableTier, step: int, *, epoch: int, marker: bytes) -> list[i
             log.warning(
                 "%s was already committed by another writer; kept its marker", tier.step_url(step)
             )
+    tier.parts_read.forget(step)
     return []
 
 

@@ -116,6 +116,22 @@ class Store:
             except FileNotFoundError:
                 return set()
 
+    def list_versions(self, rel: str) -> dict[str, str]:
+        """Name -> version (``object_version``) of each object directly under a folder, from
+        one listing (empty when the folder does not exist)."""
+        folder = f"{self.root}/{rel}"
+        with translate_errors(f"listing {self.url}/{rel}"):
+            self.fs.invalidate_cache(folder)
+            try:
+                found = self.fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                return {}
+        return {
+            str(info["name"]).rstrip("/").rsplit("/", 1)[-1]: object_version(info)
+            for info in found
+            if info.get("type") != "directory"
+        }
+
     def write_text(self, rel: str, text: str) -> None:
         """Write a small object whole: a reader (another node polling for a part marker or a
         decision) never sees half of it."""
