@@ -16,11 +16,16 @@ from tiered.tiers import promote_step
 
 def test_requests_per_node_do_not_grow_with_the_node_count(tmp_path: Path) -> None:
     rows = {n: run_nodes(n, f"file://{tmp_path}/d{n}/durable", tmp_path / f"d{n}") for n in (4, 16)}
-    for key in ("requests_per_other_node_per_step", "requests_per_other_node_agreement"):
-        assert rows[16][key]["max"] <= rows[4][key]["max"], (key, rows)
-    # Node 0's work is linear: a marker read per node, and a fixed part besides.
-    grown = rows[16]["requests_node0_per_step"] - rows[4]["requests_node0_per_step"]
-    assert grown <= 3 * 12, rows
+    per_step = "requests_per_other_node_per_step"
+    assert rows[16][per_step]["max"] <= rows[4][per_step]["max"], rows
+    # An agreement costs a node one request and one read per poll: the polls depend on how long
+    # it waits for the last node to ask (threads on a loaded machine), not on N.
+    agreement = "requests_per_other_node_agreement"
+    assert rows[16][agreement]["mean"] <= rows[4][agreement]["mean"] + 1, rows
+    # Node 0's work is linear: a marker read per node, a fixed part besides, and at most three
+    # requests per one-second poll while the others upload.
+    fixed = {n: r["requests_node0_per_step"] - 3 * r["commit_polls"] for n, r in rows.items()}
+    assert fixed[16] - fixed[4] <= 3 * 12, rows
 
 
 def test_node_0_reads_each_part_marker_once_while_a_stale_part_waits(tmp_path: Path) -> None:
