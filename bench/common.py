@@ -271,7 +271,9 @@ def proc_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def save_state_locally(local: Path, step: int, state: dict[str, Any]) -> Path:
+def save_state_locally(
+    local: Path, step: int, state: dict[str, Any], *, custom_metadata: dict[str, Any] | None = None
+) -> Path:
     """A real orbax step on local disk, waited for, in the format tiered's local saves use by
     default (OCDBT, zarr3, zstd as ``tiered.local_compression`` defaults)."""
     import orbax.checkpoint as ocp
@@ -285,6 +287,11 @@ def save_state_locally(local: Path, step: int, state: dict[str, Any]) -> Path:
     registry.add(None, ocp.args.PyTreeSave, handler)
     options = ocp.CheckpointManagerOptions(create=True)
     with ocp.CheckpointManager(str(local), options=options, handler_registry=registry) as m:
-        m.save(step, args=ocp.args.PyTreeSave(state), force=True)
+        m.save(
+            step,
+            args=ocp.args.PyTreeSave(state),
+            force=True,
+            custom_metadata=custom_metadata or {},
+        )
         m.wait_until_finished()
     return local / str(step)

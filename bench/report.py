@@ -175,18 +175,44 @@ def _restore(r: dict[str, Any]) -> list[str]:
 
 
 def _interference(r: dict[str, Any]) -> list[str]:
+    p = r["params"]
+    names = {
+        "default": "default (no cap: paced to the durable period)",
+        "capped_400mbps": "capped at 50 MB/s (`upload_bandwidth_mb_per_s: 50`)",
+        "uncapped": "unpaced (`transfer_pacing: null`)",
+    }
     rows = [
-        f"Compute steps of about {r['params']['step_ms']:.0f} ms while the daemon (at its "
-        f"default nice 10) uploads a {r['params']['size_mb']} MB step to `file://`, from the "
+        f"Compute steps of about {p['step_ms']:.0f} ms while the daemon (at its "
+        f"default nice 10) uploads a {p['size_mb']} MB step to `file://`, from the "
         "upload's start to its commit (this machine has 2 cores).",
-        "",
-        "| upload | median idle step (ms) | median step while uploading (ms) | slowdown | bar 1.05x |",
-        "|---|---|---|---|---|",
     ]
+    if "durable_period" in p:
+        rows[0] += (
+            f" The step is periodic, with a durable period of {p['durable_period']} steps and "
+            f"the trainer's step time ({p['recorded_seconds_per_step'] * 1000:.0f} ms) in its "
+            f"metadata, as `tiered.CheckpointManager` records it: the next durable step is "
+            f"{r['pacing']['seconds_to_next_durable_step']:.0f} s away, and the default pace "
+            f"(half of that) is to finish in {r['pacing']['expected_upload_s']:.0f} s."
+        )
+    rows += [
+        "",
+        "| upload | median idle step (ms) | median step while uploading (ms) | slowdown "
+        "| bar 1.05x | durable lag: upload start to commit (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    if "durable_lag_median_s" in r:
+        rows[0] += (
+            " Busy and idle steps alternate in blocks of five, the daemon stopped (SIGSTOP) "
+            "for the idle ones, so both see the same neighbours on a shared machine."
+        )
+    lag = r.get("durable_lag_median_s", {})
     for label, s in r["summary"].items():
         rows.append(
-            f"| {label} | {s['median_idle_s'] * 1000:.1f} | {s['median_busy_s'] * 1000:.1f} "
-            f"| {s['slowdown']:.3f}x | {_ok(s['slowdown'] <= 1.05)} |"
+            f"| {names.get(label, label)} | {s['median_idle_s'] * 1000:.1f} "
+            f"| {s['median_busy_s'] * 1000:.1f} | {s['slowdown']:.3f}x "
+            f"| {_ok(s['slowdown'] <= 1.05)} | "
+            + (f"{lag[label]:.1f}" if label in lag else "-")
+            + " |"
         )
     return rows
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -435,53 +436,106 @@ def fresh_node_restore(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]
 # -- 4. interference ------------------------------------------------------------------------------
 
 
-def interference(*, size_mb: int, reps: int, step_ms: float, work: Path) -> dict[str, Any]:
+def interference(
+    *, size_mb: int, reps: int, step_ms: float, work: Path, durable_period: int = 500
+) -> dict[str, Any]:
+    """Compute steps timed while the real daemon uploads one periodic step, against the same
+    steps with nothing uploading: with the defaults (no cap: paced to the durable period of
+    ``durable_period`` steps of this step time, which the step's metadata records as
+    ``tiered.CheckpointManager`` does), capped at 50 MB/s, and unpaced. Also the durable lag:
+    from the upload's start to its commit."""
     from bench.common import save_state_locally
 
     compute = _compute_step(step_ms)
+    warm = [_timed(compute) for _ in range(10)]
+    per_step = median(warm)
+    step = durable_period
     local = work / "interfere-local"
-    save_state_locally(local, 100, random_state(size_mb))
+    save_state_locally(
+        local,
+        step,
+        random_state(size_mb),
+        custom_metadata={"tiered": {"reason": "periodic", "seconds_per_step": per_step}},
+    )
+    setups: dict[str, dict[str, Any]] = {
+        "default": {},
+        "capped_400mbps": {"upload_bandwidth_mb_per_s": 50.0, "transfer_pacing": None},
+        "uncapped": {"transfer_pacing": None},
+    }
     results: dict[str, dict[str, list[float]]] = {}
-    for label, cap in (("uncapped", None), ("capped_400mbps", 400.0)):
-        idle, busy = [], []
+    lag: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    for label, extra in setups.items():
+        idle: list[float] = []
+        busy: list[float] = []
+        lags, cpus = [], []
         for rep in range(reps):
-            for _ in range(20):
-                t0 = time.perf_counter()
-                compute()
-                idle.append(time.perf_counter() - t0)
+            durable = work / f"interfere-durable-{label}-{rep}"
             cfg = write_config(
                 work / f"interfere-{label}-{rep}.yml",
                 config_mapping(
                     local,
-                    f"file://{work}/interfere-durable-{label}-{rep}",
-                    checkpoint_period=100,
-                    local_checkpoint_period=100,
-                    tiered={
-                        "local_max_to_keep": 10,
-                        **({"upload_bandwidth_mb_per_s": cap / 8} if cap else {}),
-                    },
+                    f"file://{durable}",
+                    checkpoint_period=durable_period,
+                    local_checkpoint_period=durable_period,
+                    tiered={"local_max_to_keep": 10, **extra},
                 ),
             )
             settle()
-            # The real daemon, as deployed (nice included): it finds step 100 due on start.
-            durable = work / f"interfere-durable-{label}-{rep}"
+            # The real daemon, as deployed (nice included): it finds the step due on start.
             with daemon(cfg, wait=False) as proc:
                 # measure from the upload's start (the daemon's start-up is not the upload)
-                while proc.poll() is None and not (durable / "100").exists():
+                while proc.poll() is None and not (durable / str(step)).exists():
                     time.sleep(0.01)
-                while proc.poll() is None and not (durable / "100" / COMMIT_MARKER).exists():
+                started, cpu0 = time.perf_counter(), proc_cpu_seconds(proc.pid)
+                paused = 0.0
+                # Busy and idle steps alternate in blocks of five, the daemon stopped (SIGSTOP)
+                # for the idle ones: both see the same neighbours on a shared machine.
+                while proc.poll() is None and not (durable / str(step) / COMMIT_MARKER).exists():
+                    busy += [_timed(compute) for _ in range(5)]
+                    proc.send_signal(signal.SIGSTOP)
                     t0 = time.perf_counter()
-                    compute()
-                    busy.append(time.perf_counter() - t0)
+                    idle += [_timed(compute) for _ in range(5)]
+                    paused += time.perf_counter() - t0
+                    proc.send_signal(signal.SIGCONT)
+                # A paced or capped upload's token bucket fills while the daemon is stopped
+                # (up to a second's worth): its progress follows the clock, so its lag is the
+                # wall time; an unpaced one stands still while stopped.
+                paced = extra.get("transfer_pacing", 0.5) or extra.get("upload_bandwidth_mb_per_s")
+                lags.append(time.perf_counter() - started - (0.0 if paced else paused))
+                cpus.append(proc_cpu_seconds(proc.pid) - cpu0)
             shutil.rmtree(durable, ignore_errors=True)
         results[label] = {"idle_step_s": idle, "busy_step_s": busy}
+        lag[label], cpu[label] = lags, cpus
     summary = slowdown_summary(results)
+    nbytes = sum(f.stat().st_size for f in (local / str(step)).rglob("*") if f.is_file())
+    horizon = durable_period * per_step
     return {
-        "params": {"size_mb": size_mb, "step_ms": step_ms, "reps": reps},
+        "params": {
+            "size_mb": size_mb,
+            "step_ms": step_ms,
+            "reps": reps,
+            "durable_period": durable_period,
+            "recorded_seconds_per_step": per_step,
+            "step_bytes": nbytes,
+        },
         "samples": results,
         "summary": summary,
+        "durable_lag_s": lag,
+        "durable_lag_median_s": {k: median(v) for k, v in lag.items()},
+        "daemon_cpu_s": cpu,
+        "pacing": {
+            "seconds_to_next_durable_step": horizon,
+            "expected_upload_s": nbytes / max(2e6, nbytes / (horizon * 0.5)),
+        },
         "bars": {"step time while uploading at most 1.05x idle": 1.05},
     }
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # -- 5. daemon footprint --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tiered.sidecar import (
     DurableStep,
     Manifest,
     PeerSetup,
+    RateLimiter,
     Rendezvous,
     TransferResult,
     Upload,
@@ -45,16 +46,29 @@ class PartlyDone(Exception):
         self.error = error
 
 
+def pacer(cap_mb_per_s: float | None, pace_bytes_per_s: float | None) -> RateLimiter | None:
+    """The limiter for one transfer: the slower of the configured cap and the plan's pace."""
+    rates = [r for r in (cap_mb_per_s and cap_mb_per_s * 1e6, pace_bytes_per_s) if r]
+    return RateLimiter(min(rates)) if rates else None
+
+
 def upload(cfg: TieredConfig, local: LocalTier, durable: DurableTier, todo: Upload) -> Job:
-    """Promote one step, retrying transient storage errors with jittered backoff."""
+    """Promote one step at the plan's pace, retrying transient storage errors with jittered
+    backoff."""
     tiered = cfg.tiered
+    limiter = pacer(tiered.upload_bandwidth_mb_per_s, todo.bytes_per_s)
 
     def run(progress: Progress) -> TransferResult:
         for attempt in range(1, tiered.retry_attempts + 1):
             progress.attempt = attempt
             try:
                 return promote_step(
-                    local, durable, todo.step, progress=progress, reason=todo.reason
+                    local,
+                    durable,
+                    todo.step,
+                    progress=progress,
+                    reason=todo.reason,
+                    limiter=limiter,
                 )
             except StorageError as err:
                 if not err.transient or attempt == tiered.retry_attempts:
@@ -73,7 +87,7 @@ def upload(cfg: TieredConfig, local: LocalTier, durable: DurableTier, todo: Uplo
                 time.sleep(delay)
         raise StorageError(f"step {todo.step}: no attempts configured", transient=False)
 
-    return Job("upload", todo.step, run, data=todo)
+    return Job("upload", todo.step, run, data=todo, pacer=limiter)
 
 
 def displace(durable: DurableTier, todo: Displace) -> Job:

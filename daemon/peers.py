@@ -24,6 +24,7 @@ from typing import Any
 
 from daemon.base import DaemonBase
 from daemon.http import Handler, Server
+from daemon.jobs import pacer
 from daemon.state import with_item, without
 from daemon.workers import Job, Outcome, Progress
 from tiered import (
@@ -43,6 +44,7 @@ from tiered.sidecar import (
     PeerAuth,
     PeerClient,
     PeerStore,
+    RateLimiter,
     clients_for,
     header_for,
     job_identity,
@@ -51,6 +53,7 @@ from tiered.sidecar import (
     partners,
     read_header,
     replica_stream,
+    replication_pace,
 )
 
 log = logging.getLogger("daemon")
@@ -262,8 +265,16 @@ class Sent:
     seconds: float
 
 
-def replicate(local: LocalTier, rank: int, step: int, clients: list[PeerClient]) -> Job:
-    """Send local ``step`` to each of ``clients`` that does not hold this very copy yet."""
+def replicate(
+    local: LocalTier,
+    rank: int,
+    step: int,
+    clients: list[PeerClient],
+    *,
+    limiter: RateLimiter | None = None,
+) -> Job:
+    """Send local ``step`` to each of ``clients`` that does not hold this very copy yet, at
+    ``limiter``'s pace (default: each client's cap)."""
 
     def run(progress: Progress) -> tuple[str, dict[int, Sent | BaseException]]:
         manifest = local.manifest(step)
@@ -275,13 +286,13 @@ def replicate(local: LocalTier, rank: int, step: int, clients: list[PeerClient])
                 if any(h.step == step and h.identity == manifest.identity for h in client.held()):
                     out[client.rank] = Sent("held", 0, 0.0)
                     continue
-                client.send(local.step_dir(step), header, progress=progress)
+                client.send(local.step_dir(step), header, progress=progress, limiter=limiter)
                 out[client.rank] = Sent("sent", header.total_bytes, time.monotonic() - started)
             except (TieredError, OSError) as err:
                 out[client.rank] = err
         return manifest.identity, out
 
-    return Job("replicate", step, run, data=[c.rank for c in clients])
+    return Job("replicate", step, run, data=[c.rank for c in clients], pacer=limiter)
 
 
 class Peering(DaemonBase):
@@ -361,7 +372,7 @@ class Peering(DaemonBase):
         if self.peer_server is None or not self.topology.multi or self.peer_lane.busy:
             return
         nodes = self.topology.nodes
-        steps = [s for s in self.local.scan() if s.committed and s.fits(nodes)]
+        steps = [s for s in self.local.scan(with_size=True) if s.committed and s.fits(nodes)]
         if not steps:
             return
         newest = steps[-1]
@@ -373,7 +384,10 @@ class Peering(DaemonBase):
             and now >= state.peer_retry_at.get(c.rank, 0.0)
         ]
         if due:
-            self.peer_lane.submit(replicate(self.local, self.topology.rank, newest.step, due))
+            pace = replication_pace(newest.size, newest.reason, local=steps, rules=self.rules)
+            limiter = pacer(self.cfg.tiered.peer_bandwidth_mb_per_s, pace.bytes_per_s)
+            job = replicate(self.local, self.topology.rank, newest.step, due, limiter=limiter)
+            self.peer_lane.submit(job)
 
     def _on_replicate(self, outcome: Outcome) -> None:
         step = outcome.job.step or 0

@@ -18,7 +18,6 @@ checksum are skipped) and never taken for checkpoints, because the commit marker
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -54,6 +53,7 @@ from tiered.sidecar import (
     Displace,
     Fingerprint,
     ForgetPart,
+    FullSpeed,
     PeerStore,
     Plan,
     RestoreOption,
@@ -61,7 +61,6 @@ from tiered.sidecar import (
     Upload,
     apply_deletes,
     at_risk,
-    is_tmp_name,
     open_durable,
     plan,
     rules_for,
@@ -217,6 +216,7 @@ class Daemon(Outcomes, Views, Peering):
             disk_pressure=state.disk_pressure,
             run_ended=ended,
             trainer_running=trainer_there,
+            draining=self.draining,
         )
 
     def _execute(self, decided: Plan) -> None:
@@ -247,6 +247,11 @@ class Daemon(Outcomes, Views, Peering):
             self.durable_lane.submit(jobs.delete(self.local, self.durable, durable_deletes))
 
     def _submit_work(self, decided: Plan) -> None:
+        hurry = next(iter(decided.of(FullSpeed)), None)
+        for job in (self.transfer.job, self.peer_lane.job):
+            if hurry is not None and job is not None and job.pacer and not job.pacer.lifted:
+                log.info("Step %d now goes at full speed: %s", job.step, hurry.why)
+                job.pacer.lift()
         fingerprint = next(iter(decided.of(Fingerprint)), None)
         if fingerprint is not None and not self.local_lane.busy:
             self.local_lane.submit(jobs.fingerprint(self.local, fingerprint.step))
@@ -430,6 +435,8 @@ class Daemon(Outcomes, Views, Peering):
     def drain(self) -> int:
         """Keep cycling until nothing is owed (preemption and final steps first, and the newest
         local step when the trainer is gone), within the grace period."""
+        from daemon.watcher import save_in_progress
+
         grace = self.cfg.tiered.shutdown_grace_seconds
         deadline = time.monotonic() + grace
         settle_until = time.monotonic() + min(3.0, grace / 10)
@@ -446,7 +453,7 @@ class Daemon(Outcomes, Views, Peering):
             busy = self.transfer.busy or self.local_lane.busy
             owed = decided.owed if decided is not None else frozenset()
             settled = not busy and not owed and time.monotonic() >= settle_until
-            if settled and not self._save_in_progress():
+            if settled and not save_in_progress(self.local.root):
                 log.info("Drained: nothing left to promote; exiting")
                 return 0
             self.wake.wait(0.2)
@@ -463,25 +470,6 @@ class Daemon(Outcomes, Views, Peering):
             f"steps owed to the durable tier: {left}" if left else "no other steps",
         )
         return 1
-
-    def _save_in_progress(self, *, quiet_seconds: float = 5.0) -> bool:
-        """Whether the trainer is writing a save now: a tmp directory written to recently.
-
-        A tmp directory left by a trainer killed mid-save stays forever; it must not hold the
-        drain until the grace period runs out.
-        """
-        try:
-            tmps = [p for p in self.local.root.iterdir() if is_tmp_name(p.name)]
-        except OSError:
-            return False
-        cutoff = time.time() - quiet_seconds
-        for tmp in tmps:
-            for dirpath, _dirs, files in os.walk(tmp):
-                for name in [".", *files]:
-                    with contextlib.suppress(OSError):
-                        if os.stat(os.path.join(dirpath, name)).st_mtime > cutoff:
-                            return True
-        return False
 
     def stop(self) -> None:
         self.stopping.set()

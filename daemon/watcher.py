@@ -11,8 +11,11 @@ tmp directories are ignored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -74,3 +77,23 @@ class Watcher:
     def stop(self) -> None:
         self._observer.stop()
         self._observer.join(timeout=5)
+
+
+def save_in_progress(root: Path, *, quiet_seconds: float = 5.0) -> bool:
+    """Whether the trainer is writing a save now: a tmp directory written to recently.
+
+    A tmp directory left by a trainer killed mid-save stays forever; it must not hold the
+    drain until the grace period runs out.
+    """
+    try:
+        tmps = [p for p in root.iterdir() if is_tmp_name(p.name)]
+    except OSError:
+        return False
+    cutoff = time.time() - quiet_seconds
+    for tmp in tmps:
+        for dirpath, _dirs, files in os.walk(tmp):
+            for name in [".", *files]:
+                with contextlib.suppress(OSError):
+                    if os.stat(os.path.join(dirpath, name)).st_mtime > cutoff:
+                        return True
+    return False

@@ -45,6 +45,8 @@ class Job:
     run: Callable[[Progress], Any]
     data: Any = None
     """Whatever the loop needs to apply the outcome (the plan's action, say)."""
+    pacer: Any = None
+    """The job's ``RateLimiter`` when it is paced: the loop may ``lift`` it."""
     started: float = field(default_factory=time.time)
 
 

@@ -67,6 +67,10 @@ class TieredSettings(BaseModel):
     upload_bandwidth_mb_per_s: float | None = Field(None, gt=0)
     """Cap on the daemon's uploads, in megabytes (10**6 bytes) per second: the unit the logs
     and the status print."""
+    transfer_pacing: float | None = Field(0.5, gt=0, le=1)
+    """With no cap, a periodic upload goes just fast enough to end within this share of the
+    time until the next durable step (a copy to a peer: until the next local step), from the
+    trainer's step time; preemption and final steps go at full speed. null: full speed always."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     mtc_protocol: bool | None = None
     write_jax_init_info: bool = False

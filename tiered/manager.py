@@ -94,13 +94,13 @@ class CheckpointManager:
             self.local.tiered_dir, name=TRAINER_LOCK_NAME, what="tiered.CheckpointManager"
         )
         self._lock.acquire()
-        self._last_size = 0
         self._durable: DurableTier | None = None
         self._restored_step: int | None = None
         """The step this manager restored (-1: started fresh), or None before ``restore``."""
         self._epoch: int | None = None
         """The restore epoch the nodes agreed under (several nodes): every save records it."""
         self._saved_here: set[int] = set()
+        self._last_save: tuple[int, float] | None = None  # (step, perf_counter) of the last save
         self._blocking: list[float] = []
         self._multi = self._check_topology()
         self._mgr = local_manager(cfg, multi=self._multi)
@@ -207,7 +207,8 @@ class CheckpointManager:
             set_aside_newer(self.local, step - 1, why="the run saves these step numbers again")
             self._mgr.reload()
         self._warn_if_nearly_full()
-        started = time.perf_counter()
+        started, last = time.perf_counter(), self._last_save
+        per_step = (started - last[1]) / (step - last[0]) if last and step > last[0] else None
         with self._disk_full_is_clear():
             saved = bool(
                 self._mgr.save(
@@ -224,6 +225,7 @@ class CheckpointManager:
                         }
                         # the run it belongs to: parts of one save share it (tiered.coord)
                         | ({"epoch": self._epoch} if self._epoch is not None else {})
+                        | ({"seconds_per_step": per_step} if per_step else {})
                     }
                     | ({"metrics": plain_metrics(metrics)} if metrics is not None else {}),
                 )
@@ -233,6 +235,7 @@ class CheckpointManager:
                 log.info("Saved %s checkpoint at step %d to %s", reason, step, cfg.local_dir)
         if saved:
             self._saved_here.add(step)
+            self._last_save = (step, started)
             if not blocking:
                 self._record_blocking(time.perf_counter() - started)
         if reason == "preemption":
@@ -294,9 +297,7 @@ class CheckpointManager:
             durable = self.durable.scan()
         except StorageError as err:
             log.warning(
-                "Durable tier %s unreadable, using local steps only: %s",
-                self.durable.url,
-                err,
+                "Durable tier %s unreadable, using local steps only: %s", self.durable.url, err
             )
             durable = []
         return restore_options(self.local.scan(), durable, nodes=self.config.tiered.num_nodes)

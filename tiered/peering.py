@@ -234,8 +234,10 @@ class PeerClient:
         header: Header,
         *,
         progress: Callable[[int, int], None] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        """Stream one local step to the peer (it checks every byte as it arrives)."""
+        """Stream one local step to the peer (it checks every byte as it arrives), at
+        ``limiter``'s pace (default: this client's cap)."""
         raw = header.to_bytes()
         path = self._path(header.step)
         total = header.stream_length(raw)
@@ -250,7 +252,8 @@ class PeerClient:
             def open_file(rel: str) -> Any:
                 return _open_inside(step_dir, rel)
 
-            dropped = self._stream(conn, encode(header, open_file, raw=raw), total, progress)
+            chunks = encode(header, open_file, raw=raw)
+            dropped = self._stream(conn, chunks, total, progress, limiter or self.limiter)
             if dropped is not None:
                 # The peer may have answered (and closed) before taking it all: say why.
                 try:
@@ -273,6 +276,7 @@ class PeerClient:
         chunks: Iterator[bytes],
         total: int,
         progress: Callable[[int, int], None] | None,
+        limiter: RateLimiter | None,
     ) -> tuple[int, OSError] | None:
         """Send ``chunks``; (bytes sent, the error) when the peer's side of the connection
         failed. An error reading this node's own files is not the peer's: it is raised."""
@@ -286,8 +290,8 @@ class PeerClient:
                 ) from None
             if chunk is None:
                 return None
-            if self.limiter is not None:
-                self.limiter.take(len(chunk))
+            if limiter is not None:
+                limiter.take(len(chunk))
             try:
                 conn.send(chunk)
             except OSError as err:
@@ -333,7 +337,7 @@ def _open_inside(step_dir: Path, rel: str) -> Any:
 def header_for(local: LocalTier, step: int, rank: int, manifest: Manifest) -> Header:
     """What a replica of this node's local ``step`` carries."""
     step_dir = local.step_dir(step)
-    _reason, _time, _nodes, epoch = step_metadata(step_dir)
+    epoch = step_metadata(step_dir).epoch
     with open(step_dir / COMMIT_MARKER, "rb") as f:
         marker = f.read(65536).decode(errors="replace")  # orbax's marker: one small line
     return Header(owner=rank, step=step, epoch=epoch, marker=marker, manifest=manifest)

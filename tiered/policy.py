@@ -115,6 +115,100 @@ class AnyOf:
         return mask
 
 
+# -- pacing --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How fast a periodic transfer goes when no cap is set: fast enough to end within
+    ``share`` of the expected time until the next step it protects against (the next durable
+    step for an upload, the next local step for a copy to a peer), never slower than
+    ``floor_bytes_per_s``, and at ``unknown_bytes_per_s`` until the trainer's step time is
+    known. So a periodic durable step commits within ``share`` of a durable period of its start,
+    and training keeps the host (docs/benchmarks.md, interference). Preemption and final steps
+    are never paced."""
+
+    share: float = 0.5
+    floor_bytes_per_s: float = 2e6
+    unknown_bytes_per_s: float = 25e6
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share <= 1:
+            raise ValueError(f"Pacing needs 0 < share <= 1, got {self.share}")
+        if self.floor_bytes_per_s <= 0 or self.unknown_bytes_per_s <= 0:
+            raise ValueError("Pacing needs positive rates")
+
+
+@dataclass(frozen=True)
+class Pace:
+    """One transfer's pace: bytes per second (None: full speed), the seconds it should take at
+    that pace (None: not known), and why, in words for the status."""
+
+    bytes_per_s: float | None
+    within_s: float | None
+    why: str
+
+
+def seconds_per_step(local: Sequence[LocalStep]) -> float | None:
+    """The trainer's wall time per step: what its newest save recorded, else the spacing of the
+    two newest committed local steps (None: not known yet)."""
+    committed = [s for s in local if s.committed]
+    if not committed:
+        return None
+    if committed[-1].seconds_per_step:
+        return committed[-1].seconds_per_step
+    timed = [s for s in committed if s.commit_time is not None]
+    if len(timed) >= 2:
+        a, b = timed[-2], timed[-1]
+        spent = (b.commit_time or 0.0) - (a.commit_time or 0.0)
+        if spent > 0:
+            return spent / (b.step - a.step)
+    return None
+
+
+def upload_pace(
+    size: int | None, reason: Reason, *, local: Sequence[LocalStep], rules: Rules
+) -> Pace:
+    """The pace of one upload of ``size`` bytes owed for ``reason``."""
+    if rules.pacing is None:
+        return Pace(None, None, "unpaced (tiered.transfer_pacing: null)")
+    if reason in PRECIOUS_REASONS:
+        return Pace(None, None, f"{reason}: full speed")
+    per_step = seconds_per_step(local)
+    horizon = rules.durable_period * per_step if per_step else None
+    if rules.backup_interval_seconds:
+        horizon = min(horizon or rules.backup_interval_seconds, rules.backup_interval_seconds)
+    return _paced(size, horizon, rules.pacing, "the next durable step")
+
+
+def replication_pace(
+    size: int | None, reason: Reason, *, local: Sequence[LocalStep], rules: Rules
+) -> Pace:
+    """The pace of one copy of a local step to a peer: within a share of a local period."""
+    if rules.pacing is None:
+        return Pace(None, None, "unpaced (tiered.transfer_pacing: null)")
+    if reason in PRECIOUS_REASONS:
+        return Pace(None, None, f"{reason}: full speed")
+    per_step = seconds_per_step(local)
+    horizon = rules.local_period * per_step if per_step and rules.local_period else None
+    return _paced(size, horizon, rules.pacing, "the next local step")
+
+
+def _paced(size: int | None, horizon: float | None, pacing: Pacing, until: str) -> Pace:
+    if horizon is None:
+        rate = pacing.unknown_bytes_per_s
+        within = size / rate if size else None
+        return Pace(rate, within, f"at {rate / 1e6:.0f} MB/s until the step time is known")
+    rate = max(pacing.floor_bytes_per_s, (size or 0) / (horizon * pacing.share))
+    within = (size or 0) / rate
+    return Pace(
+        rate,
+        within,
+        f"paced to {rate / 1e6:.1f} MB/s: {within:.0f} s, within {pacing.share:.0%} of the "
+        f"{horizon:.0f} s to {until}",
+    )
+
+
 # -- inputs --------------------------------------------------------------------------------------
 
 
@@ -134,6 +228,8 @@ class Rules:
     final_after_idle_seconds: float | None = None
     """With no trainer lock to tell, the run counts as ended once its newest local step is this
     old, and at least three of its usual save intervals: that step is then owed as final."""
+    pacing: Pacing | None = None
+    """How periodic transfers are paced when no cap is set; None: full speed."""
 
     def __post_init__(self) -> None:
         if self.durable_period <= 0:
@@ -183,6 +279,8 @@ class Snapshot:
     is owed to the durable tier whatever its number."""
     trainer_running: bool = False
     """A ``tiered.CheckpointManager`` holds its lock: the run has not ended, however idle."""
+    draining: bool = False
+    """The daemon is stopping: what it still owes must move at full speed, within its grace."""
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -200,6 +298,16 @@ class Fingerprint:
 class Upload:
     step: int
     reason: Reason
+    bytes_per_s: float | None = None
+    """The pace (``upload_pace``); None: full speed."""
+
+
+@dataclass(frozen=True)
+class FullSpeed:
+    """Lift the pace of the transfers in flight: a preemption or final step is waiting behind
+    one, the run ended, or the daemon is stopping."""
+
+    why: str
 
 
 @dataclass(frozen=True)
@@ -250,7 +358,7 @@ class Delete:
     why: str
 
 
-Action = Fingerprint | Upload | Displace | Commit | ForgetPart | Abandon | Skip | Delete
+Action = Fingerprint | Upload | FullSpeed | Displace | Commit | ForgetPart | Abandon | Skip | Delete
 
 State = Literal[
     "committed",
@@ -534,7 +642,8 @@ def plan(snap: Snapshot, rules: Rules) -> Plan:
             # just posted the failure and its lane is a moment from going idle
             verdict(step, "failed", snap.failed[step])
         elif step in snap.busy:
-            verdict(step, "uploading", "a worker is on it now")
+            pace = upload_pace(local.size, wanted[step], local=snap.local, rules=rules)
+            verdict(step, "uploading", f"a worker is on it now, {pace.why}")
         elif step in waiting:
             verdict(step, "committing", "this node's part is uploaded; node 0 commits the step")
             if topo.committer:
@@ -554,8 +663,9 @@ def plan(snap: Snapshot, rules: Rules) -> Plan:
             else:
                 verdict(step, "conflict", f"the durable step holds {other}: node 0 moves it aside")
         else:
-            transfers.append(Upload(step, wanted[step]))
-            verdict(step, "due", f"owed to the durable tier ({wanted[step]})")
+            pace = upload_pace(local.size, wanted[step], local=snap.local, rules=rules)
+            transfers.append(Upload(step, wanted[step], pace.bytes_per_s))
+            verdict(step, "due", f"owed to the durable tier ({wanted[step]}); {pace.why}")
 
     # every other step
     for row in rows:
@@ -617,6 +727,12 @@ def plan(snap: Snapshot, rules: Rules) -> Plan:
             ):
                 deletes.append(Delete("durable", row.step, "partial upload nothing can finish"))
 
+    hurry = [a for a in transfers if isinstance(a, Upload) and a.reason in PRECIOUS_REASONS]
+    if snap.draining or snap.run_ended or hurry:
+        why = "the daemon is stopping" if snap.draining else "the run ended"
+        if hurry:
+            why = f"{hurry[0].reason} step {hurry[0].step} is waiting"
+        actions.append(FullSpeed(why))
     return Plan(
         actions=(*actions, *fingerprints, *transfers, *skips.values(), *deletes),
         verdicts=verdicts,
@@ -638,4 +754,5 @@ def rules_for(cfg: TieredConfig, *, topology: Topology | None = None) -> Rules:
         topology=topology or cfg.topology,
         local_period=cfg.local_checkpoint_period,
         final_after_idle_seconds=cfg.tiered.final_after_idle_seconds,
+        pacing=Pacing(share=pacing) if (pacing := cfg.tiered.transfer_pacing) else None,
     )

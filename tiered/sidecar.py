@@ -47,12 +47,14 @@ from tiered.policy import (
     Displace,
     Fingerprint,
     ForgetPart,
+    FullSpeed,
     Plan,
     RestoreOption,
     Rules,
     Snapshot,
     Upload,
     plan,
+    replication_pace,
     restore_options,
     rules_for,
 )
@@ -61,6 +63,7 @@ from tiered.risk import at_risk
 from tiered.storage import TransferResult
 from tiered.storage.replicas import PeerStore, read_header
 from tiered.storage.replicas import encode as replica_stream
+from tiered.storage.transfer import RateLimiter
 from tiered.tiers import (
     PeerSetup,
     agree,
@@ -95,6 +98,7 @@ __all__ = [
     "DurableStep",
     "Fingerprint",
     "ForgetPart",
+    "FullSpeed",
     "Manifest",
     "NonceRecord",
     "PeerAuth",
@@ -102,6 +106,7 @@ __all__ = [
     "PeerSetup",
     "PeerStore",
     "Plan",
+    "RateLimiter",
     "Rendezvous",
     "RestoreOption",
     "Rules",
@@ -134,6 +139,7 @@ __all__ = [
     "publish_file",
     "read_header",
     "replica_stream",
+    "replication_pace",
     "restore_name",
     "restore_options",
     "rules_for",

@@ -35,6 +35,7 @@ from tiered.policy import Delete, Snapshot
 from tiered.storage import DurableTier, LocalTier, Progress, TransferResult, copy_with_digest
 from tiered.storage.merge import merge_roots
 from tiered.storage.replicas import PeerStore
+from tiered.storage.transfer import RateLimiter
 from tiered.types import Reason, Topology
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,10 @@ def promote_step(
     *,
     progress: Progress | None = None,
     reason: Reason | None = None,
+    limiter: RateLimiter | None = None,
 ) -> TransferResult:
-    """Upload, verify and commit one committed local step; log one line.
+    """Upload, verify and commit one committed local step at ``limiter``'s pace (default: the
+    tier's cap); log one line.
 
     ``reason`` is what the planner owes the step for; it is recorded in the durable manifest
     when the trainer recorded none (MaxText's steps carry no reason).
@@ -92,7 +95,12 @@ def promote_step(
     if durable.topology.multi:
         epoch = Rendezvous(durable).current_epoch()
     result = durable.upload_step(
-        local.step_dir(step), step=step, progress=progress, manifest=manifest, epoch=epoch
+        local.step_dir(step),
+        step=step,
+        progress=progress,
+        manifest=manifest,
+        epoch=epoch,
+        limiter=limiter,
     )
     if durable.topology.multi:
         result = replace(result, epoch=epoch, committed=False)

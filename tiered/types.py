@@ -71,6 +71,8 @@ class LocalStep:
     epoch: int | None = None
     """The restore epoch of the run that saved it (``tiered.coord``), where recorded: the nodes'
     parts of one save share it, and a step saved again after a rollback has a higher one."""
+    seconds_per_step: float | None = None
+    """The trainer's wall time per step before this save, where it recorded one."""
 
     def fits(self, nodes: int) -> bool:
         """Whether a job of ``nodes`` nodes may use this step (unknown shapes may)."""

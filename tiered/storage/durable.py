@@ -246,11 +246,18 @@ class DurableTier:
         progress: Progress | None = None,
         manifest: Manifest | None = None,
         epoch: int = 0,
+        limiter: RateLimiter | None = None,
     ) -> TransferResult:
         """Upload, verify, write the manifest, then the commit marker; idempotent
         (``tiered.storage.upload``)."""
         return upload.upload_step(
-            self, step_dir, step=step, progress=progress, manifest=manifest, epoch=epoch
+            self,
+            step_dir,
+            step=step,
+            progress=progress,
+            manifest=manifest,
+            epoch=epoch,
+            limiter=limiter,
         )
 
     def digest_of(self, step: int, rel: str) -> FileEntry:

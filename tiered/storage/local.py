@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 from tiered import faults
 from tiered.atomic import publish_file
@@ -40,31 +42,51 @@ from tiered.types import Displaced, LocalStep, Reason, as_reason
 
 def read_step_metadata(step_dir: Path) -> tuple[Reason, float | None]:
     """(reason, commit time) from orbax's ``_CHECKPOINT_METADATA``, without importing orbax."""
-    reason, commit_time, _nodes, _epoch = step_metadata(step_dir)
-    return reason, commit_time
+    meta = step_metadata(step_dir)
+    return meta.reason, meta.commit_time
 
 
-def step_metadata(step_dir: Path) -> tuple[Reason, float | None, int | None, int | None]:
-    """(reason, commit time, the node count of the job that saved it, the restore epoch it was
-    saved under; each when recorded) from orbax's ``_CHECKPOINT_METADATA`` (a small JSON file),
-    without importing orbax."""
+class StepMetadata(NamedTuple):
+    """What the saver recorded about a step, each field where it did."""
+
+    reason: Reason = "unknown"
+    commit_time: float | None = None
+    nodes: int | None = None
+    """The node count of the job that saved it."""
+    epoch: int | None = None
+    """The restore epoch it was saved under."""
+    seconds_per_step: float | None = None
+    """The trainer's wall time per training step before this save (``tiered.CheckpointManager``
+    records it): what the daemon paces periodic transfers by."""
+
+
+def step_metadata(step_dir: Path) -> StepMetadata:
+    """The saver's facts about a step from orbax's ``_CHECKPOINT_METADATA`` (a small JSON
+    file), without importing orbax."""
     try:
         data = json.loads((step_dir / CHECKPOINT_METADATA).read_text())
     except (OSError, ValueError):
-        return "unknown", None, None, None
+        return StepMetadata()
     if not isinstance(data, dict):
-        return "unknown", None, None, None
+        return StepMetadata()
     custom = data.get("custom_metadata") or {}
     meta = custom.get("tiered") if isinstance(custom, dict) else None
     meta = meta if isinstance(meta, dict) else {}
     reason = as_reason(meta.get("reason")) if meta else "unknown"
     nodes, epoch = meta.get("nodes"), meta.get("epoch")
+    per_step = meta.get("seconds_per_step")
     nsecs = data.get("commit_timestamp_nsecs")
-    return (
+    return StepMetadata(
         reason,
         (nsecs / 1e9 if isinstance(nsecs, int | float) else None),
         nodes if isinstance(nodes, int) and not isinstance(nodes, bool) and nodes > 0 else None,
         epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None,
+        float(per_step)
+        if isinstance(per_step, int | float)
+        and not isinstance(per_step, bool)
+        and math.isfinite(per_step)
+        and per_step > 0
+        else None,
     )
 
 
@@ -119,7 +141,7 @@ class LocalTier:
             except OSError:
                 facts.append(LocalStep(step=ref.step, committed=False, is_link=is_link))
                 continue
-            reason, commit_time, nodes, epoch = step_metadata(path)
+            reason, commit_time, nodes, epoch, per_step = step_metadata(path)
             size = self._size(path, marker_stat) if with_size else None
             identity, whole = self._identity(ref.step, marker_stat)
             facts.append(
@@ -134,6 +156,7 @@ class LocalTier:
                     # a whole checkpoint (every process's shards) restores on any shape
                     nodes=None if whole else nodes,
                     epoch=epoch,
+                    seconds_per_step=per_step,
                 )
             )
         return sorted(facts, key=lambda f: f.step)

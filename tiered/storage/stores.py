@@ -32,6 +32,7 @@ from tiered.storage.transfer import (
     CHUNK,
     RANGED_MIN_BYTES,
     MemoryBudget,
+    RateLimiter,
     copy_with_digest,
     get_ranged,
     run_parallel,
@@ -140,8 +141,15 @@ class Store:
 
     # -- the strategy --
 
-    def put(self, local: Path, remote: str, entry: FileEntry, budget: MemoryBudget) -> None:
-        """Upload one file whole (a reader never sees part of it)."""
+    def put(
+        self,
+        local: Path,
+        remote: str,
+        entry: FileEntry,
+        budget: MemoryBudget,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        """Upload one file whole (a reader never sees part of it), at ``limiter``'s pace."""
         raise NotImplementedError
 
     def get(self, remote: str, local: Path, size: int, budget: MemoryBudget) -> None:
@@ -182,9 +190,16 @@ class PosixStore(Store):
     def prepare(self) -> None:
         Path(self.root).mkdir(parents=True, exist_ok=True)
 
-    def put(self, local: Path, remote: str, entry: FileEntry, budget: MemoryBudget) -> None:
+    def put(
+        self,
+        local: Path,
+        remote: str,
+        entry: FileEntry,
+        budget: MemoryBudget,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         with budget.reserve(min(entry.size, CHUNK)):
-            got = copy_with_digest(local, Path(remote))
+            got = copy_with_digest(local, Path(remote), limiter=limiter)
         check_file(f"file://{remote}", entry, got)
 
     def write_small(self, path: str, data: bytes) -> None:
@@ -216,7 +231,16 @@ class ObjectStore(Store):
                 transient=False,
             ) from None
 
-    def put(self, local: Path, remote: str, entry: FileEntry, budget: MemoryBudget) -> None:
+    def put(
+        self,
+        local: Path,
+        remote: str,
+        entry: FileEntry,
+        budget: MemoryBudget,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        if limiter is not None:  # the client streams the file itself: paced a file at a time
+            limiter.take(entry.size)
         options, buffered = self._put_options(entry.size)
         with budget.reserve(buffered):
             self.fs.put_file(str(local), remote, **options)

@@ -147,15 +147,19 @@ class MemoryBudget:
 
 
 class RateLimiter:
-    """A token bucket shared by the upload threads (bytes per second)."""
+    """A token bucket shared by the transfer threads (bytes per second). ``lift`` lets every
+    waiting and later ``take`` through at once: a paced transfer that must now hurry."""
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.tokens = rate
         self.last = time.monotonic()
         self.lock = threading.Lock()
+        self._lifted = threading.Event()
 
     def take(self, amount: int) -> None:
+        if self._lifted.is_set():
+            return
         with self.lock:
             now = time.monotonic()
             self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
@@ -163,7 +167,14 @@ class RateLimiter:
             self.tokens -= amount
             wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
         if wait > 0:
-            time.sleep(wait)
+            self._lifted.wait(wait)
+
+    def lift(self) -> None:
+        self._lifted.set()
+
+    @property
+    def lifted(self) -> bool:
+        return self._lifted.is_set()
 
 
 def run_parallel(fn: Callable[[str], None], items: Sequence[str], *, workers: int) -> None:
@@ -184,15 +195,18 @@ def run_parallel(fn: Callable[[str], None], items: Sequence[str], *, workers: in
             raise err
 
 
-def copy_with_digest(src: Path, dest: Path) -> FileEntry:
+def copy_with_digest(src: Path, dest: Path, *, limiter: RateLimiter | None = None) -> FileEntry:
     """Copy a file, checksumming the bytes as they are written (``Digest``); the file appears
-    whole or not at all (written to a temporary name, synced, then renamed)."""
+    whole or not at all (written to a temporary name, synced, then renamed). With ``limiter``,
+    chunk by chunk at its pace."""
     digest = Digest()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(tmp_name(dest.name))
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             while chunk := fin.read(CHUNK):
+                if limiter is not None:
+                    limiter.take(len(chunk))
                 digest.update(chunk)
                 fout.write(chunk)
             fout.flush()

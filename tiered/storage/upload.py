@@ -21,6 +21,7 @@ from tiered.storage.local import read_step_metadata
 from tiered.storage.stores import listed_crc32c
 from tiered.storage.transfer import (
     Progress,
+    RateLimiter,
     RemoteFile,
     TransferResult,
     listing_proves,
@@ -39,8 +40,10 @@ def upload_step(
     progress: Progress | None = None,
     manifest: Manifest | None = None,
     epoch: int = 0,
+    limiter: RateLimiter | None = None,
 ) -> TransferResult:
-    """Upload, verify, write the manifest, then the commit marker. Idempotent.
+    """Upload, verify, write the manifest, then the commit marker. Idempotent. The files move
+    at ``limiter``'s pace (default: the tier's cap, if any).
 
     What moves is decided first (``plan_transfer``): files already there with the right
     size and checksum are skipped, and objects under the step that the manifest does not
@@ -84,10 +87,10 @@ def upload_step(
     if progress:
         progress(done, total)
 
+    pace = limiter if limiter is not None else tier.limiter
+
     def put(rel: str) -> None:
         nonlocal done
-        if tier.limiter:
-            tier.limiter.take(files[rel].size)
         with translate_errors(
             f"uploading {rel} to {tier.step_url(step)}",
             missing="not found (the local file vanished, or the bucket does not exist)",
@@ -97,6 +100,7 @@ def upload_step(
                 tier.object_path(step, tier.locate(rel)),
                 files[rel],
                 tier.budget,
+                pace,
             )
         faults.hit("upload-file")
         with lock:
