@@ -307,3 +307,69 @@ def test_the_megabit_bandwidth_key_is_refused_with_the_conversion(tmp_path: Path
             env={},
         )
     assert "400 Mbit/s is 50" in str(err.value)
+
+
+def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tiered.cli", "status", "--no-daemon", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**subprocess_env(), **(env or {})},
+        timeout=60,
+    )
+    return done.returncode, done.stderr
+
+
+def _write(tmp_path: Path, name: str, text: str) -> str:
+    (tmp_path / name).write_text(text)
+    return name
+
+
+TOP = "checkpoint_dir: file:///tmp/never/d\nlocal_checkpoint_directory: /tmp/never/l\n"
+
+
+def test_a_misspelt_tiered_section_is_an_error_naming_it(tmp_path: Path) -> None:
+    name = _write(tmp_path, "c.yml", TOP + "teired:\n  upload_concurrency: 4\n")
+    rc, err = _cli(tmp_path, "--config", name)
+    assert rc == 2
+    assert "c.yml:3: 'teired' is not a section tiered reads; did you mean 'tiered:'?" in err
+
+
+def test_every_bad_key_and_value_of_a_file_is_reported_at_once_with_its_line(
+    tmp_path: Path,
+) -> None:
+    text = TOP + "tiered:\n  local_max_to_kep: 2\n  upload_concurency: 4\n  status_address: 5\n"
+    rc, err = _cli(tmp_path, "--config", _write(tmp_path, "c.yml", text))
+    assert rc == 2
+    assert "c.yml: 3 problems" in err
+    assert "c.yml:4: unknown key tiered.local_max_to_kep; did you mean 'local_max_to_keep'?" in err
+    assert (
+        "c.yml:5: unknown key tiered.upload_concurency; did you mean 'upload_concurrency'?" in err
+    )
+    assert "c.yml:6: tiered.status_address:" in err
+
+
+def test_a_value_from_the_environment_is_blamed_on_the_variable(tmp_path: Path) -> None:
+    name = _write(tmp_path, "c.yml", TOP)
+    rc, err = _cli(tmp_path, "--config", name, env={"TIERED_CHECKPOINT_PERIOD": "abc"})
+    assert rc == 2
+    assert "TIERED_CHECKPOINT_PERIOD=abc: checkpoint_period:" in err
+    assert "c.yml: checkpoint_period" not in err
+
+
+def test_a_maxtext_override_is_blamed_on_the_override_and_no_checkpoint_dir_advice(
+    tmp_path: Path,
+) -> None:
+    name = _write(tmp_path, "m.yml", "local_checkpoint_directory: /tmp/never/l\nrun_name: r\n")
+    rc, err = _cli(tmp_path, "--maxtext-config", name, "checkpoint_period=xyz")
+    assert rc == 2 and "override checkpoint_period=xyz: checkpoint_period:" in err
+    rc, err = _cli(tmp_path, "--maxtext-config", name)
+    assert rc == 2
+    assert "set base_output_directory in MaxText's config" in err
+    assert "set checkpoint_dir" not in err

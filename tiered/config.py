@@ -20,7 +20,6 @@ a mapping and the environment mapping it is given; ``tiered.config_files`` reads
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
@@ -31,6 +30,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tiered.config_problems import (
+    Key,
+    Problems,
+    describe,
+    env_origins,
+    misspelt_section,
+    near_miss,
+    nearest,
+)
 from tiered.errors import ConfigError
 from tiered.types import Topology
 from tiered.urls import PROTOCOL_PACKAGES, installed_protocols, normalize_url, strip_file_scheme
@@ -250,7 +258,7 @@ def parse_bytes(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
-def _check_consistency(cfg: TieredConfig) -> None:
+def _check_consistency(cfg: TieredConfig, *, maxtext: bool = False) -> None:
     """Cross-field rules. Each failure names the key to change."""
     if not cfg.local_checkpoint_directory:
         raise ConfigError(
@@ -264,9 +272,17 @@ def _check_consistency(cfg: TieredConfig) -> None:
             f"{cfg.local_checkpoint_directory!r}"
         )
     if not cfg.checkpoint_dir and not (cfg.base_output_directory and cfg.run_name):
+        # MaxText refuses a checkpoint_dir key: its durable directory is always derived.
+        missing = " and ".join(
+            k for k in ("base_output_directory", "run_name") if not getattr(cfg, k)
+        )
         raise ConfigError(
-            "checkpoint_dir is not set, and it cannot be derived: set checkpoint_dir, or both "
-            "base_output_directory and run_name"
+            f"the durable directory cannot be derived: set {missing} in MaxText's config "
+            f"(or as {missing.split(' and ')[0]}=... on its command line); MaxText writes "
+            "checkpoints to <base_output_directory>/<run_name>/checkpoints"
+            if maxtext
+            else "checkpoint_dir is not set, and it cannot be derived: set checkpoint_dir, or "
+            "both base_output_directory and run_name"
         )
     for key in ("checkpoint_period", "local_checkpoint_period"):
         if getattr(cfg, key) <= 0:
@@ -373,40 +389,6 @@ def _check_tiers_apart(cfg: TieredConfig) -> None:
         )
 
 
-def near_miss(key: str) -> str | None:
-    """The MaxText checkpointing key ``key`` is one edit away from, if it is not one itself
-    (``local_checkpoint_perod``): MaxText's files hold hundreds of other keys, so only these
-    near misses are worth a word."""
-    fields = set(TieredConfig.model_fields) - {"tiered"}
-    if key in fields:
-        return None
-    for field_name in sorted(fields):
-        if _one_edit(key, field_name):
-            return field_name
-    return None
-
-
-def _one_edit(a: str, b: str) -> bool:
-    """Whether one insertion, deletion, substitution or swap of neighbours turns ``a`` into
-    ``b``."""
-    if abs(len(a) - len(b)) > 1 or a == b:
-        return False
-    if len(a) == len(b):
-        diffs = [i for i in range(len(a)) if a[i] != b[i]]
-        if len(diffs) == 1:
-            return True
-        i, j = diffs[0], diffs[-1]
-        return len(diffs) == 2 and j == i + 1 and a[i] == b[j] and a[j] == b[i]
-    short, long = (a, b) if len(a) < len(b) else (b, a)
-    i = next((i for i in range(len(short)) if short[i] != long[i]), len(short))
-    return short[i:] == long[i + 1 :]
-
-
-def _nearest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
-
-
 def parse_scalar(value: str) -> Any:
     try:
         return yaml.safe_load(value) if value != "" else None
@@ -432,12 +414,6 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
-    return f"{key}: {first['msg']} (got {first.get('input')!r})"
-
-
 # Keys that changed meaning: refused with what to write instead, never reinterpreted.
 _RENAMED = {
     "upload_bandwidth_mbps": "was in megabits per second; it is now "
@@ -447,38 +423,70 @@ _RENAMED = {
 
 
 def config_from_mapping(
-    raw: Mapping[str, Any], *, env: Mapping[str, str] | None = None, source: str = "config"
+    raw: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    source: str = "config",
+    origins: Mapping[Key, str] | None = None,
+    maxtext: bool = False,
 ) -> TieredConfig:
-    """Validate a mapping (a parsed YAML file) plus environment overrides."""
+    """Validate a mapping (a parsed YAML file) plus environment overrides. Every problem of
+    the keys and values is reported at once, each under where its value came from (``origins``:
+    ``file:line`` of each key, or an override; the environment's variables are found here); a
+    cross-field rule is checked once the values themselves are valid. ``maxtext``: the keys
+    came from MaxText's own config, so a fix names MaxText's keys."""
+    environ = env if env is not None else {}
+    top_keys = set(TieredConfig.model_fields) - {"tiered"}
+    section_keys = set(TieredSettings.model_fields)
+    problems = Problems(
+        source,
+        {**(origins or {}), **env_origins(environ, ENV_PREFIX, top_keys, section_keys)},
+    )
     data = dict(raw)
     section = data.get("tiered")
     if section is not None and not isinstance(section, dict):
-        raise ConfigError(f"{source}: tiered: must be a mapping, got {type(section).__name__}")
+        problems.add(("tiered",), f"tiered: must be a mapping, got {describe(section)}")
+        raise ConfigError(problems.render())
+    for key, value in data.items():
+        if misspelt_section(key, value):
+            problems.add(
+                (str(key),),
+                f"{key!r} is not a section tiered reads; did you mean 'tiered:'? (the "
+                f"{'setting' if len(value) == 1 else f'{len(value)} settings'} under it would "
+                "be ignored)",
+            )
     if isinstance(section, dict):
-        valid = sorted(TieredSettings.model_fields)
         for key in section:
             if key in _RENAMED:
-                raise ConfigError(f"{source}: tiered.{key} {_RENAMED[key]}")
-            if key not in TieredSettings.model_fields:
-                raise ConfigError(f"{source}: unknown key tiered.{key}{_nearest(str(key), valid)}")
+                problems.add(("tiered", str(key)), f"tiered.{key} {_RENAMED[key]}")
+            elif key not in section_keys:
+                problems.add(
+                    ("tiered", str(key)),
+                    f"unknown key tiered.{key}{nearest(str(key), section_keys)}",
+                )
     for key in data:
-        near = near_miss(str(key))
+        near = near_miss(str(key), top_keys)
         if near is not None:
             log.warning(
                 "%s: %r is not a key tiered knows, and is one edit away from %r: a typo? "
                 "(it is ignored)",
-                source,
+                problems.where((str(key),)),
                 key,
                 near,
             )
-    data = _apply_env(data, env if env is not None else {})
+    data = _apply_env(data, environ)
     known = {k: v for k, v in data.items() if k in TieredConfig.model_fields}
+    if isinstance(known.get("tiered"), dict):
+        known["tiered"] = {k: v for k, v in known["tiered"].items() if k in section_keys}
     try:
         cfg = TieredConfig.model_validate(known)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_format_validation_error(err)}") from None
+        problems.add_validation(err)
+        raise ConfigError(problems.render()) from None
+    if problems.found:
+        raise ConfigError(problems.render())
     try:
-        _check_consistency(cfg)
+        _check_consistency(cfg, maxtext=maxtext)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from tiered.config import TieredConfig, config_from_mapping, parse_scalar
+from tiered.config_problems import Key, key_lines
 from tiered.errors import ConfigError
 
 _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
@@ -25,7 +26,8 @@ def split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
     return [w for w in words if not _OVERRIDE.fullmatch(w)], overrides
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+def _read_yaml(path: Path, what: str, lines: dict[Key, str] | None = None) -> dict[str, Any]:
+    """The mapping a YAML file holds; ``lines`` gets each key's ``path:line``."""
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -38,6 +40,8 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
         ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read {what}: {err.strerror}") from None
+    if lines is not None:
+        lines.update(key_lines(text, str(path)))
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -54,20 +58,27 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     return raw
 
 
-def read_maxtext_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict:
+def read_maxtext_config(
+    path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    origins: dict[Key, str] | None = None,
+) -> dict:
     """A MaxText config as MaxText reads it: its ``base_config`` chain (relative to each file),
     then the ``key=value`` overrides of MaxText's command line. A base config that is not there
     (MaxText's own ``base.yml`` when maxtext is not installed here) is skipped: the checkpointing
-    keys tiered needs are the ones a run sets."""
+    keys tiered needs are the ones a run sets. ``origins`` gets where each key was set last
+    (``file:line``, or ``override key=value``)."""
     merged: dict[str, Any] = {}
     chain: list[dict[str, Any]] = []
+    chain_lines: list[dict[Key, str]] = []
     current: Path | None = Path(path).expanduser()
     seen: set[Path] = set()
     while current is not None:
         if current.resolve() in seen:
             raise ConfigError(f"{current}: base_config loops back to a file already read")
         seen.add(current.resolve())
-        data = _read_yaml(current, "MaxText config")
+        chain_lines.append({})
+        data = _read_yaml(current, "MaxText config", chain_lines[-1])
         chain.append(data)
         base = data.get("base_config")
         current = None
@@ -80,13 +91,17 @@ def read_maxtext_config(path: str | os.PathLike[str], overrides: Sequence[str] =
             if not candidate.exists():
                 candidate = _maxtext_package_config(base) or candidate
             current = candidate if candidate.exists() else None
-    for data in reversed(chain):
+    for data, lines in zip(reversed(chain), reversed(chain_lines), strict=True):
         merged.update({k: v for k, v in data.items() if k != "base_config"})
+        if origins is not None:
+            origins.update(lines)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or not key.replace("_", "").isalnum():
             raise ConfigError(f"override {item!r}: expected key=value, as MaxText takes them")
         merged[key] = parse_scalar(value)
+        if origins is not None:
+            origins[(key,)] = f"override {item}"
     return merged
 
 
@@ -130,9 +145,11 @@ def load_config(
                 f"key=value overrides ({overrides[0]!r}) go with --maxtext-config, as on "
                 "MaxText's command line; use TIERED_<KEY> variables with --config alone"
             )
-        raw = _read_yaml(Path(path).expanduser(), "config file")
-        return config_from_mapping(raw, env=environ, source=str(path))
-    data = read_maxtext_config(maxtext, overrides)
+        origins: dict[Key, str] = {}
+        raw = _read_yaml(Path(path).expanduser(), "config file", origins)
+        return config_from_mapping(raw, env=environ, source=str(path), origins=origins)
+    origins = {}
+    data = read_maxtext_config(maxtext, overrides, origins)
     if "tiered" in data:
         raise ConfigError(
             f"{maxtext}: a tiered: section in MaxText's config makes MaxText refuse it "
@@ -140,7 +157,7 @@ def load_config(
         )
     source = str(maxtext)
     if path is not None:
-        ours = _read_yaml(Path(path).expanduser(), "config file")
+        ours = _read_yaml(Path(path).expanduser(), "config file", origins)
         extra = sorted(k for k in ours if k != "tiered")
         if extra:
             raise ConfigError(
@@ -149,4 +166,4 @@ def load_config(
             )
         data["tiered"] = ours.get("tiered")
         source = f"{maxtext} + {path}"
-    return config_from_mapping(data, env=environ, source=source)
+    return config_from_mapping(data, env=environ, source=source, origins=origins, maxtext=True)
