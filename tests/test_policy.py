@@ -464,22 +464,48 @@ def test_every_step_gets_a_verdict_with_a_reason_in_words() -> None:
 
 def test_with_no_lock_to_tell_an_idle_run_owes_its_newest_step() -> None:
     """MaxText takes no lock: a run that stopped saving for a while has ended, so its last
-    (off-period, reason-less) step is owed as final; a trainer holding its lock has not."""
-    local = tuple(L(s, "unknown", t=t) for s, t in ((20, 300.0), (30, 400.0), (37, 500.0)))
+    (reason-less) step is owed as final; a trainer holding its lock has not."""
+    local = tuple(L(s, "unknown", t=t) for s, t in ((20, 300.0), (30, 400.0), (40, 500.0)))
 
     def uploads(now: float, floor: float, **kw: Any) -> list[Upload]:
         rules = replace(RULES, final_after_idle_seconds=floor, local_period=10)
         return plan(Snapshot(now=now, local=local, durable=(), **kw), rules).uploads
 
     assert uploads(1000.0, floor=600.0) == []  # 500 s idle, below the floor
-    assert uploads(1000.0, floor=400.0) == [Upload(37, "final")]
+    assert uploads(1000.0, floor=400.0) == [Upload(40, "final")]
     assert uploads(1000.0, floor=400.0, trainer_running=True) == []
     # The floor is small, but the run saves every 100 s: three intervals must pass first.
     assert uploads(750.0, floor=1.0) == []
-    assert uploads(850.0, floor=1.0) == [Upload(37, "final")]
+    assert uploads(850.0, floor=1.0) == [Upload(40, "final")]
+
+
+@pytest.mark.parametrize(
+    ("local", "kw", "uploads"),
+    [
+        pytest.param([20, 30, 37], {}, [Upload(37, "preemption")], id="saved as it stopped"),
+        pytest.param(
+            [20, 30, 37], {"trainer_running": True}, [Upload(37, "preemption")], id="trainer up"
+        ),
+        pytest.param([20, 30, 37], {"last_step": 37}, [Upload(37, "final")], id="the last step"),
+        pytest.param([20, 37, 40], {}, [], id="an older off-period step: not the stop"),
+        pytest.param([20, 30, 40], {}, [], id="on the local period: periodic"),
+        pytest.param([20, 30, 37], {"local_period": None}, [], id="no local period to tell"),
+    ],
+)
+def test_a_reasonless_step_off_the_local_period_is_promoted_at_once(
+    local: list[int], kw: dict, uploads: list[Upload]
+) -> None:
+    """MaxText records no reasons: its newest step off the local period is the one it saved as
+    it stopped (enable_autocheckpoint's preemption step, or the last step of the run), owed at
+    once, whether or not the trainer is still there."""
+    running = {"trainer_running": kw.pop("trainer_running")} if "trainer_running" in kw else {}
+    rules = replace(RULES, **{"local_period": 10, **kw})
+    steps = [L(s, "unknown") for s in local]
+    assert plan(snap(steps, [], **running), rules).uploads == uploads
 
 
 def test_reasonless_steps_on_the_local_period_show_as_periodic() -> None:
     rules = replace(RULES, local_period=10)
-    p = plan(snap([L(20, "unknown"), L(37, "unknown")], []), rules)
-    assert p.verdicts[20].reason == "periodic" and p.verdicts[37].reason == "unknown"
+    p = plan(snap([L(20, "unknown"), L(33, "unknown"), L(40, "unknown")], []), rules)
+    assert p.verdicts[20].reason == "periodic" and p.verdicts[33].reason == "unknown"
+    assert p.verdicts[40].reason == "periodic"

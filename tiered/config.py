@@ -178,6 +178,10 @@ class TieredConfig(BaseModel):
     multi_tier_checkpointing_backup_interval_minutes: float | None = None
     multi_tier_checkpointing_backup_interval_steps: int | None = None
     max_num_checkpoints_to_keep: int | None = None
+    enable_autocheckpoint: bool = False
+    """MaxText saves when JAX's preemption notifier reports SIGTERM (its preemption step)."""
+    steps: int | None = None
+    """MaxText's run length: step ``steps - 1`` is the run's final save."""
     tiered: TieredSettings = Field(default_factory=TieredSettings)  # type: ignore[arg-type]
 
     # -- derived values -------------------------------------------------------------------------

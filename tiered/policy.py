@@ -225,6 +225,8 @@ class Rules:
     topology: Topology = field(default_factory=Topology)
     local_period: int | None = None
     """Steps that are multiples of this and carry no recorded reason were saved periodically."""
+    last_step: int | None = None
+    """The run's last step (MaxText's ``steps`` - 1), when known: its save is the final one."""
     final_after_idle_seconds: float | None = None
     """With no trainer lock to tell, the run counts as ended once its newest local step is this
     old, and at least three of its usual save intervals: that step is then owed as final."""
@@ -532,6 +534,10 @@ def owed_steps(rows: Sequence[_Row], snap: Snapshot, rules: Rules) -> dict[int, 
         reason: Reason | None = None
         if row.reason in PRECIOUS_REASONS:
             reason = row.reason
+        elif row.step == newest_local and _off_period(row, rules):
+            # MaxText records no reason: its newest save off the local period is the one it
+            # wrote as it stopped (enable_autocheckpoint on SIGTERM, or the run's last step)
+            reason = "final" if row.step == rules.last_step else "preemption"
         elif (row.step > 0 and row.step % rules.durable_period == 0) or (
             interval is not None
             and when is not None
@@ -546,6 +552,12 @@ def owed_steps(rows: Sequence[_Row], snap: Snapshot, rules: Rules) -> dict[int, 
             if when is not None:
                 reference = when
     return owed
+
+
+def _off_period(row: _Row, rules: Rules) -> bool:
+    """A reason-less step off the local period: a save the trainer made as it stopped."""
+    period = rules.local_period
+    return row.reason == "unknown" and period is not None and period > 0 and row.step % period != 0
 
 
 def _idle(rows: Sequence[_Row], snap: Snapshot, rules: Rules) -> bool:
@@ -753,6 +765,7 @@ def rules_for(cfg: TieredConfig, *, topology: Topology | None = None) -> Rules:
         backlog=cfg.tiered.backlog,
         topology=topology or cfg.topology,
         local_period=cfg.local_checkpoint_period,
+        last_step=cfg.steps - 1 if cfg.steps else None,
         final_after_idle_seconds=cfg.tiered.final_after_idle_seconds,
         pacing=Pacing(share=pacing) if (pacing := cfg.tiered.transfer_pacing) else None,
     )
