@@ -309,6 +309,14 @@ def cmd_daemon(cfg: TieredConfig, args: argparse.Namespace) -> int:
     )
 
 
+def cmd_run(cfg: TieredConfig, args: argparse.Namespace) -> int:
+    from tiered.launcher import launch
+
+    return launch(
+        cfg, args.trainer, daemon_args=args.daemon_args, grace=args.grace, verbose=args.verbose
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors in one line like every other user error."""
 
@@ -430,6 +438,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("sh", "env"), default="sh")
     overrides(p)
     p.set_defaults(func=cmd_jax_env)
+    p = add(
+        "run",
+        "launch a trainer (tiered run [--config FILE] -- CMD ...): Ctrl+C saves a checkpoint, "
+        "and a daemon runs beside it when none serves this config",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="after the first Ctrl+C or SIGTERM, how long the trainer has to save and exit "
+        "before it is stopped with SIGKILL (default 120)",
+    )
+    p.set_defaults(func=cmd_run)
     p = add("daemon", "run the sidecar: watch, promote, verify, commit, prune, report")
     p.add_argument("--log-format", choices=("text", "json"), default=None)
     overrides(p)
@@ -438,9 +460,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    words, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `tiered run ... -- CMD`: the trainer's command is its own, key=value words included
+    cut = argv.index("--") if "--" in argv and "run" in argv[: argv.index("--")] else len(argv)
+    trainer = argv[cut + 1 :]
+    words, overrides = split_overrides(argv[:cut])
     args = build_parser().parse_args(words)
     args.overrides = overrides
+    if args.command == "run":
+        from tiered.launcher import configs_for
+
+        args.trainer = trainer
+        args.maxtext_config, args.overrides, args.daemon_args = configs_for(
+            trainer, config=args.config, maxtext=args.maxtext_config, overrides=overrides
+        )
     if args.command != "daemon":
         configure(verbose=args.verbose, debug_loggers=args.debug_logger, text_format="%(message)s")
     try:
