@@ -190,3 +190,55 @@ def test_run_without_a_command_is_a_one_line_error(tmp_path):
     )
     assert out.returncode == 2
     assert "needs the trainer's command after --" in out.stderr
+
+
+def test_the_native_example_under_tiered_run_loses_no_step_to_ctrl_c(tmp_path):
+    """``tiered run -- python examples/train.py``: Ctrl+C to the group saves the step reached,
+    it is durable when ``tiered run`` returns, and the same command resumes right after it."""
+    config, cfg = write_config(
+        tmp_path,
+        f"file://{tmp_path / 'durable'}",
+        local_checkpoint_period=200,
+        checkpoint_period=1000,
+    )
+    example = [sys.executable, str(ROOT / "examples" / "train.py"), "--config", str(config)]
+    command = [
+        *[sys.executable, "-m", "tiered.cli", "run", "--config", str(config), "--"],
+        *[*example, "--steps", "100000", "--step-time", "0.01"],
+    ]
+    lock = DirectoryLock(cfg.local_dir / ".tiered")
+
+    def ctrl_c_after(started: str) -> tuple[str, str]:
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            assert first.startswith(started), first
+            time.sleep(1.0)  # some steps past the start
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 130, err
+        return first + out, err
+
+    out, err = ctrl_c_after("FRESH")
+    stopped = [line for line in out.splitlines() if line.startswith("STOPPED")]
+    assert stopped, out + err
+    step = int(stopped[0].split("=")[1].split()[0])
+    # durable when the launcher returns; the daemon it started is gone
+    root = tmp_path / "durable"
+    assert (root / str(step) / "commit_success.txt").exists(), err
+    assert f"step {step} is durable" in err
+    assert lock.holder() is None
+    # the same command resumes right after it: not one step lost
+    out, err = ctrl_c_after(f"RESUMED step={step} from=")
