@@ -110,6 +110,32 @@ def test_jax_env_is_what_jax_distributed_takes(tmp_path: Path) -> None:
     assert tiered("jax-env", "--config", str(config_path), "--rank", "5").returncode == 2
 
 
+def test_jax_env_keeps_the_preemption_service_that_turns_sigterm_into_a_save() -> None:
+    """MaxText's enable_autocheckpoint saves when JAX's preemption notifier saw SIGTERM: in the
+    printed environment it does, even where the image had turned the service off."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    code = (
+        "import os, signal, time, jax\n"
+        "from jax.experimental import multihost_utils as mu\n"
+        "jax.distributed.initialize(process_id=0, coordinator_address=" + repr(coordinator) + ")\n"
+        "for step in range(10, 400):\n"
+        "    if step == 12: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    if mu.reached_preemption_sync_point(step): print('SYNC', step); break\n"
+        "    time.sleep(0.02)\n"
+    )
+    base = {**subprocess_env(), "JAX_ENABLE_PREEMPTION_SERVICE": "false"}
+    env = {**base, **jax_env(rank=0, nodes=1, coordinator=coordinator, job="t")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert "SYNC" in out.stdout, out.stderr[-2000:]
+    assert int(out.stdout.split()[1]) > 12  # the step after the last one reported
+
+
 def test_status_finds_a_daemon_started_with_another_address(tmp_path: Path) -> None:
     config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
     daemon = DaemonProc(config_path, cfg)

@@ -16,6 +16,14 @@ process count and id from them, and the coordinator address comes from ``jax-ini
 (or ``JAX_COORDINATOR_ADDRESS``) as before. Slurm's detection also narrows each process to one
 local device (``SLURM_LOCALID``); on a host with several accelerators and one process, pass
 ``local_devices`` so that ``JAX_LOCAL_DEVICE_IDS`` keeps them all visible.
+
+A preemption save needs JAX's preemption service: ``jax.distributed.initialize`` starts it
+(``jax_enable_preemption_service``, on by default, set here so that an image cannot have turned
+it off), and its notifier listens to SIGTERM only, on CPU, GPU and TPU hosts alike (off Google's
+own schedulers). SIGINT never reaches it: Ctrl+C becomes SIGTERM under ``tiered run``. The sync
+point it sets is the step after the last one the trainer reported: a SIGTERM caught before a
+resumed run's first reported step (during restore or compilation) sets it at step 1, and that
+run never reaches it (the launcher's grace period is the answer).
 """
 
 from __future__ import annotations
@@ -46,6 +54,9 @@ def jax_env(
         "SLURM_PROCID": str(rank),
         "SLURM_LOCALID": "0",
         "SLURM_STEP_NODELIST": host or "localhost",
+        # SIGTERM -> MaxText's enable_autocheckpoint save (multihost_utils'
+        # reached_preemption_sync_point)
+        "JAX_ENABLE_PREEMPTION_SERVICE": "true",
     }
     if coordinator:
         env["JAX_COORDINATOR_ADDRESS"] = coordinator
