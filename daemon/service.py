@@ -166,7 +166,7 @@ class Daemon(Outcomes, Views, Peering):
             snap.local,
             snap.durable,
             now=snap.now,
-            saves_on_signal=not self.cfg.speaks_mtc,
+            saves_on_signal=self.cfg.saves_on_sigterm,
             trainer_running=self._trainer_running(),
             replicated=self._replicated_step(),
         )

@@ -200,3 +200,40 @@ def test_a_finished_run_has_nothing_left_to_lose_locally() -> None:
     assert done["node"].steps == 2500  # still only on this node's disk: nothing is durable
     gone = at_risk(local, [], now=5000.0, saves_on_signal=True, trainer_running=False)
     assert gone["crash"].steps == 0  # the trainer's lock is free: it is not training
+
+
+@pytest.mark.parametrize(
+    ("autocheckpoint", "line"),
+    [
+        pytest.param(
+            True,
+            "crash 500 steps (~100s); preemption nothing; Ctrl+C under tiered run nothing, "
+            "else 500 steps (~100s);",
+            id="enable_autocheckpoint",
+        ),
+        pytest.param(
+            False,
+            "crash 500 steps (~100s); preemption or Ctrl+C 500 steps (~100s) (MaxText without "
+            "enable_autocheckpoint saves nothing on SIGTERM);",
+            id="MaxText's default",
+        ),
+    ],
+)
+def test_status_tells_maxtexts_truth_at_risk(tmp_path: Path, autocheckpoint: bool, line: str):
+    """MaxText saves on SIGTERM only with enable_autocheckpoint, and a Ctrl+C reaches it as
+    SIGTERM only under `tiered run` (otherwise it is a KeyboardInterrupt: a crash)."""
+    from tiered.policy import Snapshot
+    from tiered.report import build_status, render_table
+
+    _, cfg = write_config(
+        tmp_path,
+        f"file://{tmp_path}/durable",
+        enable_multi_tier_checkpointing=True,
+        enable_autocheckpoint=autocheckpoint,
+        local_checkpoint_period=1000,
+        checkpoint_period=5000,
+    )
+    local = tuple(local_steps((1000, 600.0), (2000, 800.0), (3000, 1000.0)))
+    status = build_status(cfg, snapshot=Snapshot(now=1100.0, local=local), live=None)
+    risk = next(x for x in render_table(status).splitlines() if x.startswith("at risk"))
+    assert line in risk

@@ -219,6 +219,12 @@ class TieredConfig(BaseModel):
         return self.tiered.peer_addresses is not None
 
     @property
+    def saves_on_sigterm(self) -> bool:
+        """Whether the trainer saves the step it reached on SIGTERM: tiered.CheckpointManager
+        does; MaxText does with ``enable_autocheckpoint``."""
+        return not self.speaks_mtc or self.enable_autocheckpoint
+
+    @property
     def speaks_mtc(self) -> bool:
         """Whether the daemon answers orbax's replicator protocol in the local directory."""
         if self.tiered.mtc_protocol is not None:

@@ -147,7 +147,7 @@ def build_status(
             "free_bytes": None,
         },
     }
-    signal_saves = not cfg.speaks_mtc if saves_on_signal is None else saves_on_signal
+    signal_saves = cfg.saves_on_sigterm if saves_on_signal is None else saves_on_signal
     risk = at_risk(
         snapshot.local,
         snapshot.durable,
@@ -177,6 +177,8 @@ def build_status(
             **{k: asdict(v) for k, v in risk.items()},
             "step_seconds": step_seconds(snapshot.local),
             "preemption_saves": signal_saves,
+            # MaxText turns SIGINT into KeyboardInterrupt: Ctrl+C saves only under tiered run
+            "ctrl_c_needs_launcher": cfg.speaks_mtc,
         },
     )
 
@@ -327,10 +329,13 @@ def _risk_line(risk: dict[str, Any]) -> str:
             return "nothing"
         return f"{loss['steps']} steps (~{_human_age(loss.get('seconds'))})"
 
-    return (
-        f"crash {one(risk['crash'])}; preemption or Ctrl+C {one(risk['preemption'])}; "
-        f"losing this node {one(risk['node'])}"
-    )
+    stops = f"preemption or Ctrl+C {one(risk['preemption'])}"
+    if risk.get("ctrl_c_needs_launcher") and risk.get("preemption_saves"):
+        stops = f"preemption {one(risk['preemption'])}; Ctrl+C under tiered run "
+        stops += f"{one(risk['preemption'])}, else {one(risk['crash'])}"
+    elif risk.get("ctrl_c_needs_launcher"):
+        stops += " (MaxText without enable_autocheckpoint saves nothing on SIGTERM)"
+    return f"crash {one(risk['crash'])}; {stops}; losing this node {one(risk['node'])}"
 
 
 def render_table(status: TierStatus) -> str:
