@@ -219,9 +219,7 @@ class TieredConfig(BaseModel):
         return self.tiered.peer_addresses is not None
 
     @property
-    def saves_on_sigterm(self) -> bool:
-        """Whether the trainer saves the step it reached on SIGTERM: tiered.CheckpointManager
-        does; MaxText does with ``enable_autocheckpoint``."""
+    def saves_on_sigterm(self) -> bool:  # MaxText: only with enable_autocheckpoint
         return not self.speaks_mtc or self.enable_autocheckpoint
 
     @property
