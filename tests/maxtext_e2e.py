@@ -12,7 +12,12 @@ from a second file. Each check prints one line; the script exits non-zero at the
 2. a fresh start: the durable steps are the backup-interval multiples, plus the run's last
    step (off period, reason-less) once the run is over;
 3. kill -9 mid-run, then resume: MaxText restores the newest local step the daemon offers;
-4. SIGTERM: MaxText stops without saving; the newest local step reaches the durable tier;
+   kill -9 loses at most one local period;
+4. SIGTERM mid local period (``enable_autocheckpoint: true``): MaxText saves the step it reached,
+   the daemon promotes it at once as a preemption step, and the next run resumes right after it;
+   then Ctrl+C (SIGINT to the process group) on ``tiered run -- python -m maxtext...`` with no
+   daemon started by hand: the step reached is durable when ``tiered run`` returns, and the same
+   command resumes right after it;
 5. a fresh node (the local tier wiped): MaxText restores the newest durable step, downloaded
    and verified by the daemon;
 6. `tiered export STEP DIR --item state`, then a new MaxText run with load_full_state_path=DIR
@@ -92,11 +97,14 @@ class Run:
 
     # -- the daemon ---
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, *extra: str) -> None:
         self.local.mkdir(parents=True, exist_ok=True)
         log = open(self.daemon_log, "ab")  # noqa: SIM115
         self.daemon = subprocess.Popen(
-            [*TIERED, "daemon", *self.config_args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            [*TIERED, "daemon", *self.config_args, *extra],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         for _ in range(300):
             if self.status_json() is not None:
@@ -186,11 +194,65 @@ class Run:
         )
         return proc, log
 
+    def start_launcher(self, steps: int) -> tuple[subprocess.Popen[str], Path]:
+        """``tiered run --config tiered.yml -- python -m maxtext... config.yml k=v``, in a
+        session of its own (the terminal's foreground group: the launcher alone)."""
+        self.runs += 1
+        log = self.work / f"tiered-run-{self.runs}.log"
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", **self.jax_env()}
+        proc = subprocess.Popen(
+            [
+                *[*TIERED, "run", "--config", str(self.tiered_yml), "--grace", "30", "--"],
+                *self.maxtext(steps),
+            ],
+            cwd=self.work,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            stdout=open(log, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        return proc, log
+
     def train(self, steps: int, *extra: str, **kw) -> Path:  # type: ignore[no-untyped-def]
         proc, log = self.start_trainer(steps, *extra, **kw)
         rc = proc.wait(900)
         check(rc == 0, f"MaxText trains to step {steps - 1}", log.read_text())
         return log
+
+
+def completed_step(log: Path, default: int | None = None) -> int:
+    found = re.findall(r"completed step: (\d+),", log.read_text())
+    if not found and default is not None:
+        return default
+    return int(found[-1])
+
+
+def preemption_step(log: Path) -> int | None:
+    """The step MaxText stopped at on SIGTERM: its preemption sync point (the metrics line of
+    that step is never logged: they are logged one step late)."""
+    found = re.findall(r"Reached preemption sync point, step=(\d+)", log.read_text())
+    return int(found[-1]) if found else None
+
+
+def wait_mid_period(log: Path) -> None:
+    """Until the trainer is between two local saves (a stop there is not a periodic step)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and completed_step(log, 0) % LOCAL_PERIOD not in (2, 3):
+        time.sleep(0.02)
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The exit status; None (after SIGKILL to its group) when it went on past ``timeout``."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a group leader (tiered run): all of it
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
+        return None
 
 
 def restored_step(log: Path) -> int | None:
@@ -227,7 +289,8 @@ def main() -> int:
         check(ours <= set(keys), f"configs/maxtext_mtc.yml holds only MaxText keys ({len(ours)})")
 
         # 2. fresh start: multiples of the backup interval, then the last step once it is over
-        run.start_daemon()
+        # the daemon reads MaxText's `steps` as the trainer does: its last step is final
+        run.start_daemon("steps=23")
         log = run.train(23)
         check(
             "told the client to start fresh" in run.daemon_log.read_text()
@@ -241,38 +304,121 @@ def main() -> int:
         reasons = {s["step"]: s["reason"] for s in status.get("steps", [])}
         check(reasons.get(20) == "periodic", f"status shows real reasons: {reasons}")
 
-        # 3. kill -9 mid-run, then resume from the newest local step
+        # 3. kill -9 mid-run, then resume from the newest local step: at most one local period
         proc, log = run.start_trainer(100_000)
         run.wait(lambda: max(run.local_steps(), default=0) >= 60, "the run passes step 60", 300)
         proc.send_signal(signal.SIGKILL)
         proc.wait(60)
+        reached = completed_step(log)
         newest = max(run.local_steps())
+        # the save after `newest` may have been in flight (async): it is lost with the process
+        in_flight = any(run.local.glob(f"{newest + LOCAL_PERIOD}.orbax-checkpoint-tmp*"))
+        check(
+            reached - newest <= LOCAL_PERIOD or (in_flight and reached - newest < 2 * LOCAL_PERIOD),
+            f"kill -9 after step {reached} lost {reached - newest} steps (local period "
+            f"{LOCAL_PERIOD}; newest local step {newest}; the next save in flight: {in_flight})",
+        )
         log = run.train(newest + 8)
         check(restored_step(log) == newest, f"after kill -9, MaxText resumed from {newest}")
 
-        # 4. SIGTERM: MaxText stops without saving; its newest local step becomes durable
-        proc, log = run.start_trainer(100_000)
-        run.wait(lambda: max(run.local_steps(), default=0) >= newest + 40, "the run goes on", 300)
-        proc.send_signal(signal.SIGTERM)
-        check(proc.wait(120) == 0, "MaxText exits 0 on SIGTERM", log.read_text())
-        text = log.read_text()
-        check("Job received termination signal" in text, "MaxText stopped on SIGTERM", text)
-        stopped = int(re.findall(r"completed step: (\d+),", text)[-1])
-        noticed = min(
-            (
-                i
-                for i in (text.find("Reached preemption sync point"), text.find("Training stopped"))
-                if i >= 0
-            ),
-        )
-        last = max(run.local_steps())
-        check(
-            last <= stopped and "Saving checkpoint" not in text[noticed:],
-            f"SIGTERM after step {stopped} saved nothing (the last save was {last})",
-            text[noticed - 3000 :],
-        )
-        run.wait(lambda: last in run.durable_steps(), f"step {last} reaches the durable tier")
+        # 4. SIGTERM mid-period: enable_autocheckpoint saves the step reached; the daemon
+        # promotes it at once as a preemption step; the next run resumes right after it.
+        # JAX's sync point is the step after the last one reported, and orbax's save-finalize
+        # thread reports its (older) step too: a SIGTERM caught while that report is the
+        # newest sets a sync point the loop has passed, and MaxText trains on. Up to three
+        # tries; each ignored SIGTERM must be that race, and is counted.
+        ignored = 0
+        for _ in range(3):
+            proc, log = run.start_trainer(100_000)
+            floor = max(run.local_steps(), default=0) + 20
+            run.wait(lambda log=log, f=floor: completed_step(log, 0) >= f, "the run goes on", 300)
+            wait_mid_period(log)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = wait_or_kill(proc, 60)
+            text = log.read_text()
+            if rc is None:
+                ignored += 1
+                sync = re.findall(r"Preemption sync counter is set: (\d+)", text)
+                check(
+                    bool(sync) and "SIGTERM caught" in text,
+                    f"MaxText ignored a SIGTERM it caught (sync point {sync[-1:]})",
+                    text[-6000:],
+                )
+                print(
+                    f"note SIGTERM ignored: sync point {sync[-1]} was behind the loop", flush=True
+                )
+                continue
+            took = time.monotonic() - sent
+            check(rc == 0, f"MaxText exits 0 on SIGTERM ({took:.1f} s)", text)
+            check("Job received termination signal" in text, "MaxText stopped on SIGTERM", text)
+            stopped = preemption_step(log)
+            last = max(run.local_steps())
+            check(
+                last == stopped and stopped > completed_step(log),
+                f"SIGTERM at step {stopped} saved it (newest local {last}; the last step "
+                f"logged {completed_step(log)})",
+            )
+            started = time.monotonic()
+            run.wait(lambda last=last: last in run.durable_steps(), f"step {last} is durable")
+            durable_after = time.monotonic() - started
+            manifest = json.loads((run.durable / str(last) / "tiered-manifest.json").read_text())
+            if last % LOCAL_PERIOD:
+                check(
+                    manifest["reason"] == "preemption",
+                    f"step {last} went up as preemption ({durable_after:.1f} s after exit)",
+                )
+            else:  # the sync point fell on a periodic save: nothing tells them apart
+                print(f"note step {last} is on the local period: {manifest['reason']}", flush=True)
+            break
+        else:
+            check(False, f"MaxText saved on none of 3 SIGTERMs ({ignored} ignored)")
+        print(f"note SIGTERMs ignored before one saved: {ignored}", flush=True)
+        log = run.train(last + 3)
+        check(restored_step(log) == last, f"after SIGTERM, MaxText resumed from {last}")
         check(run.stop_daemon() == 0, "the daemon drains and exits 0")
+
+        # 4b. Ctrl+C on `tiered run -- python -m maxtext...` with no daemon: durable on return;
+        # a trainer that ignores the SIGTERM is stopped after the grace, and its newest local
+        # step is durable on return all the same: at most one local period lost
+        for attempt in ("fresh", "again"):
+            proc, log = run.start_launcher(100_000)
+            run.wait(
+                lambda log=log, last=last: completed_step(log, 0) >= last + 20,
+                "tiered run trains",
+                300,
+            )
+            wait_mid_period(log)
+            sent = time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends Ctrl+C
+            rc = wait_or_kill(proc, 300)
+            text = log.read_text()
+            took = time.monotonic() - sent
+            check(rc == 130, f"tiered run exits 130 after Ctrl+C ({took:.1f} s)", text)
+            if attempt == "again":
+                check(restored_step(log) == last, f"the same command resumed from {last}", text)
+            stopped = preemption_step(log) or completed_step(log) + 1
+            durable = run.durable_steps()
+            newest = max(durable)
+            if "did not stop within" in text:
+                print(
+                    f"note Ctrl+C ({attempt}): the SIGTERM was ignored; grace ran out", flush=True
+                )
+                check(
+                    stopped - newest <= LOCAL_PERIOD and f"step {newest} is durable" in text,
+                    f"Ctrl+C ({attempt}), trainer killed after the grace at step {stopped}: "
+                    f"step {newest} durable on return",
+                    text,
+                )
+            else:
+                check(
+                    newest == stopped and f"step {stopped} is durable" in text,
+                    f"Ctrl+C ({attempt}) after step {stopped}: durable when tiered run returned "
+                    f"({took:.1f} s)",
+                    text,
+                )
+            last = newest
+        run.daemon = None
 
         # 5. a fresh node: the newest durable step, downloaded and verified
         shutil.rmtree(run.local)
