@@ -137,3 +137,66 @@ def test_python_m_daemon_is_tiered_daemon(tmp_path: Path) -> None:
     ]
     assert [e.returncode for e in errors] == [2, 2]
     assert errors[0].stderr == errors[1].stderr and "nope.yml" in errors[0].stderr
+
+
+def test_status_of_an_unreachable_durable_tier_names_the_cause_and_exits_non_zero(
+    tmp_path: Path,
+) -> None:
+    from conftest import free_port
+
+    config_path, _cfg = write_config(tmp_path, "gs://nobucket/run")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    done = subprocess.run(
+        [sys.executable, "-m", "tiered.cli", "status", "--no-daemon", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        env={**subprocess_env(), "STORAGE_EMULATOR_HOST": dead},
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    durable = next(line for line in done.stdout.splitlines() if line.startswith("durable "))
+    assert "unreachable: Cannot connect to host 127.0.0.1" in durable
+    assert "0 steps, 0 B" not in durable  # a tier that was not read has no counts
+    assert "losing this node unknown (the durable tier was not read)" in done.stdout
+
+
+def test_an_unanswered_store_call_names_missing_credentials_in_one_line(
+    capsys: object,
+) -> None:
+    import logging
+    import time as _time
+
+    import pytest
+
+    from tiered import StorageError
+    from tiered.reach import within
+
+    def client_without_credentials() -> None:
+        # What google-auth logs (three times) on a machine with no credentials.
+        for attempt in (1, 2, 3):
+            logging.getLogger("google.auth.compute_engine._metadata").warning(
+                "Compute Engine Metadata server unavailable on attempt %d of 3", attempt
+            )
+        _time.sleep(1.0)
+
+    with pytest.raises(StorageError) as info:
+        within(0.3, client_without_credentials)
+    assert str(info.value).startswith("unreachable: no credentials found")
+    _time.sleep(1.5)  # the call ends and gives the loggers back as they were
+    assert logging.getLogger("google.auth").propagate
+    assert "Metadata server unavailable" not in capsys.readouterr().err  # type: ignore[attr-defined]
+
+
+def test_status_with_no_daemon_does_not_promise_a_preemption_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    trainer = Trainer(cfg.local_dir)
+    for step in (10, 20, 30):
+        trainer.save(step, example_state())
+    trainer.close()
+    out = tiered("status", "--no-daemon", "--config", str(config_path))
+    risk = next(line for line in out.stdout.splitlines() if line.startswith("at risk"))
+    assert "preemption or Ctrl+C nothing" not in risk
+    assert "no daemon running to promote the preemption step" in risk

@@ -509,3 +509,19 @@ def test_reasonless_steps_on_the_local_period_show_as_periodic() -> None:
     p = plan(snap([L(20, "unknown"), L(33, "unknown"), L(40, "unknown")], []), rules)
     assert p.verdicts[20].reason == "periodic" and p.verdicts[33].reason == "unknown"
     assert p.verdicts[40].reason == "periodic"
+
+
+def test_a_trainer_long_past_its_next_save_is_taken_as_stopped_not_as_racing_on() -> None:
+    # No trainer lock to ask (MaxText takes none): the newest save is an hour old at 1 s a
+    # step with a local period of 10. A running trainer would have saved again long ago.
+    from tiered.risk import at_risk
+    from tiered.types import LocalStep
+
+    local = [
+        LocalStep(step=s, committed=True, reason="periodic", commit_time=float(s), size=1)
+        for s in (10, 20, 30)
+    ]
+    risk = at_risk(local, None, now=3630.0, saves_on_signal=True, local_period=10)
+    assert risk["crash"].steps == 0
+    near = at_risk(local, None, now=45.0, saves_on_signal=True, local_period=10)
+    assert near["crash"].steps == 15  # still within two periods: the estimate stands

@@ -77,6 +77,8 @@ def cmd_status(cfg: TieredConfig, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if status.durable_error is not None:
+        return 1  # a script must not read "no durable steps" into a tier it could not read
     return 0
 
 

@@ -11,19 +11,19 @@ ever added within a schema version.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from tiered.config import TieredConfig
 from tiered.errors import StorageError
 from tiered.layout import TRAINER_LOCK_NAME
 from tiered.lock import DirectoryLock
 from tiered.policy import Plan, Snapshot, plan, rules_for
+from tiered.reach import within
 from tiered.risk import at_risk, step_seconds
 from tiered.storage import LocalTier
 from tiered.tiers import human_bytes, human_rate, open_tiers
@@ -142,8 +142,9 @@ def build_status(
             "free_bytes": local_free,
         },
         "durable": {
-            "steps": len(kept),
-            "bytes": sum(d.size or 0 for d in kept),
+            # Not read (unreachable): no counts, never "0 steps".
+            "steps": len(kept) if snapshot.durable is not None else None,
+            "bytes": sum(d.size or 0 for d in kept) if snapshot.durable is not None else None,
             "free_bytes": None,
         },
     }
@@ -155,7 +156,16 @@ def build_status(
         saves_on_signal=signal_saves,
         trainer_running=trainer_running,
         replicated=replicated_step((live or {}).get("peers")),
+        local_period=cfg.local_checkpoint_period,
     )
+    notes = {}
+    if snapshot.durable is None:
+        notes["node"] = "the durable tier was not read"
+    if signal_saves and not live.get("running"):
+        # The trainer saves on the signal, but no daemon is there to make that step durable:
+        # a preemption that takes the node takes the step with it.
+        risk["preemption"] = risk["node"]
+        notes["preemption"] = "no daemon running to promote the preemption step"
     return TierStatus(
         schema=SCHEMA_VERSION,
         generated_at=now,
@@ -179,6 +189,7 @@ def build_status(
             "preemption_saves": signal_saves,
             # MaxText turns SIGINT into KeyboardInterrupt: Ctrl+C saves only under tiered run
             "ctrl_c_needs_launcher": cfg.speaks_mtc,
+            "notes": notes,
         },
     )
 
@@ -224,32 +235,6 @@ def query_daemon(address: str, *, timeout: float = 2.0) -> dict[str, Any] | None
 def _scan_durable(cfg: TieredConfig) -> tuple[list, list]:
     durable = open_tiers(cfg)[1]
     return durable.scan(), durable.list_displaced()
-
-
-T = TypeVar("T")
-
-
-def within(seconds: float, fn: Callable[[], T]) -> T:
-    """``fn()``, or a transient ``StorageError`` when it takes longer than ``seconds`` (object-
-    store clients retry for a minute or more; the thread is left to finish on its own)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # handed to the caller below
-            box["error"] = err
-
-    thread = threading.Thread(target=run, name="tiered-status-durable", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise StorageError(
-            f"no answer within {seconds:g} s (tiered.durable_timeout_seconds)", transient=True
-        )
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def collect_status(
@@ -313,7 +298,9 @@ def _human_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def _tier_summary(tier: dict[str, Any]) -> str:
+def _tier_summary(tier: dict[str, Any], error: str | None = None) -> str:
+    if error is not None:
+        return error if error.startswith("unreachable:") else f"unreachable: {error}"
     n = tier.get("steps", 0)
     text = f"{n} step{'s' if n != 1 else ''}, {human_bytes(tier.get('bytes') or 0)}"
     if tier.get("free_bytes") is not None:
@@ -322,20 +309,30 @@ def _tier_summary(tier: dict[str, Any]) -> str:
 
 
 def _risk_line(risk: dict[str, Any]) -> str:
-    def one(loss: dict[str, Any]) -> str:
-        if loss.get("steps") is None:
-            return "unknown (no step time yet)"
-        if loss["steps"] == 0:
-            return "nothing"
-        return f"{loss['steps']} steps (~{_human_age(loss.get('seconds'))})"
+    notes = risk.get("notes") or {}
 
-    stops = f"preemption or Ctrl+C {one(risk['preemption'])}"
+    def one(kind: str) -> str:
+        loss = risk[kind]
+        note = notes.get(kind)
+        if kind == "node" and note:
+            return f"unknown ({note})"
+        if loss.get("steps") is None:
+            text = "unknown (no step time yet)"
+        elif loss["steps"] == 0:
+            text = "nothing"
+        else:
+            text = f"{loss['steps']} steps (~{_human_age(loss.get('seconds'))})"
+        if note:
+            text = f"{text[:-1]}; {note})" if text.endswith(")") else f"{text} ({note})"
+        return text
+
+    stops = f"preemption or Ctrl+C {one('preemption')}"
     if risk.get("ctrl_c_needs_launcher") and risk.get("preemption_saves"):
-        stops = f"preemption {one(risk['preemption'])}; Ctrl+C under tiered run "
-        stops += f"{one(risk['preemption'])}, else {one(risk['crash'])}"
+        stops = f"preemption {one('preemption')}; Ctrl+C under tiered run "
+        stops += f"{one('preemption')}, else {one('crash')}"
     elif risk.get("ctrl_c_needs_launcher"):
         stops += " (MaxText without enable_autocheckpoint saves nothing on SIGTERM)"
-    return f"crash {one(risk['crash'])}; {stops}; losing this node {one(risk['node'])}"
+    return f"crash {one('crash')}; {stops}; losing this node {one('node')}"
 
 
 def render_table(status: TierStatus) -> str:
@@ -347,7 +344,7 @@ def render_table(status: TierStatus) -> str:
         f"local    {status.local_dir}  (every {status.local_period} steps)"
         + (f"  {_tier_summary(t['local'])}" if t.get("local") else ""),
         f"durable  {status.durable_url}  (every {status.durable_period} steps)"
-        + (f"  {_tier_summary(t['durable'])}" if t.get("durable") else ""),
+        + (f"  {_tier_summary(t['durable'], status.durable_error)}" if t.get("durable") else ""),
     ]
     if status.at_risk:
         lines.append(f"at risk  {_risk_line(status.at_risk)}")
@@ -383,8 +380,6 @@ def render_table(status: TierStatus) -> str:
             f"uploading step {current['step']}: {progress} "
             f"for {current.get('elapsed_seconds', 0):.0f}s"
         )
-    if status.durable_error:
-        lines.append(f"durable tier unreachable: {status.durable_error}")
     if d.get("last_error"):
         when = d.get("last_error_time")
         ago = f" ({_human_age(status.generated_at - when)} ago)" if when else ""

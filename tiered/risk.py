@@ -60,6 +60,7 @@ def at_risk(
     saves_on_signal: bool,
     trainer_running: bool | None = None,
     replicated: int | None = None,
+    local_period: int | None = None,
 ) -> dict[str, Loss]:
     """What a crash, a preemption and the loss of this node would each cost at ``now``.
 
@@ -68,7 +69,9 @@ def at_risk(
     that is newer).
 
     The trainer is taken to be where its last save left it (nothing more to lose locally) once
-    that save was its final one, or when ``trainer_running`` is False (its lock is free)."""
+    that save was its final one, when ``trainer_running`` is False (its lock is free), or, when
+    nothing says whether it runs, once it is more than two ``local_period``s past its newest
+    save (a running trainer would have saved again by then)."""
     committed = [s for s in local if s.committed]
     newest = max(committed, key=lambda s: s.step, default=None)
     kept = [d for d in durable or () if d.kept]
@@ -81,6 +84,8 @@ def at_risk(
         current = None
     else:
         current = newest.step + max(0.0, now - newest.commit_time) / per_step
+        if trainer_running is None and local_period and current - newest.step > 2 * local_period:
+            current = float(newest.step)
 
     def since(step: int | None, when: float | None) -> Loss:
         if current is None:

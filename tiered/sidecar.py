@@ -58,7 +58,8 @@ from tiered.policy import (
     restore_options,
     rules_for,
 )
-from tiered.report import build_status, within
+from tiered.reach import within
+from tiered.report import build_status
 from tiered.risk import at_risk
 from tiered.storage import TransferResult
 from tiered.storage.replicas import PeerStore, read_header
