@@ -305,7 +305,11 @@ def test_a_store_down_from_the_start_degrades_the_daemon_and_it_catches_up(
         # Non-zero for scripts: the durable tier was not read, and its counts are not shown.
         assert out.returncode == 1 and time.monotonic() - started < 15
         durable_line = next(x for x in out.stdout.splitlines() if x.startswith("durable "))
-        assert "unreachable: " in durable_line and "steps," not in durable_line and "Traceback" not in out.stderr
+        assert (
+            "unreachable: " in durable_line
+            and "steps," not in durable_line
+            and "Traceback" not in out.stderr
+        )
         assert "50" in out.stdout and "due" in out.stdout
         assert daemon.log().count("Traceback") == 0
         assert daemon.get("/healthz")[0] == 200  # alive throughout: a restart would not help

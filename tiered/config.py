@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -39,9 +38,10 @@ from tiered.config_problems import (
     near_miss,
     nearest,
 )
+from tiered.config_rules import check_consistency
 from tiered.errors import ConfigError
 from tiered.types import Topology
-from tiered.urls import PROTOCOL_PACKAGES, installed_protocols, normalize_url, strip_file_scheme
+from tiered.urls import normalize_url, strip_file_scheme
 
 log = logging.getLogger(__name__)
 
@@ -54,50 +54,98 @@ class TieredSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     local_max_to_keep: int = Field(2, ge=1)
+    """Newest local steps kept (pinned steps are kept too)."""
     keep_period: int | None = Field(None, gt=0)
+    """Durable multiples of this are kept forever; a multiple of the durable period."""
     status_address: str = "127.0.0.1:8477"
+    """Where the daemon serves HTTP ``/status``, ``/metrics``, ``/healthz`` (liveness) and
+    ``/readyz`` (readiness)."""
     upload_concurrency: int = Field(8, ge=1, le=256)
+    """Files uploaded at once per step."""
     download_concurrency: int = Field(8, ge=1, le=256)
+    """Files downloaded at once per step."""
     durable_restore: Literal["store", "verify_first"] = "store"
     """How the training API restores a step only the durable tier holds. ``store``: when the
-    store keeps a checksum per object (GCS) and every one equals the manifest's, orbax reads
-    the step straight from the durable tier and the local copy is filled in the background;
-    otherwise as ``verify_first``: download, verify every byte, then load the local copy."""
+    store keeps a checksum per object (GCS's crc32c) and every one equals the manifest's (the
+    few small OCDBT files are read back for their xxh3), orbax reads the step in place and the
+    local copy is downloaded and verified in the background (``close()`` waits for it);
+    anywhere else (``file://``, S3 as tiered uploads) as ``verify_first``. ``verify_first``:
+    download, checksum every byte on this node, then load; it also catches a store that returns
+    other bytes than it checksummed."""
     min_free_local_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Below this free fraction the local tier shrinks to the minimum."""
     shutdown_grace_seconds: float = Field(120.0, gt=0)
+    """SIGTERM drain budget."""
     rescan_seconds: float = Field(30.0, gt=0)
+    """Full rescan period (inotify events are only hints)."""
     prune_interval_seconds: float = Field(60.0, gt=0)
+    """The loop runs at least this often (pruning happens every cycle, as soon as the plan
+    names a step)."""
     backlog: Literal["all", "newest"] = "all"
+    """``newest``: when behind, skip older due steps (shown as ``skipped``)."""
     retry_initial_seconds: float = Field(1.0, gt=0)
+    """First backoff for transient errors (full jitter)."""
     retry_max_seconds: float = Field(60.0, gt=0)
+    """Longest backoff for transient errors."""
     retry_attempts: int = Field(6, ge=1)
+    """Tries of a transient error before it counts as a failure."""
     unhealthy_after_seconds: float = Field(900.0, gt=0)
+    """``/readyz`` turns 503 once promotion has failed this long (``/healthz`` is liveness: 503
+    only when the daemon's loop stalls)."""
     upload_bandwidth_mb_per_s: float | None = Field(None, gt=0)
     """Cap on the daemon's uploads, in megabytes (10**6 bytes) per second: the unit the logs
-    and the status print."""
+    and the status print. Replaces ``upload_bandwidth_mbps`` (megabits), refused with the
+    conversion (400 Mbit/s is 50)."""
     transfer_pacing: float | None = Field(0.5, gt=0, le=1)
     """With no cap, a periodic upload goes just fast enough to end within this share of the
-    time until the next durable step (a copy to a peer: until the next local step), from the
-    trainer's step time; preemption and final steps go at full speed. null: full speed always."""
+    time until the next durable step (``checkpoint_period`` times the trainer's step time, which
+    ``tiered.CheckpointManager`` records with each save, or the spacing of the last two local
+    steps), never slower than 2 MB/s, and at 25 MB/s until a step time is known; a copy to a
+    peer is paced to the local period. Preemption and final steps go at full speed, and a paced
+    transfer speeds up when one is waiting, the run ends or the daemon stops. ``null``: full
+    speed always (docs/benchmarks.md's interference row shows what that costs)."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the fsspec filesystem (``token``, ``endpoint_url``, ...)."""
     mtc_protocol: bool | None = None
+    """Force orbax's replicator protocol on or off (default: follows
+    ``enable_multi_tier_checkpointing``)."""
     write_jax_init_info: bool = False
+    """Write ``jax-init-info.txt`` for orbax's multi-tier client."""
     coordinator_address: str | None = None
+    """The JAX coordinator, ``HOST:PORT``, written to ``jax-init-info.txt``."""
     process_id: int | None = Field(None, ge=0)
+    """The process id written to ``jax-init-info.txt`` (default: ``node_rank``)."""
     node_rank: int = Field(0, ge=0)
+    """This host's index; set it on every host, for the trainer and the daemon."""
     num_nodes: int = Field(1, ge=1)
+    """How many hosts the job has."""
     restore_agreement_timeout_seconds: float = Field(600.0, gt=0)
+    """How long a multi-node restore waits for every node to ask."""
     local_compression: bool = False
+    """zstd for local saves made by ``tiered.CheckpointManager``: most of a save's host CPU,
+    paid every local period (0.6 s instead of 0.1 s for 256 MB of random float32). Turn it on
+    when the state compresses well or local disk is tight."""
     final_after_idle_seconds: float | None = Field(900.0, gt=0)
+    """With no trainer lock to tell and no JAX coordinator to watch, a run that saved nothing
+    for this long and three of its usual save intervals counts as over: its newest local step
+    is promoted as ``final``."""
     local_capacity: int | None = None
     """Bytes the local tier may use (``200Gi``, ``50G``, ``1048576``): free space is measured
     against it instead of the filesystem's figure, which an emptyDir ``sizeLimit`` or a quota
     does not change."""
     durable_timeout_seconds: float = Field(60.0, gt=0)
+    """How long the daemon and ``tiered status`` wait for one listing of the durable tier
+    before they call it unreachable."""
     daemon_nice: int = Field(10, ge=0, le=19)
+    """The daemon lowers its CPU priority to this nice value before it starts any thread; ``0``
+    leaves it as started. On Kubernetes the sidecar's ``resources.requests.cpu`` sets its
+    share."""
     log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line, with ``time``, ``level``, ``logger``, ``message``,
+    and for the events a pipeline filters on ``event``, ``step``, ``tier``, ``bytes``,
+    ``seconds``."""
     peer_addresses: list[str] | str | None = None
-    """Every node's peer server, ``host:port``: a list in rank order, or one template with
+    """Every node's peer server, ``HOST:PORT``: a list in rank order, or one template with
     ``{rank}`` (``job-{rank}.job.default.svc:8478``). Setting it turns peer replication on."""
     peers: list[int] | None = None
     """The ranks this node sends its steps to (default: the next node in a ring, or orbax's
@@ -105,12 +153,14 @@ class TieredSettings(BaseModel):
     peer_listen_address: str | None = None
     """Where the peer server binds (default: every interface, on this node's port)."""
     peer_secret_file: str | None = None
-    """A file holding the job's shared secret (at least 16 bytes): peers must present it."""
+    """A file holding the job's shared secret (at least 16 bytes; ``openssl rand -hex 32``):
+    every peer request is signed with it. Required with peers."""
     peer_bandwidth_mb_per_s: float | None = Field(None, gt=0)
     """Cap on the replication this node sends, in megabytes per second."""
     peer_keep: int = Field(2, ge=1)
     """How many of each partner's newest steps this node keeps."""
     peer_timeout_seconds: float = Field(30.0, gt=0)
+    """A peer silent this long mid-request is dropped."""
 
     @field_validator("local_capacity", mode="before")
     @classmethod
@@ -166,22 +216,39 @@ class TieredConfig(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     run_name: str = ""
+    """With ``base_output_directory``, names the durable directory."""
     base_output_directory: str = ""
+    """The durable tier, when ``checkpoint_dir`` is unset:
+    ``{base_output_directory}/{run_name}/checkpoints`` (with MaxText, always)."""
     checkpoint_dir: str = ""
+    """The durable tier's URL (``gs://``, ``s3://``, ``file://``, a plain path); derived from
+    ``base_output_directory`` and ``run_name`` when unset. MaxText has no such key."""
     enable_checkpointing: bool = True
+    """``false`` makes ``save`` a no-op."""
     async_checkpointing: bool = True
+    """Periodic local saves return at once."""
     checkpoint_period: int = 5000
+    """The durable period: steps that are multiples of it are promoted."""
     save_checkpoint_on_completion: bool = True
+    """``save(..., final=True)`` writes a final checkpoint."""
     enable_multi_tier_checkpointing: bool = False
+    """The daemon answers orbax's replicator protocol."""
     local_checkpoint_directory: str = ""
+    """Node-local directory (SSD or RAM disk) for the fast tier. Required."""
     local_checkpoint_period: int = 1000
+    """The local save period; it must divide the durable period."""
     multi_tier_checkpointing_backup_interval_minutes: float | None = None
+    """Time-based promotion (not with the steps interval)."""
     multi_tier_checkpointing_backup_interval_steps: int | None = None
+    """Overrides ``checkpoint_period`` (orbax's ``replicator.yaml`` sets it for the daemon)."""
     max_num_checkpoints_to_keep: int | None = None
+    """Newest durable steps kept (``null``: all)."""
     enable_autocheckpoint: bool = False
-    """MaxText saves when JAX's preemption notifier reports SIGTERM (its preemption step)."""
+    """MaxText saves a step when SIGTERM arrives (JAX's preemption notifier); ``tiered status``
+    counts a preemption as free only with it."""
     steps: int | None = None
-    """MaxText's run length: step ``steps - 1`` is the run's final save."""
+    """MaxText's run length: step ``steps - 1`` is the run's final save (a reason-less step off
+    the local period is otherwise taken as the preemption save, and promoted at once)."""
     tiered: TieredSettings = Field(default_factory=TieredSettings)  # type: ignore[arg-type]
 
     # -- derived values -------------------------------------------------------------------------
@@ -264,137 +331,6 @@ def parse_bytes(text: str) -> int:
     if unit not in _UNITS or not math.isfinite(value):
         raise ValueError(f"expected a size such as 200Gi or 50G, got {text!r}")
     return int(value * _UNITS[unit])
-
-
-def _check_consistency(cfg: TieredConfig, *, maxtext: bool = False) -> None:
-    """Cross-field rules. Each failure names the key to change."""
-    if not cfg.local_checkpoint_directory:
-        raise ConfigError(
-            "local_checkpoint_directory is not set: tiered needs a node-local directory "
-            "(SSD or RAM disk) for the fast tier"
-        )
-    local_scheme = cfg.local_checkpoint_directory.partition("://")[0]
-    if "://" in cfg.local_checkpoint_directory and local_scheme != "file":
-        raise ConfigError(
-            f"local_checkpoint_directory must be a local path, got "
-            f"{cfg.local_checkpoint_directory!r}"
-        )
-    if not cfg.checkpoint_dir and not (cfg.base_output_directory and cfg.run_name):
-        # MaxText refuses a checkpoint_dir key: its durable directory is always derived.
-        missing = " and ".join(
-            k for k in ("base_output_directory", "run_name") if not getattr(cfg, k)
-        )
-        raise ConfigError(
-            f"the durable directory cannot be derived: set {missing} in MaxText's config "
-            f"(or as {missing.split(' and ')[0]}=... on its command line); MaxText writes "
-            "checkpoints to <base_output_directory>/<run_name>/checkpoints"
-            if maxtext
-            else "checkpoint_dir is not set, and it cannot be derived: set checkpoint_dir, or "
-            "both base_output_directory and run_name"
-        )
-    for key in ("checkpoint_period", "local_checkpoint_period"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be a positive number of steps, got {getattr(cfg, key)}")
-    steps = cfg.multi_tier_checkpointing_backup_interval_steps
-    minutes = cfg.multi_tier_checkpointing_backup_interval_minutes
-    if steps is not None and steps < 0:
-        raise ConfigError(
-            f"multi_tier_checkpointing_backup_interval_steps must be positive, got {steps}"
-        )
-    if minutes is not None and not math.isfinite(minutes):
-        raise ConfigError(
-            f"multi_tier_checkpointing_backup_interval_minutes must be a finite number, got "
-            f"{minutes}"
-        )
-    if minutes is not None and minutes < 0:
-        raise ConfigError(
-            f"multi_tier_checkpointing_backup_interval_minutes must be positive, got {minutes}"
-        )
-    if steps and minutes:
-        raise ConfigError(
-            "multi_tier_checkpointing_backup_interval_steps and "
-            "multi_tier_checkpointing_backup_interval_minutes are both set: choose one"
-        )
-    period_key = "multi_tier_checkpointing_backup_interval_steps" if steps else "checkpoint_period"
-    if cfg.durable_period % cfg.local_checkpoint_period:
-        raise ConfigError(
-            f"{period_key} ({cfg.durable_period}) is not a multiple of local_checkpoint_period "
-            f"({cfg.local_checkpoint_period}): the steps it names would never exist locally"
-        )
-    keep_period = cfg.tiered.keep_period
-    if keep_period is not None and keep_period % cfg.durable_period:
-        raise ConfigError(
-            f"tiered.keep_period ({keep_period}) is not a multiple of {period_key} "
-            f"({cfg.durable_period}): the steps it keeps would never be durable"
-        )
-    keep = cfg.max_num_checkpoints_to_keep
-    if keep is not None and keep < 1:
-        raise ConfigError(f"max_num_checkpoints_to_keep must be at least 1 or null, got {keep}")
-    if cfg.tiered.node_rank >= cfg.tiered.num_nodes:
-        raise ConfigError(
-            f"tiered.node_rank ({cfg.tiered.node_rank}) must be below tiered.num_nodes "
-            f"({cfg.tiered.num_nodes})"
-        )
-    _check_tiers_apart(cfg)
-    _check_peers(cfg)
-    scheme = cfg.durable_url.partition("://")[0]
-    installed = installed_protocols()
-    if scheme not in installed:
-        hint = PROTOCOL_PACKAGES.get(scheme)
-        extra = f" (install {hint})" if hint else ""
-        raise ConfigError(
-            f"checkpoint_dir {cfg.durable_url!r}: unsupported URL scheme {scheme + '://'!r}"
-            f"{extra}; installed fsspec protocols: {', '.join(installed)}"
-        )
-
-
-def _check_peers(cfg: TieredConfig) -> None:
-    t = cfg.tiered
-    if not cfg.peering:
-        return
-    if not t.peer_secret_file:
-        raise ConfigError(
-            "tiered.peer_addresses is set but tiered.peer_secret_file is not: peers must "
-            "authenticate with a shared secret (mount one from a Kubernetes Secret)"
-        )
-    nodes = t.num_nodes
-    if isinstance(t.peer_addresses, list) and nodes > 1 and len(t.peer_addresses) != nodes:
-        raise ConfigError(
-            f"tiered.peer_addresses lists {len(t.peer_addresses)} addresses, and "
-            f"tiered.num_nodes is {nodes}: give one per node, in rank order"
-        )
-    for p in t.peers or []:
-        if nodes > 1 and not 0 <= p < nodes:
-            raise ConfigError(f"tiered.peers: rank {p} is not a node of {nodes}")
-        if nodes > 1 and p == t.node_rank:
-            raise ConfigError(f"tiered.peers: node {p} cannot keep a copy of its own steps")
-
-
-def _check_tiers_apart(cfg: TieredConfig) -> None:
-    """The two tiers may not be one directory, nor one inside the other: every local step would
-    then "be durable", nothing would be uploaded, and local retention would delete due steps."""
-    scheme, _, rest = cfg.durable_url.partition("://")
-    if scheme != "file":
-        return
-    local = os.path.realpath(cfg.local_dir)
-    durable = os.path.realpath(rest)
-    durable_key = (
-        "checkpoint_dir"
-        if cfg.checkpoint_dir
-        else "checkpoint_dir (from base_output_directory and run_name)"
-    )
-    where = None
-    if local == durable:
-        where = "are the same directory"
-    elif Path(durable).is_relative_to(local):
-        where = "overlap: the durable tier is inside the local one"
-    elif Path(local).is_relative_to(durable):
-        where = "overlap: the local tier is inside the durable one"
-    if where:
-        raise ConfigError(
-            f"local_checkpoint_directory ({local}) and {durable_key} ({durable}) {where}; the "
-            "two tiers must be separate directories"
-        )
 
 
 def parse_scalar(value: str) -> Any:
@@ -494,7 +430,7 @@ def config_from_mapping(
     if problems.found:
         raise ConfigError(problems.render())
     try:
-        _check_consistency(cfg, maxtext=maxtext)
+        check_consistency(cfg, maxtext=maxtext)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg
