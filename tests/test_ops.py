@@ -237,3 +237,48 @@ def test_status_tells_maxtexts_truth_at_risk(tmp_path: Path, autocheckpoint: boo
     status = build_status(cfg, snapshot=Snapshot(now=1100.0, local=local), live=None)
     risk = next(x for x in render_table(status).splitlines() if x.startswith("at risk"))
     assert line in risk
+
+
+def _advise(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tiered.cli", "advise", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tiered_advise_before_a_run_exists_takes_the_figures_given() -> None:
+    out = _advise(
+        "--step-seconds", "0.2", "--save-seconds", "0.5", "--upload-seconds", "4",
+        "--mtbf", "6h", "--node-mtbf", "7d", "--local-period", "1000",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    # the worked example above: 735 steps; the durable period 15 x 735 (no config needed)
+    assert re.search(r"advised\s+735 steps", out.stdout), out.stdout
+    assert re.search(rf"advised\s+{15 * 735} steps", out.stdout), out.stdout
+    assert "0.200 s per step (given)" in out.stdout
+    nothing = _advise("--step-seconds", "0.2", "--mtbf", "6h")
+    assert nothing.returncode == 2 and "--save-seconds" in nothing.stderr
+    no_step = _advise("--save-seconds", "1", "--mtbf", "6h")
+    assert no_step.returncode == 2 and "--step-seconds" in no_step.stderr
+    bad = _advise("--step-seconds", "-1", "--save-seconds", "1", "--mtbf", "6h")
+    assert bad.returncode == 2 and "--step-seconds must be a positive" in bad.stderr
+
+
+def test_tiered_advise_never_prints_more_than_the_whole_run_lost() -> None:
+    # Plausible input that printed "198.42% of the run lost": 30 s saves, 10 min uploads,
+    # an interruption an hour, 2 s steps, the default periods (1000 and 5000 steps).
+    out = _advise(
+        "--step-seconds", "2", "--save-seconds", "30", "--upload-seconds", "600", "--mtbf", "1h"
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    shares = [float(x) for x in re.findall(r"([\d.]+)% of the run lost", out.stdout)]
+    assert len(shares) == 4 and all(0 < s < 100 for s in shares), out.stdout
+    # 5000 steps of 2 s is 10,000 s, longer than the hour between interruptions: said
+    assert "longer than the time between interruptions" in out.stdout
+    # the share is the first-order waste over wall time: x / (1 + x)
+    from tiered.advice import share_lost
+
+    waste = overhead(5000 * 2.0, 600.0, 3600.0)
+    assert waste > 1 and f"{share_lost(waste) * 100:.2f}% of the run lost" in out.stdout

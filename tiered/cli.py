@@ -8,25 +8,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import re
-import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from tiered import __version__
+from tiered.advice import cmd_advise
 from tiered.config import TieredConfig
 from tiered.config_files import load_config, split_overrides
 from tiered.errors import ChecksumMismatch, TieredError
-from tiered.layout import TRAINER_STATS
 from tiered.lock import DirectoryLock
 from tiered.logs import configure
 from tiered.policy import plan, rules_for
 from tiered.report import collect_status, is_settled, render_table
-from tiered.risk import Advice, advise
 from tiered.storage import LocalTier
 from tiered.tiers import (
     apply_deletes,
@@ -80,105 +76,6 @@ def cmd_status(cfg: TieredConfig, args: argparse.Namespace) -> int:
     if status.durable_error is not None:
         return 1  # a script must not read "no durable steps" into a tier it could not read
     return 0
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``6h``, ``7d`` in seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise TieredError(f"expected a positive duration such as 6h, 30m or 90s, got {text!r}")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-
-
-def cmd_advise(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    """Young/Daly periods from what was measured on this run (tiered.risk)."""
-    if (args.mtbf is None) == (args.interruptions_per_day is None):
-        raise TieredError("give the failure rate: --mtbf 6h, or --interruptions-per-day 4")
-    mtbf = parse_duration(args.mtbf) if args.mtbf else 86400.0 / args.interruptions_per_day
-    node_mtbf = parse_duration(args.node_mtbf) if args.node_mtbf else mtbf
-    status = collect_status(cfg)
-    per_step = status.at_risk.get("step_seconds")
-    if per_step is None:
-        raise TieredError(
-            "no step time measured yet: it comes from two committed local steps' commit times"
-        )
-    stats = LocalTier(cfg.local_dir).tiered_dir / TRAINER_STATS
-    try:
-        blocking = json.loads(stats.read_text())["save_blocking_seconds"]
-    except (OSError, ValueError, KeyError, TypeError):
-        blocking = []
-    save_cost = args.save_seconds or (statistics.median(blocking) if blocking else None)
-    promo = status.daemon.get("last_promotion") or {}
-    upload_cost = args.upload_seconds or promo.get("seconds")
-    lines = [
-        f"measured  {per_step:.3f} s per step (between local saves)",
-        f"          a local save blocks the loop {save_cost:.3f} s"
-        + (f" (median of {len(blocking)})" if blocking and not args.save_seconds else " (given)")
-        if save_cost
-        else "          a local save's blocking time: not measured (tiered.CheckpointManager "
-        "records it; give --save-seconds)",
-        f"          an upload takes {upload_cost:.1f} s" + ("" if promo else " (given)")
-        if upload_cost
-        else "          an upload's time: not measured yet (the daemon reports it; give "
-        "--upload-seconds)",
-        f"failures  an interruption every {_span(mtbf)}; a lost node every {_span(node_mtbf)}",
-        "",
-    ]
-    local_advice = None
-    if save_cost:
-        local_advice = advise(
-            cost_seconds=save_cost,
-            mtbf_seconds=mtbf,
-            step_seconds=per_step,
-            current_steps=cfg.local_checkpoint_period,
-        )
-        lines += _advice_lines(
-            "local_checkpoint_period", cfg.local_checkpoint_period, local_advice, per_step
-        )
-    if upload_cost:
-        unit = local_advice.period_steps if local_advice else cfg.local_checkpoint_period
-        durable_advice = advise(
-            cost_seconds=upload_cost,
-            mtbf_seconds=node_mtbf,
-            step_seconds=per_step,
-            current_steps=cfg.durable_period,
-            multiple_of=unit,
-        )
-        lines += _advice_lines("checkpoint_period", cfg.durable_period, durable_advice, per_step)
-        if durable_advice.interval_seconds < upload_cost:
-            lines.append("          (an upload takes longer than that: uploads would queue)")
-    lines += [
-        "",
-        "Young/Daly: an interval of sqrt(2 x cost x MTBF) minimises the time lost to checkpoints "
-        "plus the time redone after an interruption (docs/status.md).",
-    ]
-    print("\n".join(lines))
-    return 0
-
-
-def _span(seconds: float) -> str:
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} d"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min"
-
-
-def _advice_lines(key: str, current: int, advice: Advice, per_step: float) -> list[str]:
-    def line(label: str, steps: int, lost: float) -> str:
-        return (
-            f"  {label:<8} {steps:>8} steps: {lost * 100:.2f}% of the run lost; on average "
-            f"{steps / 2:.0f} steps ({steps / 2 * per_step:.0f} s) redone per interruption"
-        )
-
-    return [
-        key,
-        line("now", current, advice.current_overhead),
-        line("advised", advice.period_steps, advice.overhead),
-    ]
 
 
 @contextlib.contextmanager
@@ -380,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-mtbf", help="mean time between losing a node (default: --mtbf)")
     p.add_argument("--save-seconds", type=float, help="blocking time per local save, if known")
     p.add_argument("--upload-seconds", type=float, help="time per durable upload, if known")
+    p.add_argument("--step-seconds", type=float, help="time per training step, if known")
+    p.add_argument("--local-period", type=int, help="current local period (default: config)")
+    p.add_argument("--durable-period", type=int, help="current durable period (default: config)")
     p.set_defaults(func=cmd_advise)
     p = add("status", "show both tiers, each step's state, and the daemon's health")
     p.add_argument("--json", action="store_true", help="print the JSON form (docs/status.md)")
@@ -479,7 +379,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "daemon":
         configure(verbose=args.verbose, debug_loggers=args.debug_logger, text_format="%(message)s")
     try:
-        cfg = load_config(args.config, maxtext=args.maxtext_config, overrides=args.overrides or ())
+        no_config = args.command == "advise" and not (args.config or args.maxtext_config)
+        cfg = (
+            None  # advise before a run exists: the figures come from the command line
+            if no_config
+            else load_config(
+                args.config, maxtext=args.maxtext_config, overrides=args.overrides or ()
+            )
+        )
         rc: int = args.func(cfg, args)
         return rc
     except ChecksumMismatch as err:
