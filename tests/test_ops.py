@@ -234,7 +234,8 @@ def test_status_tells_maxtexts_truth_at_risk(tmp_path: Path, autocheckpoint: boo
         checkpoint_period=5000,
     )
     local = tuple(local_steps((1000, 600.0), (2000, 800.0), (3000, 1000.0)))
-    status = build_status(cfg, snapshot=Snapshot(now=1100.0, local=local), live=None)
+    daemon = {"running": True, "health": "ok"}  # a daemon there to promote the stop save
+    status = build_status(cfg, snapshot=Snapshot(now=1100.0, local=local), live=daemon)
     risk = next(x for x in render_table(status).splitlines() if x.startswith("at risk"))
     assert line in risk
 
