@@ -147,7 +147,10 @@ def test_status_of_an_unreachable_durable_tier_names_the_cause_and_exits_non_zer
     config_path, _cfg = write_config(tmp_path, "gs://nobucket/run")
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
     done = subprocess.run(
-        [sys.executable, "-m", "tiered.cli", "status", "--no-daemon", "--config", str(config_path)],
+        [
+            *(sys.executable, "-m", "tiered.cli", "status", "--no-daemon"),
+            *("--timeout", "3", "--config", str(config_path)),
+        ],
         capture_output=True,
         text=True,
         env={**subprocess_env(), "STORAGE_EMULATOR_HOST": dead},
@@ -157,6 +160,8 @@ def test_status_of_an_unreachable_durable_tier_names_the_cause_and_exits_non_zer
     assert done.returncode == 1, done.stdout + done.stderr
     durable = next(line for line in done.stdout.splitlines() if line.startswith("durable "))
     assert "unreachable: Cannot connect to host 127.0.0.1" in durable
+    # the knob it names is the one that set the wait (the config's is the daemon's)
+    assert durable.endswith("(no answer within 3 s, tiered status --timeout)"), durable
     assert "0 steps, 0 B" not in durable  # a tier that was not read has no counts
     assert "losing this node unknown (the durable tier was not read)" in done.stdout
 

@@ -59,12 +59,14 @@ def _progress_bar(label: str) -> Any:
 
 
 def cmd_status(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    status = collect_status(cfg, ask_daemon=not args.no_daemon)
+    status = collect_status(cfg, ask_daemon=not args.no_daemon, durable_timeout=args.timeout)
     if args.wait_settled is not None:
         deadline = time.monotonic() + args.wait_settled
         while not is_settled(status) and time.monotonic() < deadline:
             time.sleep(1.0)
-            status = collect_status(cfg, ask_daemon=not args.no_daemon)
+            status = collect_status(
+                cfg, ask_daemon=not args.no_daemon, durable_timeout=args.timeout
+            )
     print(status.to_json() if args.json else render_table(status))
     if args.wait_settled is not None and not is_settled(status):
         print(
@@ -284,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", "show both tiers, each step's state, and the daemon's health")
     p.add_argument("--json", action="store_true", help="print the JSON form (docs/status.md)")
     p.add_argument("--no-daemon", action="store_true", help="read the tiers, do not ask the daemon")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the durable tier's listing before calling it unreachable "
+        "(default 5)",
+    )
     p.add_argument(
         "--wait-settled",
         type=float,

@@ -134,8 +134,8 @@ class TieredSettings(BaseModel):
     against it instead of the filesystem's figure, which an emptyDir ``sizeLimit`` or a quota
     does not change."""
     durable_timeout_seconds: float = Field(60.0, gt=0)
-    """How long the daemon and ``tiered status`` wait for one listing of the durable tier
-    before they call it unreachable."""
+    """How long the daemon waits for one listing of the durable tier before it calls the tier
+    unreachable (``tiered status`` waits ``--timeout``, 5 s by default)."""
     daemon_nice: int = Field(10, ge=0, le=19)
     """The daemon lowers its CPU priority to this nice value before it starts any thread; ``0``
     leaves it as started. On Kubernetes the sidecar's ``resources.requests.cpu`` sets its

@@ -66,9 +66,12 @@ class _Collect(logging.Handler):
         return self.retried
 
 
-def within(seconds: float, fn: Callable[[], T]) -> T:
+def within(
+    seconds: float, fn: Callable[[], T], *, knob: str = "tiered.durable_timeout_seconds"
+) -> T:
     """``fn()``, or a transient ``StorageError`` when it takes longer than ``seconds``, naming
-    what the storage client kept retrying on (the thread is left to finish on its own)."""
+    what the storage client kept retrying on and ``knob``, the setting that sets ``seconds``
+    (the thread is left to finish on its own)."""
     box: dict[str, Any] = {}
     collect = _Collect()
     loggers = [logging.getLogger(name) for name in CLIENT_LOGGERS]
@@ -102,9 +105,9 @@ def within(seconds: float, fn: Callable[[], T]) -> T:
     if alive:
         cause = collect.cause()
         raise StorageError(
-            f"unreachable: {cause} (no answer within {seconds:g} s, tiered.durable_timeout_seconds)"
+            f"unreachable: {cause} (no answer within {seconds:g} s, {knob})"
             if cause
-            else f"no answer within {seconds:g} s (tiered.durable_timeout_seconds)",
+            else f"no answer within {seconds:g} s ({knob})",
             transient=True,
         )
     if "error" in box:

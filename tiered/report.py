@@ -264,7 +264,9 @@ def collect_status(
     local = LocalTier(cfg.local_dir)
     local_steps = tuple(local.scan(with_size=True))
     try:
-        scanned, moved = within(durable_timeout, lambda: _scan_durable(cfg))
+        scanned, moved = within(
+            durable_timeout, lambda: _scan_durable(cfg), knob="tiered status --timeout"
+        )
         durable_steps: tuple | None = tuple(scanned)
         displaced = [*moved, *local.displaced()]
         error = None
