@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tiered import DurableTier, LocalTier
 
-from conftest import ROOT, subprocess_env, write_config
+from conftest import ROOT, make_bucket, s3_bucket, s3_storage_options, subprocess_env, write_config
 from helpers import Trainer, example_state
 
 
@@ -205,3 +207,46 @@ def test_status_with_no_daemon_does_not_promise_a_preemption_loses_nothing(
     risk = next(line for line in out.stdout.splitlines() if line.startswith("at risk"))
     assert "preemption or Ctrl+C nothing" not in risk
     assert "no daemon running to promote the preemption step" in risk
+
+
+@pytest.mark.parametrize("backend", ["gs", "s3"])
+def test_status_of_a_missing_bucket_says_so_instead_of_zero_steps(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A bucket that does not exist listed as an empty tier: "0 steps, 0 B", exit 0, while
+    every upload would fail. A missing prefix in a bucket that exists is a new run: empty."""
+    from tiered import status
+    from tiered.errors import StorageError
+
+    if backend == "gs":
+        request.getfixturevalue("gcs_emulator")
+        url, options, good = "gs://no-such-bucket-tiered/run", {"token": "anon"}, make_bucket()
+    else:
+        endpoint = request.getfixturevalue("moto_server")
+        options = s3_storage_options(endpoint)
+        url, good = "s3://no-such-bucket-tiered/run", s3_bucket(endpoint)
+    config_path, _ = write_config(tmp_path, url, tiered={"storage_options": options})
+    rc, out = run_status(config_path)
+    durable = next(line for line in out.splitlines() if line.startswith("durable "))
+    assert rc == 1 and "bucket 'no-such-bucket-tiered' does not exist" in durable, out
+    assert "steps," not in durable  # no counts for a tier that was not read
+    # the same bucket name made real, the prefix still absent: a fresh run, no error
+    config_path, cfg = write_config(
+        tmp_path, f"{backend}://{good}/fresh/run", tiered={"storage_options": options}
+    )
+    assert status(cfg).durable_error is None
+    rc, out = run_status(config_path)
+    assert rc == 0 and "0 steps, 0 B" in next(
+        line for line in out.splitlines() if line.startswith("durable ")
+    ), out
+    # the daemon's listing says the same (it used to see an empty tier and wait for steps)
+    from tiered.tiers import open_tiers
+
+    _, missing = write_config(tmp_path, url, tiered={"storage_options": options})
+    with pytest.raises(StorageError, match="does not exist"):
+        open_tiers(missing)[1].scan()
+
+
+def run_status(config_path: Path) -> tuple[int, str]:
+    done = tiered("status", "--no-daemon", "--timeout", "20", "--config", str(config_path))
+    return done.returncode, done.stdout + done.stderr

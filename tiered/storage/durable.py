@@ -128,7 +128,9 @@ class DurableTier:
             try:
                 entries = self.fs.ls(self.root, detail=False)
             except FileNotFoundError:
-                return []
+                entries = []
+            if not entries:
+                self.store.check_missing_root()  # a missing bucket is not an empty tier
         steps = []
         for entry in entries:
             ref = parse_step(str(entry).rstrip("/").rsplit("/", 1)[-1])

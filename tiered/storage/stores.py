@@ -85,6 +85,10 @@ class Store:
         """Fail with a precise message when the tier cannot be reached."""
         raise NotImplementedError
 
+    def check_missing_root(self) -> None:
+        """The root lists as missing: fine for a new run's directory or prefix; an object
+        store raises here when the bucket itself is gone (a listing would say "0 steps")."""
+
     # -- small objects, by paths relative to the root (coordination files, part markers) --
 
     def read_text(self, rel: str) -> str | None:
@@ -219,6 +223,9 @@ class PosixStore(Store):
 
 
 class ObjectStore(Store):
+    def check_missing_root(self) -> None:
+        self.prepare()
+
     def prepare(self) -> None:
         self.fs.invalidate_cache()
         bucket = self.root.split("/", 1)[0]
