@@ -148,15 +148,47 @@ def test_plain_paths_become_file_urls(tmp_path: Path) -> None:
 def test_readme_yaml_example_is_a_valid_config() -> None:
     """The README's YAML is what users copy first: it must load, with the values it shows."""
     import re
+    import textwrap
 
     import yaml
 
-    block = re.search(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert block is not None
-    cfg = config_from_mapping(yaml.safe_load(block.group(1)), env={})
+    blocks = [
+        textwrap.dedent(b)
+        for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    ]
+    quick, flags = blocks[0], blocks[1]
+    cfg = config_from_mapping(yaml.safe_load(quick), env={})  # the quickstart's, as is
+    assert cfg.durable_url == "gs://my-bucket/runs/first/checkpoints"
+    assert cfg.durable_period == 5 * cfg.local_checkpoint_period
+    cfg = config_from_mapping(yaml.safe_load(flags), env={})
     assert cfg.checkpoint_period == 5000 and cfg.local_checkpoint_period == 1000
     assert cfg.tiered.daemon_nice == 10 and cfg.tiered.upload_bandwidth_mb_per_s == 50
     assert cfg.tiered.local_compression is False
+
+
+def test_readme_quickstart_installs_what_exists() -> None:
+    """The quickstart's pip line names this package and extras it declares, and its commands
+    are subcommands the CLI has."""
+    import re
+    import tomllib
+
+    from tiered.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    quick = readme[readme.index("## Quickstart") : readme.index("## From a checkout")]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installs = re.findall(r"pip install '([\w-]+)\[([\w,]+)\]'", quick)
+    assert installs, quick
+    for name, extras in installs:
+        assert name == project["name"]
+        assert set(extras.split(",")) <= set(project["optional-dependencies"])
+    for extra in re.findall(r"\[(\w+(?:,\w+)*)\] (?:for|alone)", quick):
+        assert set(extra.split(",")) <= set(project["optional-dependencies"])
+    parser = build_parser()
+    commands = re.findall(r"^\s*tiered (\w[\w-]*) ", quick, re.M)
+    assert {"daemon", "status"} <= set(commands)
+    for command in commands:
+        parser.parse_args([command, "--config", "x"])  # a subcommand the CLI has
 
 
 @pytest.mark.parametrize(
