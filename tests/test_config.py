@@ -170,6 +170,7 @@ def test_readme_quickstart_installs_what_exists() -> None:
     """The quickstart's pip line names this package and extras it declares, and its commands
     are subcommands the CLI has."""
     import re
+
     import tomllib
 
     from tiered.cli import build_parser
