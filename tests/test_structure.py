@@ -76,3 +76,31 @@ def test_design_doc_names_every_module() -> None:
                 continue
             named = re.search(rf"(`|tiered\.|\| ){p.stem}(`|\s|\|)", design)
             assert named, f"docs/design.md does not name {p.relative_to(ROOT)}'s job"
+
+
+def test_no_module_reads_another_objects_private_names() -> None:
+    """``other._name`` couples a module to another's insides where the import graph cannot see
+    it (upload read DurableTier's ``_step_manifest``; the loader read the manager's ``_mgr``):
+    only ``self``, ``cls`` and ``super()`` reach underscore names. ``os._exit`` is the one
+    foreign exception (a child after fork, and a fault point, end without cleanup)."""
+    import ast
+
+    allowed = {"os._exit"}
+    found = []
+    for folder in ("tiered", "daemon"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (
+                    isinstance(node, ast.Attribute)
+                    and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                ):
+                    continue
+                owner = node.value
+                if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                    continue
+                if isinstance(owner, ast.Call) and ast.unparse(owner.func) == "super":
+                    continue
+                if ast.unparse(node) not in allowed:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)

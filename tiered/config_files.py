@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from tiered.config import TieredConfig, config_from_mapping, parse_scalar
+from tiered.config import TieredConfig
+from tiered.config_check import config_from_mapping, parse_scalar
 from tiered.config_problems import Key, key_lines
 from tiered.errors import ConfigError
 

@@ -7,25 +7,43 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from tiered.errors import StepUnreadable, TieredError
 
 if TYPE_CHECKING:
-    from tiered.manager import CheckpointManager
+    from tiered.config import TieredConfig
+    from tiered.storage import DurableTier
+
+
+class Owner(Protocol):
+    """What the loader needs of the manager that owns it (``tiered.CheckpointManager``): its
+    config, its durable tier, and a verified copy of a durable step into the local tier."""
+
+    config: TieredConfig
+
+    @property
+    def durable(self) -> DurableTier: ...
+    def fetch(self, step: int) -> Any: ...
 
 log = logging.getLogger("tiered.manager")
 
 
 class Loader:
-    def __init__(self, manager: CheckpointManager) -> None:
+    """Loads steps through ``local`` (the orbax manager over the local tier) or, in place, through
+    one over the durable tier; ``multi``: several nodes, whose durable step is read locally."""
+
+    def __init__(self, manager: Owner, ocp: Any, local: Any, *, multi: bool) -> None:
         self.manager = manager
+        self.ocp = ocp
+        self.local = local
+        self.multi = multi
         self._filling: threading.Thread | None = None
 
     def load(self, step: int, source: str, target: Any, args: Any, *, orbax_form: bool) -> Any:
         m = self.manager
         if source == "durable" and self._store_vouches(step):
-            ocp = m._ocp
+            ocp = self.ocp
             with ocp.CheckpointManager(
                 m.config.durable_url, options=ocp.CheckpointManagerOptions(create=False)
             ) as durable:
@@ -47,11 +65,11 @@ class Loader:
                     return state
         if source == "durable":
             m.fetch(step)
-        return self.load_from(m._mgr, step, target, args, orbax_form=orbax_form)
+        return self.load_from(self.local, step, target, args, orbax_form=orbax_form)
 
     def _store_vouches(self, step: int) -> bool:
         m = self.manager
-        if m.config.tiered.durable_restore != "store" or m._multi:
+        if m.config.tiered.durable_restore != "store" or self.multi:
             return False
         try:
             return m.durable.vouched(step) is not None
@@ -80,7 +98,7 @@ class Loader:
         self, mgr: Any, step: int, target: Any, args: Any, *, orbax_form: bool = False
     ) -> Any:
         """One step through one orbax manager (the local one, or one over the durable tier)."""
-        ocp = self.manager._ocp
+        ocp = self.ocp
         mgr.reload()
         if orbax_form:  # orbax's own choice of handler when there are no args, as in orbax
             return mgr.restore(step, args=args)

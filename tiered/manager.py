@@ -104,7 +104,7 @@ class CheckpointManager:
         self._blocking: list[float] = []
         self._multi = self._check_topology()
         self._mgr = local_manager(cfg, multi=self._multi)
-        self._loader = Loader(self)
+        self._loader = Loader(self, ocp, self._mgr, multi=self._multi)
         self._signal: int | None = None
         self._stop = False
         self._previous_handlers: dict[int, Any] = {}

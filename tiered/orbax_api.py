@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tiered.config import TieredConfig, config_from_mapping
+from tiered.config import TieredConfig
+from tiered.config_check import config_from_mapping
 from tiered.config_files import load_config
 from tiered.errors import ConfigError
 

@@ -22,11 +22,11 @@ from tiered.storage.errormap import translate_errors
 from tiered.storage.transfer import Progress, TransferResult, run_parallel
 
 if TYPE_CHECKING:
-    from tiered.storage.durable import DurableTier
+    from tiered.storage.steps import StepStore
 
 
 def download_step(
-    tier: DurableTier,
+    tier: StepStore,
     step: int,
     dest: Path,
     *,
@@ -100,7 +100,7 @@ def download_step(
     )
 
 
-def restore_manifest(tier: DurableTier, step: int) -> tuple[Manifest, Callable[[str], str]]:
+def restore_manifest(tier: StepStore, step: int) -> tuple[Manifest, Callable[[str], str]]:
     """What this node downloads of a step: (its files, where each one is on the tier).
 
     On the topology that wrote it, a node downloads its own part. A multi-node step whose
@@ -131,7 +131,7 @@ def restore_manifest(tier: DurableTier, step: int) -> tuple[Manifest, Callable[[
     )
 
 
-def whole_manifest(tier: DurableTier, step: int) -> tuple[Manifest, Callable[[str], str]]:
+def whole_manifest(tier: StepStore, step: int) -> tuple[Manifest, Callable[[str], str]]:
     """Every file of a step's orbax checkpoint, whatever the topology that wrote it (merged
     or not: ``tiered export`` merges a copy)."""
     manifest = tier.read_manifest(step)

@@ -35,6 +35,7 @@ from tiered.layout import (
 from tiered.manifest import FileEntry, Manifest, check_entry, check_file, digest_of_stream
 from tiered.storage import download, parts, upload
 from tiered.storage.errormap import translate_errors
+from tiered.storage.steps import PartCache
 from tiered.storage.stores import Store, listed_crc32c, object_version, open_store
 from tiered.storage.transfer import (
     TRANSFER_MEMORY,
@@ -74,7 +75,7 @@ class DurableTier:
         self.limiter = RateLimiter(bandwidth_mb_per_s * 1e6) if bandwidth_mb_per_s else None
         self.budget = MemoryBudget(TRANSFER_MEMORY)
         self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
-        self.parts_read = parts.PartCache()
+        self.parts_read = PartCache()
         """Node 0's part markers read while a commit waits (``parts.commit``)."""
 
     @property
@@ -138,7 +139,7 @@ class DurableTier:
                 steps.append(ref.step)
         return sorted(set(steps))
 
-    def _marker_version(self, step: int) -> str | None:
+    def marker_version(self, step: int) -> str | None:
         """A token that changes whenever the step's commit marker is written again; None when
         the step has no marker."""
         with translate_errors(f"reading {self.step_url(step)}"):
@@ -149,7 +150,7 @@ class DurableTier:
         return object_version(info)
 
     def has_marker(self, step: int) -> bool:
-        return self._marker_version(step) is not None
+        return self.marker_version(step) is not None
 
     def scan(self) -> list[DurableStep]:
         """Every step prefix on the durable tier, committed or partial, oldest first, each
@@ -157,12 +158,12 @@ class DurableTier:
         or the reason it has none."""
         facts = []
         for step in self._ls_steps():
-            version = self._marker_version(step)
+            version = self.marker_version(step)
             if version is None:
                 self._manifests.pop(step, None)
                 facts.append(DurableStep(step=step, committed=False))
                 continue
-            manifest, problem, tiered = self._step_manifest(step, version)
+            manifest, problem, tiered = self.step_manifest(step, version)
             facts.append(
                 DurableStep(
                     step=step,
@@ -181,7 +182,7 @@ class DurableTier:
         """Committed steps this tier can verify (foreign ones are left out)."""
         return [f.step for f in self.scan() if f.kept]
 
-    def _step_manifest(self, step: int, version: str) -> tuple[Manifest | None, str | None, bool]:
+    def step_manifest(self, step: int, version: str) -> tuple[Manifest | None, str | None, bool]:
         """(this node's manifest or None, why not, whether a tiered manifest is there). With
         several nodes that is this node's own part marker: the merged manifest lists every
         node's files, and a thousand nodes each reading it would move a thousand times its

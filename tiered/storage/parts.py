@@ -3,7 +3,8 @@ marker ``parts/<r>.json`` (its manifest, carrying the restore epoch); node 0 alo
 step, once every node's part of the current epoch is there, by writing the merged manifest and
 then the commit marker.
 
-Functions over a ``DurableTier`` whose topology says which node it is.
+Functions over a step store (``tiered.storage.steps.StepStore``, which ``DurableTier``
+implements) whose topology says which node it is.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from tiered.storage.errormap import translate_errors
 from tiered.storage.merge import merge_roots
 
 if TYPE_CHECKING:
-    from tiered.storage.durable import DurableTier
+    from tiered.storage.steps import StepStore
 
 log = logging.getLogger(__name__)
 
 
-def write(tier: DurableTier, step: int, manifest: Manifest, *, epoch: int) -> None:
+def write(tier: StepStore, step: int, manifest: Manifest, *, epoch: int) -> None:
     """This node's part marker: its files are uploaded and verified."""
     rank, nodes = tier.topology.rank, tier.topology.nodes
     part = replace(
@@ -56,28 +57,7 @@ def write(tier: DurableTier, step: int, manifest: Manifest, *, epoch: int) -> No
         tier.store.write_small(tier.object_path(step, part_marker(rank)), part.to_json().encode())
 
 
-class PartCache:
-    """Part markers already read, by step and rank, each with the version of the object it was
-    read from: node 0 polls a waiting step once a second, and rereads only the markers written
-    since (while a stale part waits for its node, the others are not read again and again:
-    at a thousand nodes that was a thousand GETs a second)."""
-
-    def __init__(self) -> None:
-        self._parts: dict[tuple[int, int], tuple[str, Manifest]] = {}
-
-    def get(self, step: int, rank: int, version: str) -> Manifest | None:
-        kept = self._parts.get((step, rank))
-        return kept[1] if kept is not None and kept[0] == version and version else None
-
-    def put(self, step: int, rank: int, version: str, part: Manifest) -> None:
-        self._parts[(step, rank)] = (version, part)
-
-    def forget(self, step: int) -> None:
-        for key in [k for k in self._parts if k[0] == step]:
-            del self._parts[key]
-
-
-def _versions(tier: DurableTier, step: int) -> dict[int, str]:
+def _versions(tier: StepStore, step: int) -> dict[int, str]:
     """rank -> version of its part marker, for every marker of a multi-node step (one
     listing, no reads)."""
     listed = tier.store.list_versions(f"{step_name(step)}/{PARTS_DIR}")
@@ -88,12 +68,12 @@ def _versions(tier: DurableTier, step: int) -> dict[int, str]:
     }
 
 
-def ranks(tier: DurableTier, step: int) -> list[int]:
+def ranks(tier: StepStore, step: int) -> list[int]:
     """Nodes whose part marker of a multi-node step exists (one listing, no reads)."""
     return sorted(_versions(tier, step))
 
 
-def read(tier: DurableTier, step: int, rank: int) -> Manifest:
+def read(tier: StepStore, step: int, rank: int) -> Manifest:
     """One node's part marker (``NotFound``, a ``FileNotFoundError``, when it is not there)."""
     with translate_errors(f"reading {tier.step_url(step)}/{part_marker(rank)}"):
         data = tier.fs.cat_file(tier.object_path(step, part_marker(rank)))
@@ -101,7 +81,7 @@ def read(tier: DurableTier, step: int, rank: int) -> Manifest:
 
 
 def read_all(
-    tier: DurableTier, step: int, *, versions: dict[int, str] | None = None
+    tier: StepStore, step: int, *, versions: dict[int, str] | None = None
 ) -> dict[int, Manifest]:
     """node rank -> part marker, for every part written so far (``versions``: from a listing
     just made). Those not read before at their version are read, in parallel, since node 0
@@ -126,7 +106,7 @@ def read_all(
     return dict(sorted(out.items()))
 
 
-def _parse(tier: DurableTier, step: int, rank: int, data: str | bytes) -> Manifest:
+def _parse(tier: StepStore, step: int, rank: int, data: str | bytes) -> Manifest:
     part = Manifest.from_json(data)
     if part.step != step or part.node != rank:
         raise LayoutError(
@@ -135,7 +115,7 @@ def _parse(tier: DurableTier, step: int, rank: int, data: str | bytes) -> Manife
     return part
 
 
-def commit(tier: DurableTier, step: int, *, epoch: int, marker: bytes) -> list[int]:
+def commit(tier: StepStore, step: int, *, epoch: int, marker: bytes) -> list[int]:
     """Commit a multi-node step once every node's part is there; return the missing ranks.
 
     Only node 0 calls this, so two committers never race; the marker is still created with a
@@ -204,7 +184,7 @@ def commit(tier: DurableTier, step: int, *, epoch: int, marker: bytes) -> list[i
     return []
 
 
-def check_names(tier: DurableTier, step: int, manifest: Manifest) -> None:
+def check_names(tier: StepStore, step: int, manifest: Manifest) -> None:
     """Refuse a node's step holding ``tiered-parts/...`` or ``tiered-manifest.json``: in a
     multi-node step node 0 copies its files to their own paths, and those are tiered's (another
     node's part marker, the step's manifest)."""
@@ -216,7 +196,7 @@ def check_names(tier: DurableTier, step: int, manifest: Manifest) -> None:
             )
 
 
-def listing(tier: DurableTier, step: int, manifest: Manifest) -> dict[str, Any]:
+def listing(tier: StepStore, step: int, manifest: Manifest) -> dict[str, Any]:
     """This node's objects of a multi-node step, keyed by the manifest's relative paths: it
     lists ``tiered-parts/node-<r>/`` and this process's own folders, and of folders several
     processes write into (``array_metadatas/``) only the manifest's files. An object that the
@@ -242,7 +222,7 @@ def listing(tier: DurableTier, step: int, manifest: Manifest) -> dict[str, Any]:
     return out
 
 
-def foreign_manifest(tier: DurableTier, step: int) -> tuple[Manifest | None, str | None]:
+def foreign_manifest(tier: StepStore, step: int) -> tuple[Manifest | None, str | None]:
     """A step written by a job of another shape: restorable (whole, resharded) when node 0
     merged it into one orbax checkpoint, else not, and why."""
     try:
@@ -266,7 +246,7 @@ def whole_checkpoint(manifest: Manifest) -> Manifest:
     return replace(manifest, files=files)
 
 
-def _check_shapes(tier: DurableTier, step: int, found: dict[int, Manifest]) -> None:
+def _check_shapes(tier: StepStore, step: int, found: dict[int, Manifest]) -> None:
     nodes = tier.topology.nodes
     for rank, part in found.items():
         if part.nodes != nodes or rank >= nodes:
@@ -278,7 +258,7 @@ def _check_shapes(tier: DurableTier, step: int, found: dict[int, Manifest]) -> N
 
 
 def _global_files(
-    tier: DurableTier, step: int, fresh: dict[int, Manifest]
+    tier: StepStore, step: int, fresh: dict[int, Manifest]
 ) -> tuple[dict[str, FileEntry], bool]:
     """Make the step one orbax checkpoint; return every file it then holds, and whether its
     OCDBT roots are merged.
@@ -361,14 +341,14 @@ def _global_files(
     return files, merged
 
 
-def _clear_roots(tier: DurableTier, step: int, roots: set[str]) -> None:
+def _clear_roots(tier: StepStore, step: int, roots: set[str]) -> None:
     for root in sorted(roots):
         for rel in _root_files(tier, step, root):
             with translate_errors(f"removing {rel} of {tier.step_url(step)}"):
                 tier.fs.rm_file(tier.object_path(step, rel))
 
 
-def _root_files(tier: DurableTier, step: int, root: str) -> dict[str, dict]:
+def _root_files(tier: StepStore, step: int, root: str) -> dict[str, dict]:
     """The objects of an OCDBT root of the step: its ``manifest.ocdbt`` and ``d/...``."""
     prefix = f"{root}/" if root else ""
     found = {}

@@ -29,11 +29,11 @@ from tiered.storage.transfer import (
 )
 
 if TYPE_CHECKING:
-    from tiered.storage.durable import DurableTier
+    from tiered.storage.steps import StepStore
 
 
 def upload_step(
-    tier: DurableTier,
+    tier: StepStore,
     step_dir: Path,
     *,
     step: int,
@@ -63,9 +63,9 @@ def upload_step(
     if tier.topology.multi:
         parts.check_names(tier, step, manifest)
     files = manifest.files
-    version = tier._marker_version(step)
+    version = tier.marker_version(step)
     if version is not None:
-        existing_manifest, _problem, _tiered = tier._step_manifest(step, version)
+        existing_manifest, _problem, _tiered = tier.step_manifest(step, version)
         if existing_manifest is None or existing_manifest.identity != manifest.identity:
             raise StepExists(
                 f"{tier.step_url(step)} is already committed with other content; not overwritten"
@@ -139,7 +139,7 @@ def upload_step(
 
 
 def _remote_facts(
-    tier: DurableTier, step: int, manifest: Manifest, remote: dict[str, Any]
+    tier: StepStore, step: int, manifest: Manifest, remote: dict[str, Any]
 ) -> dict[str, RemoteFile]:
     """Size and checksums of this node's objects of the step. The crc32c comes from the
     listing where the backend keeps one (GCS), and is enough for a file it tells apart;

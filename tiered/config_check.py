@@ -1,21 +1,139 @@
-"""The cross-field rules of a configuration, checked once every value is valid on its own.
+"""A mapping (a parsed YAML file, the environment) made into a ``TieredConfig``: every problem
+of the keys and values reported at once, each under where its value came from, then the
+cross-field rules, each naming the key to change.
 
-Each failure is one ``ConfigError`` naming the key to change. Apart from ``tiered.config`` so
-that the settings model stays one readable page; it reads the model only through attributes.
+Above ``tiered.config``, which holds the settings model alone.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
+from tiered.config import ENV_PREFIX, TieredConfig, TieredSettings
+from tiered.config_problems import (
+    Key,
+    Problems,
+    describe,
+    env_origins,
+    misspelt_section,
+    near_miss,
+    nearest,
+)
 from tiered.errors import ConfigError
 from tiered.urls import PROTOCOL_PACKAGES, installed_protocols
 
-if TYPE_CHECKING:
-    from tiered.config import TieredConfig
+log = logging.getLogger("tiered.config")
+
+
+def parse_scalar(value: str) -> Any:
+    try:
+        return yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        return value
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    top_keys = set(TieredConfig.model_fields) - {"tiered"}
+    section_keys = set(TieredSettings.model_fields)
+    section = dict(raw.get("tiered") or {})
+    out = dict(raw)
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in top_keys:
+            out[key] = parse_scalar(value)
+        elif key in section_keys:
+            section[key] = parse_scalar(value)
+    if section:
+        out["tiered"] = section
+    return out
+
+
+# Keys that changed meaning: refused with what to write instead, never reinterpreted.
+_RENAMED = {
+    "upload_bandwidth_mbps": "was in megabits per second; it is now "
+    "tiered.upload_bandwidth_mb_per_s, in megabytes per second as the logs print them "
+    "(divide by 8: 400 Mbit/s is 50)",
+}
+
+
+def config_from_mapping(
+    raw: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    source: str = "config",
+    origins: Mapping[Key, str] | None = None,
+    maxtext: bool = False,
+) -> TieredConfig:
+    """Validate a mapping (a parsed YAML file) plus environment overrides. Every problem of
+    the keys and values is reported at once, each under where its value came from (``origins``:
+    ``file:line`` of each key, or an override; the environment's variables are found here); a
+    cross-field rule is checked once the values themselves are valid. ``maxtext``: the keys
+    came from MaxText's own config, so a fix names MaxText's keys."""
+    environ = env if env is not None else {}
+    top_keys = set(TieredConfig.model_fields) - {"tiered"}
+    section_keys = set(TieredSettings.model_fields)
+    problems = Problems(
+        source,
+        {**(origins or {}), **env_origins(environ, ENV_PREFIX, top_keys, section_keys)},
+    )
+    data = dict(raw)
+    section = data.get("tiered")
+    if section is not None and not isinstance(section, dict):
+        problems.add(("tiered",), f"tiered: must be a mapping, got {describe(section)}")
+        raise ConfigError(problems.render())
+    for key, value in data.items():
+        if misspelt_section(key, value):
+            problems.add(
+                (str(key),),
+                f"{key!r} is not a section tiered reads; did you mean 'tiered:'? (the "
+                f"{'setting' if len(value) == 1 else f'{len(value)} settings'} under it would "
+                "be ignored)",
+            )
+    if isinstance(section, dict):
+        for key in section:
+            if key in _RENAMED:
+                problems.add(("tiered", str(key)), f"tiered.{key} {_RENAMED[key]}")
+            elif key not in section_keys:
+                problems.add(
+                    ("tiered", str(key)),
+                    f"unknown key tiered.{key}{nearest(str(key), section_keys)}",
+                )
+    for key in data:
+        near = near_miss(str(key), top_keys)
+        if near is not None:
+            log.warning(
+                "%s: %r is not a key tiered knows, and is one edit away from %r: a typo? "
+                "(it is ignored)",
+                problems.where((str(key),)),
+                key,
+                near,
+            )
+    data = _apply_env(data, environ)
+    known = {k: v for k, v in data.items() if k in TieredConfig.model_fields}
+    if isinstance(known.get("tiered"), dict):
+        known["tiered"] = {k: v for k, v in known["tiered"].items() if k in section_keys}
+    try:
+        cfg = TieredConfig.model_validate(known)
+    except ValidationError as err:
+        problems.add_validation(err)
+        raise ConfigError(problems.render()) from None
+    if problems.found:
+        raise ConfigError(problems.render())
+    try:
+        check_consistency(cfg, maxtext=maxtext)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
 
 
 def check_consistency(cfg: TieredConfig, *, maxtext: bool = False) -> None:
