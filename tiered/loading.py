@@ -26,6 +26,7 @@ class Owner(Protocol):
     def durable(self) -> DurableTier: ...
     def fetch(self, step: int) -> Any: ...
 
+
 log = logging.getLogger("tiered.manager")
 
 
