@@ -47,6 +47,7 @@ from tiered.sidecar import (
     RateLimiter,
     clients_for,
     header_for,
+    held_by_every_peer,
     job_identity,
     listen_address,
     load_secret,
@@ -451,11 +452,8 @@ class Peering(DaemonBase):
         """The newest local step every partner is known to hold (None: not all hold one)."""
         if self.peer_server is None or not self.topology.multi:
             return None
-        ranks = self._peer_ranks()
         sent = self.state.peer_sent
-        if not ranks or any(r not in sent for r in ranks):
-            return None
-        return min(sent[r][0] for r in ranks)
+        return held_by_every_peer(sent[r][0] if r in sent else None for r in self._peer_ranks())
 
     def peers_view(self) -> dict[str, Any] | None:
         """The status's ``peers`` block: what this node sent, and what it keeps for others."""

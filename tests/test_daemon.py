@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -374,3 +375,32 @@ def test_daemon_never_imports_jax_and_stays_small(tmp_path: Path) -> None:
     assert "IMPORTED []" in out.stdout, out.stdout + out.stderr
     rss = float(out.stdout.split("RSS_MB")[1])
     assert rss < 150, rss
+
+
+def test_the_at_risk_metric_and_tiered_status_say_the_same(tmp_path: Path) -> None:
+    """The daemon's tiered_at_risk_steps came from its own call, without the rule `tiered
+    status` applies: a trainer (no lock to ask) long past its next save has stopped, and a
+    crash costs nothing more. The metric kept growing by the second."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    daemon = DaemonProc(config_path, cfg)
+    try:
+        daemon.wait_ready()
+        orbax_save(cfg.local_dir, 10, example_state())
+        orbax_save(cfg.local_dir, 20, example_state())
+        time.sleep(3)  # the step time is the spacing of the two saves: far past 2 periods now
+
+        def metric() -> dict[str, float]:
+            text = daemon.get("/metrics")[1].decode()
+            family = next(
+                f for f in text_string_to_metric_families(text) if f.name == "tiered_at_risk_steps"
+            )
+            return {s.labels["event"]: s.value for s in family.samples}
+
+        wait_for(lambda: metric().get("crash") == 0, timeout=30, what=str(metric()))
+        status = json.loads(daemon.get("/status")[1])
+        assert status["at_risk"]["crash"]["steps"] == 0 == metric()["crash"]
+        assert metric()["node"] == status["at_risk"]["node"]["steps"]
+    finally:
+        assert daemon.terminate() == 0, daemon.log()

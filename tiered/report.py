@@ -24,7 +24,7 @@ from tiered.layout import TRAINER_LOCK_NAME
 from tiered.lock import DirectoryLock
 from tiered.policy import Plan, Snapshot, plan, rules_for
 from tiered.reach import within
-from tiered.risk import at_risk, step_seconds
+from tiered.risk import held_by_every_peer, risk_now, step_seconds
 from tiered.storage import LocalTier
 from tiered.tiers import human_bytes, human_rate, open_tiers
 from tiered.types import Displaced
@@ -149,23 +149,16 @@ def build_status(
         },
     }
     signal_saves = cfg.saves_on_sigterm if saves_on_signal is None else saves_on_signal
-    risk = at_risk(
+    risk, notes = risk_now(
         snapshot.local,
         snapshot.durable,
         now=now,
         saves_on_signal=signal_saves,
+        daemon_running=bool(live.get("running")),
+        local_period=cfg.local_checkpoint_period,
         trainer_running=trainer_running,
         replicated=replicated_step((live or {}).get("peers")),
-        local_period=cfg.local_checkpoint_period,
     )
-    notes = {}
-    if snapshot.durable is None:
-        notes["node"] = "the durable tier was not read"
-    if signal_saves and not live.get("running"):
-        # The trainer saves on the signal, but no daemon is there to make that step durable:
-        # a preemption that takes the node takes the step with it.
-        risk["preemption"] = risk["node"]
-        notes["preemption"] = "no daemon running to promote the preemption step"
     return TierStatus(
         schema=SCHEMA_VERSION,
         generated_at=now,
@@ -197,10 +190,7 @@ def build_status(
 def replicated_step(peers: dict[str, Any] | None) -> int | None:
     """The newest local step every peer of this node holds (from the daemon's ``peers``)."""
     sends = (peers or {}).get("sends_to") or {}
-    steps = [info.get("step") for info in sends.values()]
-    if not steps or any(s is None for s in steps):
-        return None
-    return min(steps)
+    return held_by_every_peer(info.get("step") for info in sends.values())
 
 
 def is_settled(status: TierStatus) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tiered.types import DurableStep, LocalStep
@@ -102,6 +102,48 @@ def at_risk(
         copy = next((s for s in committed if s.step == replicated), None)
         node = since(replicated, copy.commit_time if copy else None)
     return {"crash": crash, "preemption": Loss(0, 0.0) if saves_on_signal else crash, "node": node}
+
+
+def risk_now(
+    local: Sequence[LocalStep],
+    durable: Sequence[DurableStep] | None,
+    *,
+    now: float,
+    saves_on_signal: bool,
+    daemon_running: bool,
+    local_period: int,
+    trainer_running: bool | None = None,
+    replicated: int | None = None,
+) -> tuple[dict[str, Loss], dict[str, str]]:
+    """``at_risk`` as ``tiered status`` and the daemon's ``tiered_at_risk_steps`` both report
+    it, with a note per figure that needs one. ``durable`` None: the tier was not read, so the
+    loss of the node is unknown. With no daemon running a preemption's step is saved locally
+    but never made durable: a preemption that takes the node costs what losing the node does."""
+    risk = at_risk(
+        local,
+        durable,
+        now=now,
+        saves_on_signal=saves_on_signal,
+        trainer_running=trainer_running,
+        replicated=replicated,
+        local_period=local_period,
+    )
+    notes: dict[str, str] = {}
+    if durable is None:
+        notes["node"] = "the durable tier was not read"
+    if saves_on_signal and not daemon_running:
+        risk["preemption"] = risk["node"]
+        notes["preemption"] = "no daemon running to promote the preemption step"
+    return risk, notes
+
+
+def held_by_every_peer(steps: Iterable[int | None]) -> int | None:
+    """The newest local step every peer holds a copy of, from each peer's newest (None: some
+    peer holds none, or there are no peers)."""
+    held = list(steps)
+    if not held or any(s is None for s in held):
+        return None
+    return min(s for s in held if s is not None)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from tiered.policy import (
 )
 from tiered.reach import within
 from tiered.report import build_status
-from tiered.risk import at_risk
+from tiered.risk import held_by_every_peer, risk_now
 from tiered.storage import TransferResult
 from tiered.storage.replicas import PeerStore, read_header
 from tiered.storage.replicas import encode as replica_stream
@@ -118,7 +118,6 @@ __all__ = [
     "agree",
     "apply_deletes",
     "as_reason",
-    "at_risk",
     "build_status",
     "clients_for",
     "commit_parts",
@@ -126,6 +125,7 @@ __all__ = [
     "fields",
     "go_on_from",
     "header_for",
+    "held_by_every_peer",
     "is_tmp_name",
     "job_identity",
     "listen_address",
@@ -143,6 +143,7 @@ __all__ = [
     "replication_pace",
     "restore_name",
     "restore_options",
+    "risk_now",
     "rules_for",
     "split_overrides",
     "stage_step",
