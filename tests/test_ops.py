@@ -110,7 +110,7 @@ def test_tiered_advise_uses_this_runs_measurements(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert "median of 3" in out.stdout and "every 6.0 h" in out.stdout
+    assert "median of 3" in out.stdout and "every 6.0h" in out.stdout
     from tiered import status
 
     per_step = status(cfg).at_risk["step_seconds"]

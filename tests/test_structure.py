@@ -104,3 +104,19 @@ def test_no_module_reads_another_objects_private_names() -> None:
                 if ast.unparse(node) not in allowed:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "\n".join(found)
+
+
+def test_the_daemon_contract_forbids_every_module_but_the_surface() -> None:
+    """A new module is forbidden to the daemon until the contract says otherwise: the list in
+    pyproject.toml names every module of tiered/ but ``tiered`` and ``tiered.sidecar``."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    contract = next(c for c in config["contracts"] if c.get("source_modules") == ["daemon"])
+    modules = {
+        f"tiered.{p.stem}" if p.is_file() else f"tiered.{p.name}"
+        for p in (ROOT / "tiered").iterdir()
+        if (p.suffix == ".py" and p.stem not in ("__init__", "sidecar"))
+        or (p.is_dir() and (p / "__init__.py").exists())
+    }
+    assert modules == set(contract["forbidden_modules"])

@@ -21,6 +21,7 @@ from tiered.layout import TRAINER_STATS
 from tiered.report import collect_status
 from tiered.risk import Advice, advise
 from tiered.storage import LocalTier
+from tiered.units import human_duration
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 
@@ -94,7 +95,8 @@ def cmd_advise(cfg: TieredConfig | None, args: argparse.Namespace) -> int:
         if upload_cost
         else "          an upload's time: not measured yet (the daemon reports it; give "
         "--upload-seconds)",
-        f"failures  an interruption every {_span(mtbf)}; a lost node every {_span(node_mtbf)}",
+        f"failures  an interruption every {human_duration(mtbf)}; "
+        f"a lost node every {human_duration(node_mtbf)}",
         "",
     ]
     local_advice = None
@@ -134,14 +136,6 @@ def cmd_advise(cfg: TieredConfig | None, args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return 0
-
-
-def _span(seconds: float) -> str:
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} d"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min"
 
 
 def _advice_lines(

@@ -28,11 +28,11 @@ from tiered.tiers import (
     apply_deletes,
     export_step,
     fetch_step,
-    human_bytes,
     open_tiers,
     promote_step,
     snapshot,
 )
+from tiered.units import human_bytes
 
 log = logging.getLogger("tiered")
 

@@ -26,8 +26,9 @@ from tiered.policy import Plan, Snapshot, plan, rules_for
 from tiered.reach import within
 from tiered.risk import held_by_every_peer, risk_now, step_seconds
 from tiered.storage import LocalTier
-from tiered.tiers import human_bytes, human_rate, open_tiers
+from tiered.tiers import open_tiers
 from tiered.types import Displaced
+from tiered.units import human_bytes, human_duration, human_rate
 from tiered.urls import redact_url
 
 SCHEMA_VERSION = 2
@@ -280,16 +281,6 @@ def collect_status(
     )
 
 
-def _human_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
 def _tier_summary(tier: dict[str, Any], error: str | None = None) -> str:
     if error is not None:
         return error if error.startswith("unreachable:") else f"unreachable: {error}"
@@ -313,7 +304,7 @@ def _risk_line(risk: dict[str, Any]) -> str:
         elif loss["steps"] == 0:
             text = "nothing"
         else:
-            text = f"{loss['steps']} steps (~{_human_age(loss.get('seconds'))})"
+            text = f"{loss['steps']} steps (~{human_duration(loss.get('seconds'))})"
         if note:
             text = f"{text[:-1]}; {note})" if text.endswith(")") else f"{text} ({note})"
         return text
@@ -374,7 +365,7 @@ def render_table(status: TierStatus) -> str:
         )
     if d.get("last_error"):
         when = d.get("last_error_time")
-        ago = f" ({_human_age(status.generated_at - when)} ago)" if when else ""
+        ago = f" ({human_duration(status.generated_at - when)} ago)" if when else ""
         state = "resolved" if d.get("last_error_resolved") else "last error"
         lines.append(f"{state}{ago}: {d['last_error']}")
     if d.get("disk_pressure"):
@@ -402,7 +393,7 @@ def render_table(status: TierStatus) -> str:
         lines.append(
             f"{s.step:>10}  {'yes' if 'local' in s.tiers else '-':<5}  "
             f"{'yes' if 'durable' in s.tiers else '-':<7}  {s.state:<10}  "
-            f"{human_bytes(s.size_bytes):>9}  {_human_age(s.age_seconds):>6}  {s.reason}"
+            f"{human_bytes(s.size_bytes):>9}  {human_duration(s.age_seconds):>6}  {s.reason}"
         )
     if not shown:
         lines.append(f"{'(no checkpoints yet)':>22}")

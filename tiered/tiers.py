@@ -37,6 +37,7 @@ from tiered.storage.merge import merge_roots
 from tiered.storage.replicas import PeerStore
 from tiered.storage.transfer import RateLimiter
 from tiered.types import Reason, Topology
+from tiered.units import human_bytes, human_rate
 
 log = logging.getLogger(__name__)
 
@@ -408,23 +409,3 @@ def stage_step(
         ),
     )
     return staged
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
-
-
-def human_rate(bytes_per_second: float) -> str:
-    """A rate that keeps its digits for small steps (``640 KB/s``, not ``0 MB/s``)."""
-    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("KB/s", 1e3)):
-        if bytes_per_second >= size:
-            value = bytes_per_second / size
-            return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
-    return f"{bytes_per_second:.0f} B/s"
