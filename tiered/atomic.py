@@ -4,13 +4,15 @@ decision on a ``file://`` durable tier).
 
 The bytes go to a temporary name of this writer's own (``layout.tmp_name``), are synced, and are
 then renamed over the final name; or, when the file must not exist yet, hard-linked to it, which
-fails if it does. A reader sees the old file, the whole new one, or nothing.
+fails if it does. A reader sees the old file, the whole new one, or nothing. A directory is
+deleted the same way round (``discard``): renamed out of sight first, then removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 from tiered.layout import tmp_name
@@ -41,3 +43,20 @@ def publish_file(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def discard(path: Path, trash: Path, name: str) -> None:
+    """Delete a directory so that no reader ever sees part of it: one rename into ``trash`` (on
+    the same filesystem) takes it out of its namespace, then it is removed; a crash in between
+    leaves it whole in ``trash``, for ``empty_trash``."""
+    trash.mkdir(parents=True, exist_ok=True)
+    dest = trash / name
+    os.replace(path, dest)
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def empty_trash(trash: Path) -> None:
+    """Remove what earlier deletions moved into ``trash`` (after a crash, too)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in trash.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)

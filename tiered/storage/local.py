@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tiered import faults
-from tiered.atomic import publish_file
+from tiered.atomic import empty_trash, publish_file
 from tiered.errors import LayoutError
 from tiered.layout import (
     CHECKPOINT_METADATA,
@@ -291,9 +291,7 @@ class LocalTier:
 
     def empty_trash(self) -> None:
         """Remove what earlier deletions moved aside (after a crash, too)."""
-        with contextlib.suppress(FileNotFoundError):
-            for entry in self.trash_dir.iterdir():
-                shutil.rmtree(entry, ignore_errors=True)
+        empty_trash(self.trash_dir)
 
     def used_bytes(self) -> int:
         """Bytes under the local directory: every file once (symlinked steps are not followed;

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from tiered.atomic import publish_file
+from tiered.atomic import discard, publish_file
 from tiered.errors import ChecksumMismatch, LayoutError, StorageError
 from tiered.layout import (
     COMMIT_MARKER,
@@ -379,11 +379,8 @@ class PeerStore:
                         shutil.rmtree(self.owner_dir(owner) / name, ignore_errors=True)
 
     def _trash(self, path: Path) -> None:
-        trash = self.local_root / TIERED_DIR / TRASH_DIR
-        trash.mkdir(parents=True, exist_ok=True)
-        dest = trash / f"peer-{path.parent.name}-{path.name}-{time.time_ns()}"
-        os.replace(path, dest)
-        shutil.rmtree(dest, ignore_errors=True)
+        name = f"peer-{path.parent.name}-{path.name}-{time.time_ns()}"
+        discard(path, self.local_root / TIERED_DIR / TRASH_DIR, name)
 
 
 def _alive(pid: int) -> bool:
