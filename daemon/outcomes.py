@@ -32,6 +32,7 @@ from tiered.sidecar import (
     Upload,
     go_on_from,
     open_durable,
+    restore_choice_ready,
     restore_options,
     rules_for,
 )
@@ -313,7 +314,10 @@ class Outcomes(DaemonBase):
                     )
                 )
                 return
-            if self.state.durable is None and time.monotonic() - self._started_mono < 60:
+            if not restore_choice_ready(
+                durable_listed=self.state.durable is not None,
+                waited_seconds=time.monotonic() - self._started_mono,
+            ):
                 return  # give the first durable listing a chance: it may hold a newer step
             local = self.local.scan()
             options = restore_options(local, self.state.durable or (), nodes=self.topology.nodes)

@@ -199,15 +199,14 @@ class Daemon(Outcomes, Views, Peering):
         # (a client that takes no lock, such as orbax's, only ever ends that way).
         trainer_there = self.trainer_lock.holder() is not None or state.coordinator_up
         ended = not trainer_there and (state.trainer_seen or self.draining)
-        lanes = (self.transfer.job, self.local_lane.job, self.peer_lane.job)
-        busy = {job.step for job in lanes if job and job.step}
+        busy = self._busy_steps()
         choice = self.restore_choice
         staged = frozenset({choice.step}) if choice is not None and choice != FRESH else frozenset()
         return Snapshot(
             now=time.time(),
             local=tuple(self.local.scan(with_size=True)),
             durable=state.durable,
-            busy=frozenset(busy),
+            busy=busy,
             staged=staged,
             failed=state.failed,
             retry_at=state.retry_at,
@@ -299,9 +298,13 @@ class Daemon(Outcomes, Views, Peering):
             )
         self.state = replace(state, trainer_seen=seen, coordinator_up=bool(up))
 
-    def _prune(self, deletes: list[Delete]) -> None:
+    def _busy_steps(self) -> frozenset[int]:
+        """The steps a lane's job works on now (step 0 included): never deleted under it."""
         lanes = (self.transfer.job, self.local_lane.job, self.peer_lane.job)
-        busy = {job.step for job in lanes if job}
+        return frozenset(job.step for job in lanes if job is not None and job.step is not None)
+
+    def _prune(self, deletes: list[Delete]) -> None:
+        busy = self._busy_steps()  # a job may have started since the plan's snapshot
         deletes = [d for d in deletes if d.step not in busy]
         if not deletes:
             return

@@ -525,3 +525,68 @@ def test_a_trainer_long_past_its_next_save_is_taken_as_stopped_not_as_racing_on(
     assert risk["crash"].steps == 0
     near = at_risk(local, None, now=45.0, saves_on_signal=True, local_period=10)
     assert near["crash"].steps == 15  # still within two periods: the estimate stands
+
+
+@pytest.mark.parametrize(
+    ("listed", "waited", "ready"),
+    [
+        (True, 0.0, True),  # the durable tier is listed: choose now
+        (False, 0.0, False),  # just started: the listing may hold a newer step
+        (False, 59.9, False),
+        (False, 60.0, True),  # the store does not answer: go on from what is local
+    ],
+)
+def test_when_the_restore_step_is_chosen(listed: bool, waited: float, ready: bool) -> None:
+    from tiered.policy import restore_choice_ready
+
+    assert restore_choice_ready(durable_listed=listed, waited_seconds=waited) is ready
+
+
+@pytest.mark.parametrize(
+    ("steps", "agreed", "again"),
+    [
+        ([10, 20, 30], 20, [30]),
+        ([30, 10, 20, 30], None, [10, 20, 30]),  # a fresh start: every step is saved again
+        ([10, 20], 20, []),
+        ([], 5, []),
+    ],
+)
+def test_the_steps_a_run_saves_again(steps: list[int], agreed: int | None, again: list[int]):
+    from tiered.policy import newer_than
+
+    assert newer_than(steps, agreed) == again
+
+
+@pytest.mark.parametrize(
+    ("step", "local", "saved_here", "restored", "what"),
+    [
+        (40, {10, 20}, set(), 20, "save"),  # nothing of that number
+        (20, {10, 20}, {20}, -1, "done"),  # this run saved it
+        (20, {10, 20}, set(), 20, "done"),  # the step it restored from
+        (10, {10, 20}, set(), 20, "done"),  # passed on the way (the trainer resaves it)
+        (30, {10, 20, 30}, set(), 20, "rolled_back"),  # another trajectory's step 30
+        (10, {10, 20}, set(), -1, "rolled_back"),  # started afresh over an old run
+    ],
+)
+def test_what_a_save_meets_on_the_local_tier(
+    step: int, local: set[int], saved_here: set[int], restored: int, what: str
+) -> None:
+    from tiered.policy import save_over
+
+    assert save_over(step, local=local, saved_here=saved_here, restored=restored) == what
+
+
+def test_set_aside_steps_kept_are_the_policys(tmp_path) -> None:
+    """The number of local steps kept in .tiered/displaced is the planner's DISPLACED_KEEP."""
+    from tiered import LocalTier
+    from tiered.policy import DISPLACED_KEEP
+    from tiered.tiers import set_aside_newer
+
+    from helpers import example_state, orbax_save
+
+    local = LocalTier(tmp_path / "local")
+    local.ensure()
+    for round_ in range(DISPLACED_KEEP + 2):
+        orbax_save(local.root, 10 + round_, example_state())
+        set_aside_newer(local, None, why="test")
+    assert len(local.displaced()) == DISPLACED_KEEP

@@ -55,6 +55,7 @@ from tiered.policy import (
     Upload,
     plan,
     replication_pace,
+    restore_choice_ready,
     restore_options,
     rules_for,
 )
@@ -141,6 +142,7 @@ __all__ = [
     "read_header",
     "replica_stream",
     "replication_pace",
+    "restore_choice_ready",
     "restore_name",
     "restore_options",
     "risk_now",

@@ -31,7 +31,7 @@ from tiered.layout import (
 from tiered.logs import fields
 from tiered.manifest import Manifest, check_file
 from tiered.peering import recover_own
-from tiered.policy import Delete, Snapshot
+from tiered.policy import DISPLACED_KEEP, Delete, Snapshot, newer_than
 from tiered.storage import DurableTier, LocalTier, Progress, TransferResult, copy_with_digest
 from tiered.storage.merge import merge_roots
 from tiered.storage.replicas import PeerStore
@@ -241,9 +241,9 @@ def set_aside_newer(local: LocalTier, step: int | None, *, why: str) -> list[int
     into ``.tiered/displaced``: the run goes on from ``step``, so they are not checkpoints of it
     any more, orbax would otherwise restore its own newest step, and the run must be free to
     save those numbers again."""
-    newer = sorted(s for s in local.committed_steps() if step is None or s > step)
+    newer = newer_than(local.committed_steps(), step)
     for s in newer:
-        where = local.set_aside(s, now=time.time())
+        where = local.set_aside(s, now=time.time(), keep=DISPLACED_KEEP)
         log.warning(
             "Set aside local step %d in %s (%s; the run goes on from %s)",
             s,
@@ -358,7 +358,7 @@ def fetch_step(
     if (dest / COMMIT_MARKER).exists():
         if not whole and all(s.fits(nodes) for s in local.scan() if s.step == step):
             return dest
-        where = local.set_aside(step, now=time.time())
+        where = local.set_aside(step, now=time.time(), keep=DISPLACED_KEEP)
         log.warning(
             "Set aside local step %d in %s: %s, so it holds the wrong shards",
             step,

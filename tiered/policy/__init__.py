@@ -66,8 +66,16 @@ from tiered.policy.actions import (
 from tiered.policy.inputs import Pacing, Rules, Snapshot
 from tiered.policy.pacing import Pace, replication_pace, seconds_per_step, upload_pace
 from tiered.policy.planner import owed_steps, plan, rules_for
-from tiered.policy.restore import agree_step, restore_options
+from tiered.policy.restore import (
+    FIRST_LISTING_WAIT_SECONDS,
+    agree_step,
+    newer_than,
+    restore_choice_ready,
+    restore_options,
+    save_over,
+)
 from tiered.policy.retention import (
+    DISPLACED_KEEP,
     AnyOf,
     EveryNSteps,
     KeepAll,
@@ -77,6 +85,8 @@ from tiered.policy.retention import (
 )
 
 __all__ = [
+    "DISPLACED_KEEP",
+    "FIRST_LISTING_WAIT_SECONDS",
     "Abandon",
     "Action",
     "AnyOf",
@@ -103,11 +113,14 @@ __all__ = [
     "Upload",
     "Verdict",
     "agree_step",
+    "newer_than",
     "owed_steps",
     "plan",
     "replication_pace",
+    "restore_choice_ready",
     "restore_options",
     "rules_for",
+    "save_over",
     "seconds_per_step",
     "upload_pace",
 ]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
-
-from tiered.types import DurableStep, LocalStep
-
-if TYPE_CHECKING:
-    pass
+from collections.abc import Collection, Iterable, Mapping
+from typing import Literal
 
 from tiered.policy.actions import RestoreOption
+from tiered.types import DurableStep, LocalStep
+
+FIRST_LISTING_WAIT_SECONDS = 60.0
+"""How long the daemon waits for its first listing of the durable tier before it chooses the step
+orbax's multi-tier client restores without one (the listing may hold a newer step)."""
 
 # -- the one restore choice ----------------------------------------------------------------------
 
@@ -51,3 +51,34 @@ def agree_step(
             if len({by_step[s] for by_step in epochs.values() if s in by_step}) <= 1
         }
     return max(common | set(durable), default=None)
+
+
+def restore_choice_ready(
+    *, durable_listed: bool, waited_seconds: float, wait: float = FIRST_LISTING_WAIT_SECONDS
+) -> bool:
+    """Whether to choose the restore step now: once the durable tier has been listed, or after
+    ``wait`` seconds without a listing (an unreachable store must not hold the restore forever;
+    the local tier's newest step is then the best there is)."""
+    return durable_listed or waited_seconds >= wait
+
+
+def newer_than(steps: Iterable[int], step: int | None) -> list[int]:
+    """The steps, oldest first, that the run saves again once it goes on from ``step`` (all of
+    them for None, a fresh start): after a restore agreement on an older step, or a rollback.
+    Such local steps are set aside and such peer copies dropped."""
+    return sorted(s for s in set(steps) if step is None or s > step)
+
+
+def save_over(
+    step: int, *, local: Collection[int], saved_here: Collection[int], restored: int
+) -> Literal["save", "done", "rolled_back"]:
+    """What a save of ``step`` meets on the local tier: nothing (``save``); this run's own save
+    of it, or a step it restored from or passed (``done``: nothing to write); or a step of that
+    number from another trajectory (``rolled_back``: the run went back to an older step, or
+    started afresh, and reached this number again, so the local steps from ``step`` on are set
+    aside before it saves)."""
+    if step not in local:
+        return "save"
+    if step in saved_here or step <= restored:
+        return "done"
+    return "rolled_back"

@@ -68,3 +68,8 @@ class AnyOf:
         for rule in self.rules:
             mask = [a or b for a, b in zip(mask, rule.keep(steps), strict=True)]
         return mask
+
+
+DISPLACED_KEEP = 2
+"""Local steps set aside whole (a rollback, a restore agreement on an older step) are kept in
+``.tiered/displaced`` for a human to look at: the newest two; older ones are deleted."""

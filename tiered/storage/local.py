@@ -249,10 +249,11 @@ class LocalTier:
             faults.hit("prune-local")
             self.empty_trash()
 
-    def set_aside(self, step: int, *, now: float, keep: int = 2) -> Path:
+    def set_aside(self, step: int, *, now: float, keep: int) -> Path:
         """Move a committed step out of the way, whole, into ``.tiered/displaced/`` (another
         step of its number is about to be saved: the run went back to an older step). The
-        newest ``keep`` steps set aside are kept there; older ones are deleted."""
+        newest ``keep`` steps set aside are kept there (``tiered.policy.DISPLACED_KEEP``); older
+        ones are deleted."""
         dest = self.displaced_dir / displaced_name(step, now)
         with translate_errors(f"setting aside local step {step}"):
             self._take_out(step, dest)

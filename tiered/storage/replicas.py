@@ -51,6 +51,7 @@ from tiered.layout import (
     tmp_owner,
 )
 from tiered.manifest import Digest, Manifest
+from tiered.policy import newer_than
 from tiered.storage.errormap import translate_errors
 
 MAGIC = b"TIERED-REPLICA 1\n"
@@ -364,7 +365,9 @@ class PeerStore:
     def drop_newer(self, step: int | None) -> list[Replica]:
         """Remove every replica newer than ``step`` (all of them for None): the nodes agreed
         to go on from ``step``, so those copies are of steps the run will save again."""
-        gone = [r for r in self.replicas() if step is None or r.step > step]
+        held = self.replicas()
+        again = set(newer_than((r.step for r in held), step))
+        gone = [r for r in held if r.step in again]
         for r in gone:
             self.drop(r.owner, r.step)
         return gone
