@@ -590,3 +590,13 @@ def test_set_aside_steps_kept_are_the_policys(tmp_path) -> None:
         orbax_save(local.root, 10 + round_, example_state())
         set_aside_newer(local, None, why="test")
     assert len(local.displaced()) == DISPLACED_KEEP
+
+
+@pytest.mark.parametrize(
+    ("mode", "several", "allowed"),
+    [("store", False, True), ("verify_first", False, False), ("store", True, False)],
+)
+def test_when_a_durable_step_may_be_read_in_place(mode: str, several: bool, allowed: bool):
+    from tiered.policy import may_read_in_place
+
+    assert may_read_in_place(durable_restore=mode, several_nodes=several) is allowed

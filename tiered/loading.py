@@ -10,6 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from tiered.errors import StepUnreadable, TieredError
+from tiered.policy import may_read_in_place
 
 if TYPE_CHECKING:
     from tiered.config import TieredConfig
@@ -70,7 +71,8 @@ class Loader:
 
     def _store_vouches(self, step: int) -> bool:
         m = self.manager
-        if m.config.tiered.durable_restore != "store" or self.multi:
+        mode = m.config.tiered.durable_restore
+        if not may_read_in_place(durable_restore=mode, several_nodes=self.multi):
             return False
         try:
             return m.durable.vouched(step) is not None

@@ -69,6 +69,7 @@ from tiered.policy.planner import owed_steps, plan, rules_for
 from tiered.policy.restore import (
     FIRST_LISTING_WAIT_SECONDS,
     agree_step,
+    may_read_in_place,
     newer_than,
     restore_choice_ready,
     restore_options,
@@ -113,6 +114,7 @@ __all__ = [
     "Upload",
     "Verdict",
     "agree_step",
+    "may_read_in_place",
     "newer_than",
     "owed_steps",
     "plan",

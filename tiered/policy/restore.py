@@ -82,3 +82,11 @@ def save_over(
     if step in saved_here or step <= restored:
         return "done"
     return "rolled_back"
+
+
+def may_read_in_place(*, durable_restore: str, several_nodes: bool) -> bool:
+    """Whether a step only the durable tier holds may be read by orbax straight from the store
+    (then copied to the local tier in the background), provided the store vouches for every
+    byte: with ``tiered.durable_restore: store``, and on one node (several nodes restore their
+    parts through the local tier, as orbax's multi-tier client reads)."""
+    return durable_restore == "store" and not several_nodes
