@@ -162,12 +162,13 @@ class Daemon(Outcomes, Views, Peering):
             m.since_durable.set(max(0.0, snap.now - newest))
         if self.local_free is not None:
             m.local_free.set(self.local_free)
+        healthy, why = self.health()
         risk, _notes = risk_now(  # the same figures as `tiered status`
             snap.local,
             snap.durable,
             now=snap.now,
             saves_on_signal=self.cfg.saves_on_sigterm,
-            daemon_running=True,
+            cannot_promote=None if healthy else f"the daemon cannot promote it now: {why}",
             local_period=self.cfg.local_checkpoint_period,
             trainer_running=self._trainer_running(),
             replicated=self._replicated_step(),

@@ -314,6 +314,11 @@ def test_a_store_down_from_the_start_degrades_the_daemon_and_it_catches_up(
         assert "50" in out.stdout and "due" in out.stdout
         assert daemon.log().count("Traceback") == 0
         assert daemon.get("/healthz")[0] == 200  # alive throughout: a restart would not help
+        # A daemon that cannot reach the store cannot make a preemption step durable either:
+        # the status says so, instead of "preemption nothing".
+        risk = json.loads(daemon.get("/status")[1])["at_risk"]
+        assert risk["preemption"] == risk["node"], risk
+        assert risk["notes"]["preemption"].startswith("the daemon cannot promote it now: "), risk
 
         emu.start()
         make_bucket_named(bucket)

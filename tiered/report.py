@@ -155,7 +155,7 @@ def build_status(
         snapshot.durable,
         now=now,
         saves_on_signal=signal_saves,
-        daemon_running=bool(live.get("running")),
+        cannot_promote=cannot_promote(live),
         local_period=cfg.local_checkpoint_period,
         trainer_running=trainer_running,
         replicated=replicated_step((live or {}).get("peers")),
@@ -186,6 +186,16 @@ def build_status(
             "notes": notes,
         },
     )
+
+
+def cannot_promote(live: dict[str, Any]) -> str | None:
+    """Why no daemon can make the preemption step durable now (None: one can)."""
+    if not live.get("running"):
+        return "no daemon running to promote the preemption step"
+    health = str(live.get("health") or "")
+    if health in ("ok", "degraded"):
+        return None
+    return f"the daemon cannot promote it now: {live.get('ready_reason') or health}"
 
 
 def replicated_step(peers: dict[str, Any] | None) -> int | None:

@@ -110,15 +110,17 @@ def risk_now(
     *,
     now: float,
     saves_on_signal: bool,
-    daemon_running: bool,
+    cannot_promote: str | None,
     local_period: int,
     trainer_running: bool | None = None,
     replicated: int | None = None,
 ) -> tuple[dict[str, Loss], dict[str, str]]:
     """``at_risk`` as ``tiered status`` and the daemon's ``tiered_at_risk_steps`` both report
     it, with a note per figure that needs one. ``durable`` None: the tier was not read, so the
-    loss of the node is unknown. With no daemon running a preemption's step is saved locally
-    but never made durable: a preemption that takes the node costs what losing the node does."""
+    loss of the node is unknown. ``cannot_promote``: why no daemon can make a step durable now
+    (none runs, it does not answer, the durable tier does not answer it), or None when one can.
+    Then a preemption's step is saved locally but not made durable: a preemption that takes the
+    node costs what losing the node does."""
     risk = at_risk(
         local,
         durable,
@@ -131,9 +133,9 @@ def risk_now(
     notes: dict[str, str] = {}
     if durable is None:
         notes["node"] = "the durable tier was not read"
-    if saves_on_signal and not daemon_running:
+    if saves_on_signal and cannot_promote is not None:
         risk["preemption"] = risk["node"]
-        notes["preemption"] = "no daemon running to promote the preemption step"
+        notes["preemption"] = cannot_promote
     return risk, notes
 
 
