@@ -312,3 +312,59 @@ def test_every_host_reaches_its_peers_with_the_secret(path: Path) -> None:
         for r in policy["spec"]["ingress"]
         for src in r["from"]
     )
+
+
+GRAFANA = ROOT / "deploy" / "grafana"
+
+
+def grafana_configmaps() -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/grafana` creates: kustomize's own build where kubectl is
+    installed, else the same ConfigMaps made here from the configMapGenerator entries."""
+    if shutil.which("kubectl"):
+        out = subprocess.run(
+            ["kubectl", "kustomize", str(GRAFANA)], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return [d for d in yaml.safe_load_all(out.stdout) if d]
+    kustomization = yaml.safe_load((GRAFANA / "kustomization.yaml").read_text())
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True
+    built = []
+    for gen in kustomization["configMapGenerator"]:
+        data = {}
+        for entry in gen["files"]:
+            key, _, name = entry.rpartition("=")
+            data[key or name] = (GRAFANA / name).read_text()
+        labels = gen.get("options", {}).get("labels", {})
+        metadata = {"name": gen["name"], "labels": labels}
+        built.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    return built
+
+
+def test_grafana_configmaps_validate_and_carry_the_dashboard() -> None:
+    built = {d["metadata"]["name"]: d for d in grafana_configmaps()}
+    assert set(built) == {"tiered-grafana-dashboard", "tiered-grafana-provisioning"}
+    for doc in built.values():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    dashboard = built["tiered-grafana-dashboard"]
+    text = (GRAFANA / "tiered-dashboard.json").read_text()
+    assert dashboard["data"] == {"tiered-dashboard.json": text}
+    # the label Grafana's dashboard sidecar selects on (grafana Helm chart's default)
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    # `kubectl apply` keeps the whole object in an annotation limited to 256 KiB
+    assert len(text.encode()) < 256 * 1024
+    provider = yaml.safe_load(built["tiered-grafana-provisioning"]["data"]["tiered.yaml"])
+    (entry,) = provider["providers"]
+    assert provider["apiVersion"] == 1 and entry["type"] == "file"
+    assert entry["options"]["path"].startswith("/var/lib/grafana/dashboards")
+    deploy_md = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"mountPath: {entry['options']['path']}" in deploy_md  # the mount docs/deploy.md shows
+
+
+def test_podmonitor_sets_the_labels_the_dashboard_groups_by() -> None:
+    (monitor,) = docs(PROMETHEUS / "podmonitor.yaml")
+    assert monitor["spec"]["jobLabel"] == "batch.kubernetes.io/job-name"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    node = next(r for r in endpoint["relabelings"] if r["targetLabel"] == "node")
+    assert node["sourceLabels"] == ["__meta_kubernetes_pod_node_name"]
+    dashboard = (GRAFANA / "tiered-dashboard.json").read_text()
+    assert 'job=~\\"$job\\"' in dashboard and 'node=~\\"$node\\"' in dashboard
