@@ -39,7 +39,8 @@ $(MAXTEXT_STAMP):
 	touch $(MAXTEXT_STAMP)
 
 test-maxtext: $(STAMP) $(MAXTEXT_STAMP)
-	$(PY) tests/maxtext_e2e.py --maxtext-python $(MAXTEXT_VENV)/bin/python
+	$(PY) tests/maxtext_e2e.py --maxtext-python $(MAXTEXT_VENV)/bin/python --durable file
+	$(PY) tests/maxtext_e2e.py --maxtext-python $(MAXTEXT_VENV)/bin/python --durable gs
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
