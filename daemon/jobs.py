@@ -19,6 +19,7 @@ from tiered.sidecar import (
     Delete,
     Displace,
     DurableStep,
+    LogProgress,
     Manifest,
     PeerSetup,
     RateLimiter,
@@ -154,7 +155,11 @@ def listing(durable: DurableTier, *, version: int, timeout: float) -> Job:
 
 
 def stage(local: LocalTier, durable: DurableTier, step: int) -> Job:
-    return Job("stage", step, lambda _p: stage_step(local, durable, step))
+    def run(_progress: object) -> object:
+        shown = LogProgress(f"staging step {step} for restore", logger=log)
+        return stage_step(local, durable, step, progress=shown)
+
+    return Job("stage", step, run)
 
 
 def agreement(

@@ -250,3 +250,50 @@ def test_status_of_a_missing_bucket_says_so_instead_of_zero_steps(
 def run_status(config_path: Path) -> tuple[int, str]:
     done = tiered("status", "--no-daemon", "--timeout", "20", "--config", str(config_path))
     return done.returncode, done.stdout + done.stderr
+
+
+def test_restore_verify_and_export_follow_the_planner_and_either_tier(tmp_path: Path) -> None:
+    """`tiered restore` takes the planner's choice, not max(durable steps); a step the planner
+    would never restore is refused with the reason; `verify` and `export` work on a step only
+    the local tier holds."""
+    import orbax.checkpoint as ocp
+
+    from helpers import assert_trees_equal
+
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    c = str(config_path)
+    trainer = Trainer(cfg.local_dir)
+    state = example_state(3)
+    for step in (50, 60):
+        trainer.save(step, state)
+    trainer.close()
+    assert tiered("promote", "50", "--config", c).returncode == 0
+    # 60 is newer and local only: a restore uses it, so nothing is downloaded
+    out = tiered("restore", "--config", c)
+    assert out.returncode == 0 and "step 60 is on the local tier already" in out.stdout, out
+    # a durable step that never committed, and one that is not tiered's: refused, with why
+    durable = DurableTier(cfg.durable_url)
+    (Path(durable.root) / "70").mkdir(parents=True)
+    (Path(durable.root) / "70" / "file").write_text("x")
+    out = tiered("restore", "--step", "70", "--config", c)
+    assert out.returncode == 2 and "never committed (an interrupted upload)" in out.stderr
+    assert "(restorable: [60, 50])" in out.stderr
+    out = tiered("restore", "--step", "40", "--config", c)
+    assert out.returncode == 2 and "step 40 is not on" in out.stderr
+    # verify: the local-only step, wherever it is by default, and the durable one
+    out = tiered("verify", "60", "--config", c)
+    assert out.returncode == 0 and "no manifest was kept for this step yet" in out.stdout, out
+    out = tiered("verify", "60", "--config", c)
+    assert out.returncode == 0 and "all match" in out.stdout and str(cfg.local_dir) in out.stdout
+    out = tiered("verify", "60", "--tier", "durable", "--config", c)
+    assert out.returncode == 2 and "it is on the local tier: --tier local" in out.stderr
+    out = tiered("verify", "50", "--tier", "local", "--config", c)
+    assert out.returncode == 0 and "all match" in out.stdout
+    # export the local-only step: plain orbax restores it to the saved arrays
+    dest = tmp_path / "exported"
+    out = tiered("export", "60", str(dest), "--config", c)
+    assert out.returncode == 0, out.stderr
+    assert_trees_equal(ocp.StandardCheckpointer().restore(dest / "default", state), state)
+    # a step of neither tier holds is a clear error
+    out = tiered("restore", "--step", "70", "--config", c)
+    assert "restorable" in out.stderr

@@ -272,6 +272,32 @@ def test_a_node_that_never_asks_holds_the_agreement(tmp_path: Path) -> None:
         Rendezvous(node0, poll_seconds=0.05).agree([10], timeout=0.5)
 
 
+def test_a_waiting_agreement_says_which_nodes_have_not_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agreement can wait 600 s: every few seconds node 0 names the nodes still missing
+    (in ranges: at a thousand nodes the list must stay a line), and the others say they wait."""
+    import logging
+
+    from tiered.errors import AgreementTimeout
+
+    url = f"file://{tmp_path}/durable"
+    Rendezvous(DurableTier(url, node_rank=1, num_nodes=6)).post([10])
+    node0 = Rendezvous(DurableTier(url, node_rank=0, num_nodes=6), poll_seconds=0.02)
+    node0.say_every = 0.1
+    caplog.set_level(logging.INFO, logger="tiered.coord")
+    with pytest.raises(AgreementTimeout):
+        node0.agree([10], timeout=0.5)
+    said = [r.getMessage() for r in caplog.records if "Restore agreement:" in r.getMessage()]
+    assert said and all("nodes 2-5 have not asked yet (6 nodes)" in m for m in said), said
+    node3 = Rendezvous(DurableTier(url, node_rank=3, num_nodes=6), poll_seconds=0.02)
+    node3.say_every = 0.1
+    caplog.clear()
+    with pytest.raises(AgreementTimeout):
+        node3.agree([10], timeout=0.3)
+    assert any("waiting for node 0's answer" in r.getMessage() for r in caplog.records)
+
+
 def test_status_shows_what_node_0_waits_for(tmp_path: Path) -> None:
     from tiered import config_from_mapping
     from tiered.policy import Snapshot

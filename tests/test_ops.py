@@ -283,3 +283,55 @@ def test_tiered_advise_never_prints_more_than_the_whole_run_lost() -> None:
 
     waste = overhead(5000 * 2.0, 600.0, 3600.0)
     assert waste > 1 and f"{share_lost(waste) * 100:.2f}% of the run lost" in out.stdout
+
+
+def test_a_transfer_off_a_terminal_logs_its_progress_every_few_seconds() -> None:
+    """The daemon, a trainer's fresh-node restore and a piped `tiered restore` show no bar:
+    one line every five seconds (bytes, rate, time left), and one when done."""
+    from tiered.progress import LogProgress
+
+    now = [100.0]
+    lines: list[str] = []
+
+    class Log:
+        def info(self, fmt: str, *args: object) -> None:
+            lines.append(fmt % args)
+
+    shown = LogProgress("restoring step 5000", logger=Log(), clock=lambda: now[0])  # type: ignore[arg-type]
+    for t, done in ((1, 100e6), (4.9, 490e6), (5.0, 500e6), (7, 700e6), (10.0, 1000e6)):
+        now[0] = 100.0 + t
+        shown(int(done), int(4e9))
+    assert lines == [
+        "restoring step 5000: 500.0 MB of 4.0 GB, 100 MB/s, 35s left",
+        "restoring step 5000: 1.0 GB of 4.0 GB, 100 MB/s, 30s left",
+    ]
+    now[0] = 140.0
+    shown(int(4e9), int(4e9))
+    assert lines[-1] == "restoring step 5000: 4.0 GB of 4.0 GB, 100 MB/s"
+    shown(int(4e9), int(4e9))  # once done, said once
+    assert len(lines) == 3
+
+
+def test_tiered_restore_in_a_pipe_logs_its_progress(tmp_path: Path) -> None:
+    config_path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    import jax.numpy as jnp
+
+    from tiered import CheckpointManager
+
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        mgr.save(50, {"w": jnp.arange(1000.0)})
+        mgr.wait_until_finished()
+    c = str(config_path)
+    run = [sys.executable, "-m", "tiered.cli"]
+    done = subprocess.run([*run, "promote", "50", "--config", c], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "promoting step 50: " in done.stderr and " of " in done.stderr, done.stderr
+    import shutil
+
+    shutil.rmtree(cfg.local_dir / "50")
+    done = subprocess.run([*run, "restore", "--config", c], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.splitlines() if x.startswith("restoring step 50: "))
+    assert re.fullmatch(
+        r"restoring step 50: [\d.]+ [KM]?B of [\d.]+ [KM]?B, [\d.]+ [KMG]?B/s", line
+    )

@@ -600,3 +600,31 @@ def test_when_a_durable_step_may_be_read_in_place(mode: str, several: bool, allo
     from tiered.policy import may_read_in_place
 
     assert may_read_in_place(durable_restore=mode, several_nodes=several) is allowed
+
+
+@pytest.mark.parametrize(
+    ("step", "signalled", "final", "force", "on_completion", "reason"),
+    [
+        (1000, False, False, False, True, "periodic"),
+        (1001, False, False, False, True, None),  # off the local period: nothing
+        (1001, False, False, True, True, "periodic"),  # forced
+        (1001, True, False, False, True, "preemption"),  # a signal: whatever the step
+        (1001, True, True, False, True, "preemption"),
+        (1999, False, True, False, True, "final"),
+        (1999, False, True, False, False, None),  # save_checkpoint_on_completion: false
+    ],
+)
+def test_when_the_training_api_saves(
+    step: int, signalled: bool, final: bool, force: bool, on_completion: bool, reason: str | None
+) -> None:
+    from tiered.policy import save_reason
+
+    got = save_reason(
+        step,
+        local_period=1000,
+        signalled=signalled,
+        final=final,
+        force=force,
+        save_on_completion=on_completion,
+    )
+    assert got == reason

@@ -7,55 +7,22 @@ User errors (a bad config, an unreachable bucket, a step that does not exist) pr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import NoReturn
 
 from tiered import __version__
 from tiered.advice import cmd_advise
+from tiered.commands import cmd_export, cmd_promote, cmd_prune, cmd_restore, cmd_verify
 from tiered.config import TieredConfig
 from tiered.config_files import load_config, split_overrides
 from tiered.errors import ChecksumMismatch, TieredError
-from tiered.lock import DirectoryLock
 from tiered.logs import configure
-from tiered.policy import plan, rules_for
 from tiered.report import collect_status, is_settled, render_table
-from tiered.storage import LocalTier
-from tiered.tiers import (
-    apply_deletes,
-    export_step,
-    fetch_step,
-    open_tiers,
-    promote_step,
-    snapshot,
-)
-from tiered.units import human_bytes
 
 log = logging.getLogger("tiered")
-
-
-def _progress_bar(label: str) -> Any:
-    """A one-line progress bar on a terminal; None (no output) otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    started = time.monotonic()
-
-    def show(done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        bar = "#" * int(frac * 30)
-        rate = done / 1e6 / max(time.monotonic() - started, 1e-6)
-        sys.stderr.write(
-            f"\r{label} [{bar:<30}] {frac:6.1%} {human_bytes(done)}/{human_bytes(total)} "
-            f"{rate:.0f} MB/s"
-        )
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
 
 
 def cmd_status(cfg: TieredConfig, args: argparse.Namespace) -> int:
@@ -77,103 +44,6 @@ def cmd_status(cfg: TieredConfig, args: argparse.Namespace) -> int:
         return 1
     if status.durable_error is not None:
         return 1  # a script must not read "no durable steps" into a tier it could not read
-    return 0
-
-
-@contextlib.contextmanager
-def _sole_writer(local: LocalTier, what: str) -> Iterator[None]:
-    """Hold the daemon's lock while ``what`` writes the tiers: a running daemon makes this
-    refuse, and a daemon started meanwhile is refused until it is done."""
-    lock = DirectoryLock(local.tiered_dir, what=f"tiered {what}")
-    holder = lock.holder()
-    if holder is not None:
-        raise TieredError(
-            f"the daemon (pid {holder}) owns {local.root} and does this itself; stop it first "
-            f"to {what} by hand"
-        )
-    local.ensure()
-    lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def cmd_promote(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    local, durable = open_tiers(cfg)
-    if args.step not in local.committed_steps():
-        raise TieredError(f"step {args.step} is not a committed step in {local.root}")
-    with _sole_writer(local, "promote"):
-        durable.check()
-        promote_step(local, durable, args.step, progress=_progress_bar(f"promote {args.step}"))
-    print(f"step {args.step} committed at {durable.step_url(args.step)}")
-    return 0
-
-
-def cmd_restore(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    local, durable = open_tiers(cfg)
-    steps = durable.committed_steps()
-    if not steps:
-        raise TieredError(f"no committed step on {durable.url} that tiered can verify")
-    step = args.step if args.step is not None else max(steps)
-    if step not in steps:
-        raise TieredError(f"step {step} is not committed on {durable.url} (have {steps})")
-    with _sole_writer(local, "restore"):
-        path = fetch_step(local, durable, step, progress=_progress_bar(f"restore {step}"))
-    print(f"step {step} is in {path}, verified")
-    return 0
-
-
-def cmd_export(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    local, durable = open_tiers(cfg)
-    dest = Path(args.dest).expanduser().absolute()
-    export_step(local, durable, args.step, dest, item=args.item, progress=_progress_bar("export"))
-    what = f"item {args.item!r} of step {args.step}" if args.item else f"step {args.step}"
-    print(f"{what} is in {dest}, verified: a plain orbax checkpoint")
-    return 0
-
-
-def cmd_verify(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    local, durable = open_tiers(cfg)
-    steps = durable.committed_steps()
-    if args.step not in steps:
-        raise TieredError(
-            f"step {args.step} is not committed on {durable.url} (committed: {steps or 'none'})"
-        )
-    if args.tier == "local" and args.step not in local.committed_steps():
-        raise TieredError(f"step {args.step} is not a committed step in {local.root}")
-    manifest = durable.read_manifest(args.step)
-    if args.tier == "durable":
-        durable.verify_step(args.step, manifest)
-        where = durable.step_url(args.step)
-    else:
-        from tiered.manifest import verify_local
-
-        verify_local(local.step_dir(args.step), manifest)
-        where = str(local.step_dir(args.step))
-    print(f"{where}: {len(manifest.files)} files, {human_bytes(manifest.total_bytes)}, all match")
-    return 0
-
-
-def cmd_prune(cfg: TieredConfig, args: argparse.Namespace) -> int:
-    local, durable = open_tiers(cfg)
-    holder = DirectoryLock(local.tiered_dir).holder()
-    if holder is not None and not args.dry_run:
-        raise TieredError(
-            f"the daemon (pid {holder}) owns {local.root} and prunes it; use --dry-run to see "
-            "its plan, or stop the daemon first"
-        )
-    deletes = plan(snapshot(local, durable, now=time.time()), rules_for(cfg)).deletes
-    if not deletes:
-        print("nothing to prune")
-        return 0
-    for d in deletes:
-        print(f"{'would prune' if args.dry_run else 'pruning'} {d.tier} step {d.step} ({d.why})")
-    if not args.dry_run:
-        with _sole_writer(local, "prune"):
-            apply_deletes(deletes, local, durable)
     return 0
 
 
@@ -309,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_promote)
     p = add("restore", "download a durable step into the local tier, verified")
-    p.add_argument("--step", type=int, default=None, help="default: the newest durable step")
+    p.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="default: the step a restore would use (the planner's choice)",
+    )
     overrides(p)
     p.set_defaults(func=cmd_restore)
     p = add(
@@ -324,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     p = add("verify", "check a step's files against its manifest")
     p.add_argument("step", type=int)
-    p.add_argument("--tier", choices=("local", "durable"), default="durable")
+    p.add_argument(
+        "--tier",
+        choices=("local", "durable"),
+        default=None,
+        help="default: the durable tier when it holds the step, else the local one",
+    )
     overrides(p)
     p.set_defaults(func=cmd_verify)
     p = add("prune", "apply the retention policy to both tiers")

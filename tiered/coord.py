@@ -186,13 +186,18 @@ class Rendezvous:
     ) -> Decision:
         """Post this node's request and wait for the decision (node 0 makes it)."""
         nonce = self.post(local_steps, epochs=epochs, from_peers=from_peers)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        said = started
         while True:
             if self.rank == 0:
                 self.try_decide()
             decision = self.answer(nonce)
             if decision is not None:
                 return decision
+            if time.monotonic() - said >= self.say_every:
+                said = time.monotonic()
+                self._say_waiting(said - started, timeout)
             if time.monotonic() > deadline or (should_stop and should_stop()):
                 missing = self.missing_requests() if self.rank == 0 else []
                 raise AgreementTimeout(
@@ -204,6 +209,22 @@ class Rendezvous:
                     )
                 )
             time.sleep(self.poll_seconds)
+
+    say_every = 10.0
+    """While a restore agreement waits, a log line this often says for what."""
+
+    def _say_waiting(self, waited: float, timeout: float) -> None:
+        """Node 0 names the nodes that have not asked yet (one listing, no reads); the others
+        say they wait for node 0's answer."""
+        if self.rank == 0:
+            names = self.durable.store.list_names(RESTORE_COORD_DIR)
+            missing = [r for r in range(self.nodes) if restore_request_name(r) not in names]
+            what = f"nodes {_ranges(missing)} have not asked yet" if missing else "deciding"
+        else:
+            what = "waiting for node 0's answer"
+        log.info(
+            "Restore agreement: %.0f s of %.0f s; %s (%d nodes)", waited, timeout, what, self.nodes
+        )
 
     def _requests(self, *, all_or_none: bool = True) -> dict[int, dict]:
         """Every node's current request: one listing, then the files read in parallel (at a
@@ -247,3 +268,14 @@ def _int_map(raw: object) -> dict[int, int]:
         except (TypeError, ValueError):
             continue
     return out
+
+
+def _ranges(ranks: list[int]) -> str:
+    """``0-3, 7, 9-12``: a thousand ranks in a line a user can read."""
+    runs: list[list[int]] = []
+    for rank in sorted(ranks):
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

@@ -11,20 +11,16 @@ Each save carries its reason (``periodic``, ``preemption`` or ``final``) in orba
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tiered.atomic import publish_file
 from tiered.config import TieredConfig
 from tiered.errors import (
     ChecksumMismatch,
@@ -34,11 +30,13 @@ from tiered.errors import (
     NotFound,
     StorageError,
 )
-from tiered.layout import TRAINER_LOCK_NAME, TRAINER_STATS
+from tiered.layout import TRAINER_LOCK_NAME
 from tiered.loading import Loader, named_step_failed
 from tiered.lock import DirectoryLock
-from tiered.orbax_api import is_disk_full, local_manager, plain_metrics, resolve_config
-from tiered.policy import RestoreOption, restore_options
+from tiered.orbax_api import local_manager, plain_metrics, resolve_config
+from tiered.policy import RestoreOption, is_periodic, restore_options, save_over, save_reason
+from tiered.progress import LogProgress
+from tiered.saving import SaveStats, disk_full_is_clear, warn_if_nearly_full
 from tiered.storage import DurableTier, LocalTier
 from tiered.tiers import PeerSetup, agree_restore, fetch_step, open_durable, set_aside_newer
 
@@ -101,7 +99,7 @@ class CheckpointManager:
         """The restore epoch the nodes agreed under (several nodes): every save records it."""
         self._saved_here: set[int] = set()
         self._last_save: tuple[int, float] | None = None  # (step, perf_counter) of the last save
-        self._blocking: list[float] = []
+        self._stats = SaveStats(self.local)
         self._multi = self._check_topology()
         self._mgr = local_manager(cfg, multi=self._multi)
         self._loader = Loader(self, ocp, self._mgr, multi=self._multi)
@@ -183,33 +181,34 @@ class CheckpointManager:
         cfg = self.config
         if not cfg.enable_checkpointing:
             return False
-        if self._signal is not None and not self._stop:
-            reason = "preemption"
-        elif final:
-            if not cfg.save_checkpoint_on_completion:
-                return False
-            reason = "final"
-        elif force or step % cfg.local_checkpoint_period == 0:
-            reason = "periodic"
-        else:
+        reason = save_reason(
+            step,
+            local_period=cfg.local_checkpoint_period,
+            signalled=self._signal is not None and not self._stop,
+            final=final,
+            force=force,
+            save_on_completion=cfg.save_checkpoint_on_completion,
+        )
+        if reason is None:
             return False
         blocking = reason != "periodic"
-        if step in self._mgr.all_steps():
-            restored = self._restored_step if self._restored_step is not None else -1
-            if step in self._saved_here or step <= restored:
-                if blocking:
-                    self._mgr.wait_until_finished()
-                    self._stop = self._stop or reason == "preemption"
-                return False
-            # The local step of this number is from another trajectory: the run went back to
-            # an older step (or started afresh) and has reached this number again.
+        restored = self._restored_step if self._restored_step is not None else -1
+        meets = save_over(
+            step, local=self._mgr.all_steps(), saved_here=self._saved_here, restored=restored
+        )
+        if meets == "done":
+            if blocking:
+                self._mgr.wait_until_finished()
+                self._stop = self._stop or reason == "preemption"
+            return False
+        if meets == "rolled_back":  # the local step of this number is another trajectory's
             self._mgr.wait_until_finished()
             set_aside_newer(self.local, step - 1, why="the run saves these step numbers again")
             self._mgr.reload()
-        self._warn_if_nearly_full()
+        warn_if_nearly_full(self.local, self.config.tiered.local_capacity)
         started, last = time.perf_counter(), self._last_save
         per_step = (started - last[1]) / (step - last[0]) if last and step > last[0] else None
-        with self._disk_full_is_clear():
+        with disk_full_is_clear(self.config.local_dir):
             saved = bool(
                 self._mgr.save(
                     step,
@@ -237,51 +236,13 @@ class CheckpointManager:
             self._saved_here.add(step)
             self._last_save = (step, started)
             if not blocking:
-                self._record_blocking(time.perf_counter() - started)
+                self._stats.record_blocking(time.perf_counter() - started)
         if reason == "preemption":
             self._stop = True
         return saved
 
-    def _record_blocking(self, seconds: float) -> None:
-        """Keep how long recent periodic saves held the training loop, for ``tiered advise``."""
-        self._blocking = [*self._blocking[-19:], round(seconds, 4)]
-        path = self.local.tiered_dir / TRAINER_STATS
-        with contextlib.suppress(OSError):
-            publish_file(path, json.dumps({"save_blocking_seconds": self._blocking}).encode())
-
-    def _warn_if_nearly_full(self) -> None:
-        """Warn when the free space is below the size of the newest local step."""
-        steps = self.local.scan(with_size=True)
-        sizes = [f.size for f in steps if f.committed and f.size]
-        if not sizes:
-            return
-        free = self.local.free_bytes(self.config.tiered.local_capacity)
-        if free < sizes[-1] * 1.1:
-            log.warning(
-                "Local tier %s has %d MB free and the last checkpoint took %d MB: the next save "
-                "may fail. Is the daemon running and the durable tier reachable?",
-                self.local.root,
-                free // 10**6,
-                sizes[-1] // 10**6,
-            )
-
-    @contextlib.contextmanager
-    def _disk_full_is_clear(self) -> Iterator[None]:
-        """Turn orbax's wrapped ENOSPC (raised now or by an earlier async save) into one line."""
-        try:
-            yield
-        except Exception as err:
-            if is_disk_full(err):
-                raise StorageError(
-                    f"local tier {self.config.local_dir} is full (no space left on device): is "
-                    "the tiered daemon running, and the durable tier reachable, so that promoted "
-                    "steps can be pruned?",
-                    transient=False,
-                ) from err
-            raise
-
     def wait_until_finished(self) -> None:
-        with self._disk_full_is_clear():
+        with disk_full_is_clear(self.config.local_dir):
             self._mgr.wait_until_finished()
 
     # -- restoring --
@@ -428,6 +389,7 @@ class CheckpointManager:
 
     def fetch(self, step: int, *, progress: Any = None) -> Path:
         """Download a durable step into the local tier, verified, and return its directory."""
+        progress = progress or LogProgress(f"restoring step {step}", logger=log)
         return fetch_step(self.local, self.durable, step, progress=progress)
 
     # -- orbax's queries --
@@ -444,7 +406,7 @@ class CheckpointManager:
         newest = self._newest_held()
         if newest is not None and step <= newest:
             return False
-        return self._signal is not None or step % self.config.local_checkpoint_period == 0
+        return self._signal is not None or is_periodic(step, self.config.local_checkpoint_period)
 
     def _newest_held(self) -> int | None:
         """The newest step of this run: saved by this manager, or restored by it (the local

@@ -59,6 +59,7 @@ from tiered.policy import (
     restore_options,
     rules_for,
 )
+from tiered.progress import LogProgress
 from tiered.reach import within
 from tiered.report import build_status
 from tiered.risk import held_by_every_peer, risk_now
@@ -101,6 +102,7 @@ __all__ = [
     "Fingerprint",
     "ForgetPart",
     "FullSpeed",
+    "LogProgress",
     "Manifest",
     "NonceRecord",
     "PeerAuth",

@@ -298,7 +298,8 @@ def export_step(
     with contextlib.suppress(OSError):
         dest.rmdir()
     multi = durable.topology.multi  # a node's local step is its part: the whole is durable
-    manifest = local.cached_manifest(step) if step in local.committed_steps() else None
+    # a local step no daemon has checksummed yet gets its manifest now (kept, as the daemon's)
+    manifest = local.manifest(step) if step in local.committed_steps() else None
     if manifest is None or multi:
         got = durable.download_step(step, dest, progress=progress, only=item, whole=multi).manifest
         if got is not None and got.layout == GLOBAL_LAYOUT and not got.merged:

@@ -42,8 +42,8 @@ Retention rules are small frozen dataclasses (``LatestN``, ``EveryNSteps``, ``St
 with ``AnyOf``; each takes the steps, oldest first, and returns a keep-mask aligned with them.
 
 The package: ``inputs`` (``Rules``, ``Snapshot``), ``actions`` (what ``plan`` answers),
-``planner`` (``plan``, ``rules_for``), ``restore`` (the restore choice), ``retention`` and
-``pacing``. Import from ``tiered.policy``.
+``planner`` (``plan``, ``rules_for``), ``restore`` (the restore choice), ``cadence`` (when the
+training API saves), ``retention`` and ``pacing``. Import from ``tiered.policy``.
 """
 
 from tiered.policy.actions import (
@@ -63,6 +63,7 @@ from tiered.policy.actions import (
     Upload,
     Verdict,
 )
+from tiered.policy.cadence import is_periodic, save_reason
 from tiered.policy.inputs import Pacing, Rules, Snapshot
 from tiered.policy.pacing import Pace, replication_pace, seconds_per_step, upload_pace
 from tiered.policy.planner import owed_steps, plan, rules_for
@@ -114,6 +115,7 @@ __all__ = [
     "Upload",
     "Verdict",
     "agree_step",
+    "is_periodic",
     "may_read_in_place",
     "newer_than",
     "owed_steps",
@@ -123,6 +125,7 @@ __all__ = [
     "restore_options",
     "rules_for",
     "save_over",
+    "save_reason",
     "seconds_per_step",
     "upload_pace",
 ]
