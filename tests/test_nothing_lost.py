@@ -171,14 +171,23 @@ def test_one_writer_per_tier(tmp_path: Path) -> None:
     daemon = DaemonProc(config_path, cfg)
     try:
         daemon.wait_ready()
-        for args in (("promote", "50"), ("restore",), ("prune",)):
+        for args in (("promote", "50"), ("prune",)):
             out = tiered_cli(*args, "--config", c)
             assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
             assert f"(pid {daemon.proc.pid}) owns" in out.stderr
+        # a restore that would download (the step is durable only now) is refused the same way
+        wait_for(lambda: DurableTier(cfg.durable_url).committed_steps() == [50], what="promoted")
+        LocalTier(cfg.local_dir).delete_step(50)
+        out = tiered_cli("restore", "--config", c)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert f"(pid {daemon.proc.pid}) owns" in out.stderr
     finally:
         assert daemon.terminate() == 0
     # The other way round: a daemon started while `tiered promote` writes is refused.
     shutil.rmtree(tmp_path / "durable")
+    again = Trainer(cfg.local_dir)
+    again.save(50, distinct(50))
+    again.close()
     promote = subprocess.Popen(
         [sys.executable, "-m", "tiered.cli", "promote", "50", "--config", c],
         env={**subprocess_env(), "TIERED_PAUSE": "after-manifest:6"},
