@@ -1,0 +1,129 @@
+"""One life of the goodput scenario's trainer (``python -m bench.goodput_trainer``): a real JAX
+loop of fixed compute steps over a state of ``--size-mb``, checkpointed by plain orbax straight
+to the durable tier (``--system orbax``, no signal handling, as a user's loop is today) or by
+``tiered.CheckpointManager`` (``--system tiered``, which saves on SIGTERM/SIGINT). It restores
+whatever there is, trains to ``--steps``, and appends what it did to ``--events`` (JSON lines:
+ready, restored, save, end, each with its wall time); it prints ``step N`` after each step, for
+the driver's failure trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def matmul_step(reps: int) -> Any:
+    """A jitted matmul chain, ``reps`` times: the same compute every step (not a sleep)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((256, 256), jnp.float32) / 256
+
+    @jax.jit
+    def one(a: jax.Array) -> jax.Array:
+        for _ in range(8):
+            a = jnp.tanh(a @ a)
+        return a
+
+    def step() -> None:
+        a = x
+        for _ in range(reps):
+            a = one(a)
+        a.block_until_ready()
+
+    step()
+    return step
+
+
+def calibrate(target_ms: float) -> int:
+    """How many matmul chains take about ``target_ms`` here."""
+    one = matmul_step(1)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        one()
+    return max(1, round(target_ms / 1000 / ((time.perf_counter() - t0) / 20)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--system", choices=["orbax", "tiered"], required=True)
+    p.add_argument("--target", required=True, help="orbax: the durable URL; tiered: a config")
+    p.add_argument("--period", type=int, default=0, help="orbax's save interval")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--size-mb", type=int, required=True)
+    p.add_argument("--reps", type=int, required=True)
+    p.add_argument("--events", required=True)
+    args = p.parse_args(argv)
+
+    from bench.common import random_state
+
+    events = open(args.events, "a")  # noqa: SIM115 (open for the life of the process)
+
+    def emit(ev: str, **kw: Any) -> None:
+        events.write(json.dumps({"ev": ev, "t": time.time(), **kw}) + "\n")
+        events.flush()
+
+    compute = matmul_step(args.reps)
+    state = random_state(args.size_mb)
+    emit("ready")
+    t0 = time.perf_counter()
+    if args.system == "orbax":
+        import orbax.checkpoint as ocp
+
+        mgr = ocp.CheckpointManager(
+            args.target,
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=args.period, max_to_keep=2, create=True
+            ),
+        )
+        latest = mgr.latest_step()
+        if latest is not None:
+            state = mgr.restore(latest, args=ocp.args.StandardRestore(state))
+        start = latest if latest is not None else -1
+
+        def save(step: int, *, final: bool = False) -> bool:
+            return bool(mgr.save(step, args=ocp.args.StandardSave(state), force=final))
+
+        def should_stop() -> bool:
+            return False
+    else:
+        import tiered
+
+        mgr = tiered.CheckpointManager(Path(args.target))
+        restored = mgr.restore(state)
+        if restored is not None:
+            state = restored.state
+        start = restored.step if restored is not None else -1
+
+        def save(step: int, *, final: bool = False) -> bool:
+            return bool(mgr.save(step, state, final=final))
+
+        def should_stop() -> bool:
+            return mgr.should_stop()
+
+    emit("restored", step=start, seconds=time.perf_counter() - t0)
+    step = start
+    for step in range(start + 1, args.steps):
+        compute()
+        print(f"step {step}", flush=True)
+        t0 = time.perf_counter()
+        if save(step):
+            emit("save", step=step, seconds=time.perf_counter() - t0)
+        if should_stop():
+            emit("stopped", step=step)
+            mgr.close()
+            return 0
+    t0 = time.perf_counter()
+    if step >= 0 and save(args.steps - 1, final=True):
+        emit("save", step=args.steps - 1, seconds=time.perf_counter() - t0, final=True)
+    mgr.wait_until_finished()
+    mgr.close()
+    emit("end", step=args.steps - 1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
