@@ -3,13 +3,15 @@ loop of fixed compute steps over a state of ``--size-mb``, checkpointed by plain
 to the durable tier (``--system orbax``, no signal handling, as a user's loop is today) or by
 ``tiered.CheckpointManager`` (``--system tiered``, which saves on SIGTERM/SIGINT). It restores
 whatever there is, trains to ``--steps``, and appends what it did to ``--events`` (JSON lines:
-ready, restored, save, end, each with its wall time); it prints ``step N`` after each step, for
-the driver's failure trace."""
+ready, restored, save, end, each with its wall time); it prints ``step N SECONDS`` after each step (its compute
+time), for the driver's failure trace."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -56,14 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mb", type=int, required=True)
     p.add_argument("--reps", type=int, required=True)
     p.add_argument("--events", required=True)
+    p.add_argument("--life", type=int, default=0, help="which life of the run this is")
     args = p.parse_args(argv)
+    # Ctrl+C raises KeyboardInterrupt, as in a terminal, even when the driver was started in
+    # the background (which leaves SIGINT ignored for its children)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from bench.common import random_state
 
     events = open(args.events, "a")  # noqa: SIM115 (open for the life of the process)
 
     def emit(ev: str, **kw: Any) -> None:
-        events.write(json.dumps({"ev": ev, "t": time.time(), **kw}) + "\n")
+        line = {"ev": ev, "t": time.time(), "life": args.life, "pid": os.getpid(), **kw}
+        events.write(json.dumps(line) + "\n")
         events.flush()
 
     compute = matmul_step(args.reps)
@@ -85,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         start = latest if latest is not None else -1
 
         def save(step: int, *, final: bool = False) -> bool:
+            if final and step in mgr.all_steps():
+                return False
             return bool(mgr.save(step, args=ocp.args.StandardSave(state), force=final))
 
         def should_stop() -> bool:
@@ -107,22 +116,31 @@ def main(argv: list[str] | None = None) -> int:
     emit("restored", step=start, seconds=time.perf_counter() - t0)
     step = start
     for step in range(start + 1, args.steps):
+        t0 = time.perf_counter()
         compute()
-        print(f"step {step}", flush=True)
+        print(f"step {step} {time.perf_counter() - t0:.6f}", flush=True)
         t0 = time.perf_counter()
         if save(step):
-            emit("save", step=step, seconds=time.perf_counter() - t0)
+            kind = "preemption" if should_stop() else "periodic"
+            emit("save", step=step, seconds=time.perf_counter() - t0, kind=kind)
         if should_stop():
             emit("stopped", step=step)
             mgr.close()
             return 0
     t0 = time.perf_counter()
-    if step >= 0 and save(args.steps - 1, final=True):
-        emit("save", step=args.steps - 1, seconds=time.perf_counter() - t0, final=True)
-    mgr.wait_until_finished()
+    saved = step >= 0 and save(args.steps - 1, final=True)
+    mgr.wait_until_finished()  # the run is over once its last step is on disk
+    if saved:
+        emit("save", step=args.steps - 1, seconds=time.perf_counter() - t0, kind="final")
     mgr.close()
-    emit("end", step=args.steps - 1)
+    emit("end", step=args.steps - 1, wchar=_wchar())
     return 0
+
+
+def _wchar() -> int:
+    """Bytes this process has written so far (the driver's count of durable-tier writes)."""
+    text = Path("/proc/self/io").read_text()
+    return int(text.split("wchar:")[1].split()[0])
 
 
 if __name__ == "__main__":

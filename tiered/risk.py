@@ -232,26 +232,39 @@ def forecast_goodput(
     durable_lag_seconds: float,
     interruptions: Interruptions,
     peer_period: int | None = None,
+    local_lag_seconds: float = 0.0,
+    node_restore_seconds: float | None = None,
+    final_save_seconds: float = 0.0,
 ) -> GoodputForecast:
     """The goodput of a run of ``steps`` steps with tiered checkpointing, to first order.
 
-    Each periodic local save blocks ``save_seconds``; each interruption costs a restart and a
-    restore, and redoes on average half an interval: a local period after a crash, nothing
-    after a preemption (which blocks ``preemption_save_seconds`` instead), and after a lost
-    node half a durable period plus the lag until a durable step has committed (or half of
-    ``peer_period`` with a peer holding a copy of every local step)."""
+    Each periodic local save blocks ``save_seconds`` and the final one ``final_save_seconds``;
+    each interruption costs a restart and a restore, and redoes on average half an interval
+    plus the lag until that interval's checkpoint has committed (a failure inside the lag goes
+    back one interval more): after a crash, half a local period and ``local_lag_seconds``
+    (the asynchronous save's commit); nothing after a preemption (which blocks
+    ``preemption_save_seconds`` instead); after a lost node, half a durable period plus
+    ``durable_lag_seconds`` until a durable step has committed (or half of ``peer_period``
+    with a peer holding a copy of every local step), and the restore is a download
+    (``node_restore_seconds``, default ``restore_seconds``).
+
+    Plain orbax straight to the durable tier is the same model with every interruption a
+    crash, its save period as ``local_period`` and its commit lag as ``local_lag_seconds``."""
     per_node = (
         peer_period * step_seconds / 2
         if peer_period
         else durable_period * step_seconds / 2 + durable_lag_seconds
     )
+    node_restore = restore_seconds if node_restore_seconds is None else node_restore_seconds
     useful = steps * step_seconds
     lost = {
         "saves": steps / local_period * save_seconds
-        + interruptions.preemptions * preemption_save_seconds,
-        "redone": interruptions.crashes * local_period * step_seconds / 2
+        + interruptions.preemptions * preemption_save_seconds
+        + final_save_seconds,
+        "redone": interruptions.crashes * (local_period * step_seconds / 2 + local_lag_seconds)
         + interruptions.node_losses * per_node,
-        "restoring": interruptions.total * restore_seconds,
+        "restoring": (interruptions.crashes + interruptions.preemptions) * restore_seconds
+        + interruptions.node_losses * node_restore,
         "restarts": interruptions.total * restart_seconds,
     }
     return GoodputForecast(goodput=useful / (useful + sum(lost.values())), lost_seconds=lost)
