@@ -17,18 +17,23 @@ run's progress: failures come with time, not with checkpoints. Accounting, per s
 - saves: seconds the loop was held by ``save`` (periodic, preemption and final saves);
 - restoring: seconds in each life's restore; restarts: from the event to the next life's
   ``ready``, less the preemption save in it (the fixed cost plus a process's start);
-- other: what is left, chiefly the slowdown of steps while checkpoints are written (uploads,
-  async saves) and the step cut short by a kill;
+- slower steps: the steps' own compute time (the trainer times each) beyond the step time
+  measured alone: checkpoint work competing for the cores (async saves, uploads), and
+  anything else running on the machine;
+- other: what is left (the loop's own overhead, the step cut short by a kill);
 - bytes written to the durable tier: the ``wchar`` of the processes that write it (the orbax
   trainer, tiered's daemon), read from /proc while they run and just before each kill.
 
 Beside each row, ``tiered.risk.forecast_goodput`` predicts the same figures from the step
 time, the measured cost of a save, a restore, a restart, the commit lags, and the trace's
-counts of each kind of interruption (at their expected position: half an interval).
+counts of each kind of interruption (at their expected position: half an interval); and
+``replay`` runs the same model through this very trace, so that what parts the forecast
+from the measurement can be told apart: the model's error, or a short trace's luck.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -219,6 +224,7 @@ def run_system(
         target = str(durable)
         watches = [CommitWatch(durable, marker=None)]
     lives: list[dict[str, Any]] = []
+    trainer_log = open(base / "trainer.log", "ab")  # noqa: SIM115 (closed below)
     for life, event in enumerate([*trace, None]):
         if life:
             time.sleep(restart_s)
@@ -240,19 +246,21 @@ def run_system(
             ),
             cwd=ROOT,
             stdout=subprocess.PIPE,
+            stderr=trainer_log,
             text=True,
         )
         writer = proc.pid if system.kind == "orbax" else None
         if writer:
             meter.track(writer)
         fired: dict[str, Any] | None = None
-        computed, last, compute_s = 0, None, 0.0
+        computed, last, times = 0, None, []
         assert proc.stdout is not None
         for line in proc.stdout:
             if not line.startswith("step "):
                 continue
             _, number, seconds = line.split()
-            last, computed, compute_s = int(number), computed + 1, compute_s + float(seconds)
+            last, computed = int(number), computed + 1
+            times.append(float(seconds))
             if event is not None and fired is None and computed == event.after_steps:
                 fired = {"kind": event.kind, "t": time.time(), "step": last}
                 meter.sample()
@@ -277,7 +285,7 @@ def run_system(
                 "spawned": spawned,
                 "event": fired,
                 "last_step": last,
-                "compute_s": compute_s,
+                "step_times": times,
             }
         )
         if fired is None:
@@ -295,6 +303,7 @@ def run_system(
         promotion = status.get("daemon", status).get("last_promotion")
         daemon_proc.terminate()
         daemon_proc.wait(120)
+    trainer_log.close()
     seen = [w.stop() for w in watches]
     events = [json.loads(x) for x in events_path.read_text().splitlines()]
     for e in events:
@@ -316,8 +325,12 @@ def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else 0.0
 
 
-def account(raw: dict[str, Any], *, steps: int, step_s: float) -> dict[str, Any]:
-    """The row of one system: the measured figures and the inputs the forecast takes."""
+def account(raw: dict[str, Any], *, steps: int, step_s: float | None = None) -> dict[str, Any]:
+    """The row of one system: the measured figures and the inputs the forecast takes.
+
+    ``step_s``, the unit of useful time: by default the median of the system's own steps
+    (the other helpers' jobs on a shared machine move the step time between systems; the
+    median is a step with no checkpoint work beside it, as most steps are)."""
     system = System(**raw["system"])
     by_life: dict[int, list[dict[str, Any]]] = {}
     for e in raw["events"]:
@@ -351,6 +364,9 @@ def account(raw: dict[str, Any], *, steps: int, step_s: float) -> dict[str, Any]
         if restored is not None:
             lost_node = before["event"]["kind"] == "node_loss" or system.kind == "orbax"
             (node_restores if lost_node else local_restores).append(restored["seconds"])
+    all_times = [t for life in lives for t in life["step_times"]]
+    if step_s is None:
+        step_s = statistics.median(all_times)
     saves = [e for e in raw["events"] if e["ev"] == "save"]
     periodic = [s for s in saves if s["kind"] == "periodic"]
     wall = end["t"] - begin["t"]
@@ -364,9 +380,13 @@ def account(raw: dict[str, Any], *, steps: int, step_s: float) -> dict[str, Any]
     }
     # the steps' own compute beyond the step time measured alone: checkpoint work (async
     # saves, uploads) and anything else on the machine competing for the cores
-    lost["slower steps"] = sum(life["compute_s"] for life in lives) - computed * step_s
+    lost["slower steps"] = sum(all_times) - computed * step_s
     lost["other"] = wall - useful - sum(lost.values())
     fired = [life["event"]["kind"] for life in lives if life["event"]]
+    fallbacks = [
+        [before["last_step"], (first(after["life"], "restored") or {}).get("step")]
+        for before, after in itertools.pairwise(lives)
+    ]
     durable_saves = [s for s in periodic if s["step"] % system.durable_period == 0]
     durable_lags = commit_lags(durable_saves, raw["durable_commits"])
     if system.kind == "tiered":
@@ -385,6 +405,7 @@ def account(raw: dict[str, Any], *, steps: int, step_s: float) -> dict[str, Any]
         "local_period": system.local_period if system.kind == "tiered" else None,
         "durable_period": system.durable_period,
         "goodput": useful / wall,
+        "step_s": step_s,
         "wall_s": wall,
         "useful_s": useful,
         "steps_recomputed": recomputed,
@@ -393,6 +414,7 @@ def account(raw: dict[str, Any], *, steps: int, step_s: float) -> dict[str, Any]
         "bytes_durable": raw["bytes_durable"],
         "lost_s": lost,
         "interruptions": fired,
+        "fallbacks": fallbacks,
         "inputs": {
             "save_seconds": _mean([s["seconds"] for s in periodic]),
             "preemption_save_seconds": _mean(
@@ -407,7 +429,7 @@ def account(raw: dict[str, Any], *, steps: int, step_s: float) -> dict[str, Any]
             "durable_lag_seconds": _mean(durable_lags),
             "counts": counts,
             "upload_seconds": (raw.get("last_promotion") or {}).get("seconds") or 0.0,
-            "step_slowdown": sum(life["compute_s"] for life in lives) / max(1, computed) / step_s,
+            "step_slowdown": sum(all_times) / max(1, len(all_times)) / step_s,
         },
         "last_promotion": raw.get("last_promotion"),
     }
@@ -455,6 +477,7 @@ def replay(row: dict[str, Any], trace: list[Event], *, steps: int, step_s: float
     lost = dict.fromkeys(("saves", "restoring", "restarts", "slower steps"), 0.0)
     t, at, computed = 0.0, -1, 0
     event_before = ""
+    fallbacks: list[list[int]] = []  # [step reached, step resumed from] per interruption
 
     def newest(ckpts: list[tuple[int, float]]) -> int:
         return max((s for s, c in ckpts if c <= t), default=-1)
@@ -487,6 +510,7 @@ def replay(row: dict[str, Any], trace: list[Event], *, steps: int, step_s: float
             lost["saves"] += i["final_save_seconds"]
             break
         event_before = event.kind if tiered else "kill"
+        reached = at
         if event_before in ("sigint", "sigterm"):
             t += i["preemption_save_seconds"]
             lost["saves"] += i["preemption_save_seconds"]
@@ -497,11 +521,13 @@ def replay(row: dict[str, Any], trace: list[Event], *, steps: int, step_s: float
         else:
             local.clear()
             at = newest(durable)
+        fallbacks.append([reached, at])
     lost["redone"] = (computed - steps) * step_s
     return {
         "goodput": steps * step_s / t,
         "lost_s": lost,
         "steps_recomputed": computed - steps,
+        "fallbacks": fallbacks,
     }
 
 
@@ -567,7 +593,12 @@ def goodput(
     reps = calibrate(step_ms)
     step_s = step_seconds(reps)
     trace = failure_trace(steps=steps, mtbf_steps=mtbf_steps, seed=seed)
-    common: dict[str, Any] = {"steps": steps, "size_mb": size_mb, "reps": reps, "restart_s": restart_s}
+    common: dict[str, Any] = {
+        "steps": steps,
+        "size_mb": size_mb,
+        "reps": reps,
+        "restart_s": restart_s,
+    }
     plan = {
         "orbax_5L": System("orbax_5L", "orbax", local_period, 5 * local_period),
         "orbax_L": System("orbax_L", "orbax", local_period, local_period),
@@ -579,13 +610,13 @@ def goodput(
         if name == "tiered_advised":
             measured = next((r for r in rows if r["system"] == "tiered"), None)
             assert measured is not None, "tiered_advised needs the tiered run's figures"
-            advice = advised_periods(measured, step_s=step_s, trace=trace)
+            advice = advised_periods(measured, step_s=measured["step_s"], trace=trace)
             plan[name] = System(name, "tiered", advice["local_period"], advice["durable_period"])
         print(f"   {name}: {plan[name]}", flush=True)
         raw = run_system(plan[name], trace, work=work, **common)
-        row = account(raw, steps=steps, step_s=step_s)
-        row["forecast"] = forecast(row, steps=steps, step_s=step_s)
-        row["replay"] = replay(row, trace, steps=steps, step_s=step_s)
+        row = account(raw, steps=steps)
+        row["forecast"] = forecast(row, steps=steps, step_s=row["step_s"])
+        row["replay"] = replay(row, trace, steps=steps, step_s=row["step_s"])
         print(
             f"   {name}: goodput {row['goodput']:.3f} (forecast "
             f"{row['forecast']['goodput']:.3f}, this trace {row['replay']['goodput']:.3f}), "
@@ -600,7 +631,7 @@ def goodput(
             "local_period": local_period,
             "durable_period": 5 * local_period,
             "step_ms": step_ms,
-            "step_s": step_s,
+            "step_alone_s": step_s,
             "reps": reps,
             "mtbf_steps": mtbf_steps,
             "restart_s": restart_s,
@@ -667,7 +698,7 @@ def render(r: dict[str, Any], *, img: Path) -> list[str]:
     kinds = ", ".join(f"{e['kind']} after {e['after_steps']}" for e in r["trace"])
     out = [
         f"The user's run scaled down (`bench/goodput.py`): a real JAX loop of {p['steps']} steps "
-        f"of {p['step_s'] * 1000:.0f} ms compute over {p['size_mb']} MB of state, local period "
+        f"of about {p['step_ms']:.0f} ms compute over {p['size_mb']} MB of state, local period "
         f"L = {p['local_period']}, durable period 5L = {p['durable_period']}, durable tier "
         f"{p['durable']}, through one seeded failure trace (seed {p['seed']}, an interruption "
         f"every {p['mtbf_steps']:.0f} steps computed on average): {kinds} (steps computed in "
