@@ -54,6 +54,7 @@ from bench.common import ROOT, config_mapping, write_config
 from tiered.report import query_daemon
 
 KINDS = ("sigint", "sigterm", "kill", "node_loss")
+TRACES = 500  # seeded traces the model is replayed through for its mean
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def run_system(
     *,
     steps: int,
     size_mb: int,
-    reps: int,
+    step_ms: float,
     restart_s: float,
     work: Path,
 ) -> dict[str, Any]:
@@ -240,7 +241,7 @@ def run_system(
                 f"--period={system.durable_period}",
                 f"--steps={steps}",
                 f"--size-mb={size_mb}",
-                f"--reps={reps}",
+                f"--step-ms={step_ms}",
                 f"--events={events_path}",
                 f"--life={life}",
             ),
@@ -323,6 +324,10 @@ def run_system(
 
 def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else 0.0
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
 
 
 def account(raw: dict[str, Any], *, steps: int, step_s: float | None = None) -> dict[str, Any]:
@@ -425,8 +430,9 @@ def account(raw: dict[str, Any], *, steps: int, step_s: float | None = None) -> 
             "node_restore_seconds": _mean(node_restores or local_restores),
             "startup_seconds": _mean(startups),
             "restart_seconds": _mean(restarts),
-            "local_lag_seconds": _mean(local_lags),
-            "durable_lag_seconds": _mean(durable_lags),
+            # medians: the first save of a life (tensorstore's start) lags far longer
+            "local_lag_seconds": _median(local_lags),
+            "durable_lag_seconds": _median(durable_lags),
             "counts": counts,
             "upload_seconds": (raw.get("last_promotion") or {}).get("seconds") or 0.0,
             "step_slowdown": sum(all_times) / max(1, len(all_times)) / step_s,
@@ -565,17 +571,6 @@ def advised_periods(row: dict[str, Any], *, step_s: float, trace: list[Event]) -
     }
 
 
-def step_seconds(reps: int, *, n: int = 30) -> float:
-    """One step's compute with nothing else running: the unit of useful time."""
-    from bench.goodput_trainer import matmul_step
-
-    step = matmul_step(reps)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n
-
-
 def goodput(
     *,
     size_mb: int,
@@ -588,15 +583,11 @@ def goodput(
     work: Path,
     systems: tuple[str, ...] = ("orbax_5L", "orbax_L", "tiered", "tiered_advised"),
 ) -> dict[str, Any]:
-    from bench.goodput_trainer import calibrate
-
-    reps = calibrate(step_ms)
-    step_s = step_seconds(reps)
     trace = failure_trace(steps=steps, mtbf_steps=mtbf_steps, seed=seed)
     common: dict[str, Any] = {
         "steps": steps,
         "size_mb": size_mb,
-        "reps": reps,
+        "step_ms": step_ms,
         "restart_s": restart_s,
     }
     plan = {
@@ -617,6 +608,22 @@ def goodput(
         row = account(raw, steps=steps)
         row["forecast"] = forecast(row, steps=steps, step_s=row["step_s"])
         row["replay"] = replay(row, trace, steps=steps, step_s=row["step_s"])
+        # the model's own mean over many traces of the same rates: what the first-order
+        # forecast should equal, if its half-interval expectation is right
+        others = [
+            replay(
+                row,
+                failure_trace(steps=steps, mtbf_steps=mtbf_steps, seed=1000 + k),
+                steps=steps,
+                step_s=row["step_s"],
+            )
+            for k in range(TRACES)
+        ]
+        row["replay_mean"] = {
+            "traces": TRACES,
+            "goodput": _mean([o["goodput"] for o in others]),
+            "steps_recomputed": _mean([o["steps_recomputed"] for o in others]),
+        }
         print(
             f"   {name}: goodput {row['goodput']:.3f} (forecast "
             f"{row['forecast']['goodput']:.3f}, this trace {row['replay']['goodput']:.3f}), "
@@ -631,8 +638,6 @@ def goodput(
             "local_period": local_period,
             "durable_period": 5 * local_period,
             "step_ms": step_ms,
-            "step_alone_s": step_s,
-            "reps": reps,
             "mtbf_steps": mtbf_steps,
             "restart_s": restart_s,
             "seed": seed,
@@ -702,26 +707,36 @@ def render(r: dict[str, Any], *, img: Path) -> list[str]:
         f"L = {p['local_period']}, durable period 5L = {p['durable_period']}, durable tier "
         f"{p['durable']}, through one seeded failure trace (seed {p['seed']}, an interruption "
         f"every {p['mtbf_steps']:.0f} steps computed on average): {kinds} (steps computed in "
-        f"that life). Each is followed by a restart with the same command after "
-        f"{p['restart_s']:.1f} s. Goodput is the run's steps times the step time measured "
-        "alone, over the wall time from the first life's start to the last save; in "
-        "parentheses, `tiered.risk.forecast_goodput` from the same run's per-event costs, the "
-        "trace's counts, and half an interval plus the commit lag redone per interruption.",
+        "that life; sigint is Ctrl+C, sigterm a preemption, kill a kill -9, node_loss a kill -9 "
+        "of the trainer and its daemon with the local tier wiped). Each is followed by a "
+        f"restart with the same command after {p['restart_s']:.1f} s. Goodput is the run's "
+        "steps times the system's median step, over the wall time from the first life's start "
+        "to the last save (restarts included).",
         "",
-        "| system | periods (local / durable) | goodput (forecast) | steps recomputed "
-        "(forecast) | blocked in saves, s | restoring, s | restarts, s | other, s | written "
-        "to the durable tier, MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Beside each measurement: **forecast**, `tiered.risk.forecast_goodput` from the run's "
+        "per-event costs (a save's blocking time, a restore, a restart, the commit lags) and "
+        "the trace's count of each kind, with half an interval plus the commit lag redone per "
+        "interruption; **this trace**, the same model replayed through this very trace (each "
+        "interruption goes back to the newest checkpoint committed by then), which is what "
+        f"tells the model's error from a short trace's luck; **{TRACES} traces**, the model "
+        "replayed through that many seeded traces of the same rates, which the forecast "
+        "should equal.",
+        "",
+        "| system | periods (local / durable) | goodput | forecast | this trace | "
+        f"{TRACES} traces | steps recomputed (this trace / forecast) | blocked in saves, s | "
+        "restoring, s | restarts, s | slower steps, s | written to the durable tier, MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in r["rows"]:
-        f = x["forecast"]
+        f, t, m = x["forecast"], x["replay"], x["replay_mean"]
         periods = f"{x['local_period'] or '-'} / {x['durable_period']}"
         out.append(
-            f"| {LABELS.get(x['system'], x['system'])} | {periods} | {x['goodput']:.1%} "
-            f"({f['goodput']:.1%}) | {x['steps_recomputed']} ({f['steps_recomputed']:.0f}) | "
-            f"{x['save_blocked_s']:.2f} ({f['lost_s']['saves']:.2f}) | {x['restoring_s']:.2f} "
-            f"| {x['lost_s']['restarts']:.1f} | {x['lost_s']['other']:.1f} | "
-            f"{x['bytes_durable'] / 1e6:,.0f} |"
+            f"| {LABELS.get(x['system'], x['system'])} | {periods} | **{x['goodput']:.1%}** | "
+            f"{f['goodput']:.1%} | {t['goodput']:.1%} | {m['goodput']:.1%} | "
+            f"{x['steps_recomputed']} ({t['steps_recomputed']} / "
+            f"{f['steps_recomputed']:.0f}) | {x['save_blocked_s']:.2f} | "
+            f"{x['restoring_s']:.2f} | {x['lost_s']['restarts']:.1f} | "
+            f"{x['lost_s']['slower steps']:.1f} | {x['bytes_durable'] / 1e6:,.0f} |"
         )
     a = r.get("advice")
     if a:

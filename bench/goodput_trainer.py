@@ -3,8 +3,8 @@ loop of fixed compute steps over a state of ``--size-mb``, checkpointed by plain
 to the durable tier (``--system orbax``, no signal handling, as a user's loop is today) or by
 ``tiered.CheckpointManager`` (``--system tiered``, which saves on SIGTERM/SIGINT). It restores
 whatever there is, trains to ``--steps``, and appends what it did to ``--events`` (JSON lines:
-ready, restored, save, end, each with its wall time); it prints ``step N SECONDS`` after each step (its compute
-time), for the driver's failure trace."""
+ready, restored, save, end, each with its wall time); it prints ``step N SECONDS`` after each
+step (its compute time), for the driver's failure trace."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 
-def matmul_step(reps: int) -> Any:
-    """A jitted matmul chain, ``reps`` times: the same compute every step (not a sleep)."""
+def compute_step(step_ms: float) -> Any:
+    """A step of ``step_ms`` of compute: jitted matmul chains (about 2 ms each) until the step's
+    time is up. Compute, not a sleep, yet of a fixed length: the helpers that share this
+    machine change how fast a chain runs, and a fixed amount of work would make each system's
+    steps, and so the weight of its fixed restart cost, depend on when it ran."""
     import jax
     import jax.numpy as jnp
 
@@ -31,22 +34,14 @@ def matmul_step(reps: int) -> Any:
         return a
 
     def step() -> None:
+        end = time.perf_counter() + step_ms / 1000
         a = x
-        for _ in range(reps):
+        while time.perf_counter() < end:
             a = one(a)
-        a.block_until_ready()
+            a.block_until_ready()
 
-    step()
+    one(x).block_until_ready()
     return step
-
-
-def calibrate(target_ms: float) -> int:
-    """How many matmul chains take about ``target_ms`` here."""
-    one = matmul_step(1)
-    t0 = time.perf_counter()
-    for _ in range(20):
-        one()
-    return max(1, round(target_ms / 1000 / ((time.perf_counter() - t0) / 20)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--period", type=int, default=0, help="orbax's save interval")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--size-mb", type=int, required=True)
-    p.add_argument("--reps", type=int, required=True)
+    p.add_argument("--step-ms", type=float, required=True, help="compute per step")
     p.add_argument("--events", required=True)
     p.add_argument("--life", type=int, default=0, help="which life of the run this is")
     args = p.parse_args(argv)
@@ -73,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         events.write(json.dumps(line) + "\n")
         events.flush()
 
-    compute = matmul_step(args.reps)
+    compute = compute_step(args.step_ms)
     state = random_state(args.size_mb)
     emit("ready")
     t0 = time.perf_counter()
