@@ -434,6 +434,8 @@ def account(raw: dict[str, Any], *, steps: int, step_s: float | None = None) -> 
             "local_lag_seconds": _median(local_lags),
             "durable_lag_seconds": _median(durable_lags),
             "counts": counts,
+            "local_lags": [round(x, 3) for x in local_lags],
+            "durable_lags": [round(x, 3) for x in durable_lags],
             "upload_seconds": (raw.get("last_promotion") or {}).get("seconds") or 0.0,
             "step_slowdown": sum(all_times) / max(1, len(all_times)) / step_s,
         },
@@ -473,7 +475,8 @@ def replay(row: dict[str, Any], trace: list[Event], *, steps: int, step_s: float
     per-event costs, but each interruption redoes exactly the steps since the newest
     checkpoint committed by then (a save commits its lag after it; a preemption's step is
     local at once and durable one upload later). What it leaves apart from the measurement is
-    the model's error; what parts it from ``forecast`` is the luck of a short trace."""
+    the model's error; what parts it from ``forecast`` is the luck of a short trace. A save
+    still in flight when its process dies never commits."""
     i = row["inputs"]
     tiered = row["kind"] == "tiered"
     period = row["local_period"] or row["durable_period"]
@@ -518,14 +521,21 @@ def replay(row: dict[str, Any], trace: list[Event], *, steps: int, step_s: float
         event_before = event.kind if tiered else "kill"
         reached = at
         if event_before in ("sigint", "sigterm"):
+            # the preemption save waits for the saves in flight, then writes its own
             t += i["preemption_save_seconds"]
             lost["saves"] += i["preemption_save_seconds"]
-            local.append((at, t))
+            local = [(s, min(c, t)) for s, c in local] + [(at, t)]
             durable.append((at, t + i.get("upload_seconds", 0.0)))
         elif event_before == "kill":
+            # the trainer's saves in flight die with it, and so do their uploads
+            dead = {s for s, c in local if c > t}
+            local = [(s, c) for s, c in local if c <= t]
+            durable = [(s, c) for s, c in durable if c <= t or s not in dead]
             at = max(newest(local), newest(durable))
         else:
-            local.clear()
+            # the daemon dies with the node: its uploads in flight too
+            local = []
+            durable = [(s, c) for s, c in durable if c <= t]
             at = newest(durable)
         fallbacks.append([reached, at])
     lost["redone"] = (computed - steps) * step_s

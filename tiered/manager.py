@@ -332,6 +332,9 @@ class CheckpointManager:
                 continue
             log.info("Restored step %d from the %s tier", s, source)
             self._restored_step = s
+            # the next save's step time counts from here: the restart's gap before this is no
+            # training time, and the daemon paces the next upload by the step time it records
+            self._last_save = (s, time.perf_counter())
             return Restored(step=s, state=state, source=source)
         if order:
             log.warning("No checkpoint could be restored (tried steps %s)", order)
