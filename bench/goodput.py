@@ -667,6 +667,12 @@ LABELS = {
     "tiered": "tiered, L and 5L",
     "tiered_advised": "tiered, advised periods",
 }
+SHORT = {
+    "orbax_5L": "orbax\nevery 5L",
+    "orbax_L": "orbax\nevery L",
+    "tiered": "tiered\nL, 5L",
+    "tiered_advised": "tiered\nadvised",
+}
 CAUSES = ("saves", "redone", "restoring", "restarts", "slower steps", "other")
 
 
@@ -680,7 +686,7 @@ def plot(r: dict[str, Any], img: Path) -> str:
     rows = r["rows"]
     img.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    names = [LABELS.get(x["system"], x["system"]) for x in rows]
+    names = [SHORT.get(x["system"], x["system"]) for x in rows]
     bottom = [x["goodput"] for x in rows]
     ax.bar(names, bottom, color="#4c72b0", label="useful (goodput)")
     colours = ("#dd8452", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#bbbbbb")
@@ -758,5 +764,58 @@ def render(r: dict[str, Any], *, img: Path) -> list[str]:
             f"upload's time ({a['upload_seconds']:.2f} s) against the time between node "
             f"losses ({a['node_mtbf_s']:.0f} s).",
         ]
-    out += ["", plot(r, img), "", f"Peers: {p['peers']}."]
+    worst = max(abs(x["goodput"] - x["forecast"]["goodput"]) for x in r["rows"])
+    pairs = [
+        (m[1], t[1])
+        for x in r["rows"]
+        for m, t in zip(x["fallbacks"], x["replay"]["fallbacks"], strict=False)
+    ]
+    same = sum(m == t for m, t in pairs)
+    out += [
+        "",
+        plot(r, img),
+        "",
+        f"**Forecast against measurement**: within {worst * 100:.1f} points on every row. "
+        "The first version of the model (half an interval redone per interruption, one "
+        "restore cost, no final save), on steps of a fixed amount of work, was up to 14 "
+        "points off. Three things closed the gap:",
+        "- *An asynchronous save is not a checkpoint until it commits.* A crash inside the "
+        "commit lag (local: the async save's finalize; orbax to the durable tier: its write "
+        "there, about half a second at 128 MB) goes back one interval more, so a crash "
+        "redoes half an interval plus the lag, and a lost node half a durable period plus "
+        "the upload's lag; a save in flight dies with its process. The replay says which "
+        f"step each interruption resumes from: the measured one in {same} of {len(pairs)} "
+        "(the others: a signal seen a step early, a crash that came within a few tens of "
+        "ms of the median lag). A lost node's restore is a download, and the final save "
+        "blocks.",
+        "- *The steps are a fixed time of compute.* A fixed amount of work ran between 64 "
+        "and 103 ms a step as the other jobs on this shared machine came and went, and the "
+        "same restart cost then weighed a third more on one system than on another.",
+        "- *What is left is the trace's luck*, not the model: four interruptions are a "
+        "small sample of where in an interval a failure lands. The forecast equals the "
+        f"model's mean over {TRACES} seeded traces to within a point or so; it runs a little "
+        "under it where preemptions are frequent, because a preemption's step is promoted "
+        "at full speed and refreshes the durable tier, which half a durable period does "
+        "not count.",
+        "",
+        "The bench also found a bug: after every restart the daemon took the restart's gap "
+        "for training time (the first save after a restore recorded no step time, and the "
+        "spacing of the two newest local steps spans the restart), and paced that durable "
+        "upload 10x too slow: the durable tier lagged 7.5 s behind a 4 s durable period. "
+        "The first save after a restore now counts its step time from the restore "
+        "(docs/reliability.md).",
+        "",
+        "**What it says.** Restarts (the fixed cost plus a process's start, about 2.8 s "
+        "each) weigh far more here than in a real run, where they are minutes against hours; "
+        "they are the same for every system. Of the rest: straight orbax every 5L redoes "
+        "the most (every Ctrl+C, preemption and crash goes back to the durable step). On "
+        "`file://`, a durable tier as fast as the local disk, orbax every L blocks no "
+        "longer than a local save, so it comes close to tiered and beats the 5L durable "
+        "period on a lost node, at 3x the bytes written durably; on an object store its "
+        "saves would wait on the network (section 1). tiered with the advised periods "
+        "is best: no preemption redoes a step, a crash redoes half a local period, and the "
+        "shorter durable period caps what a lost node costs.",
+        "",
+        f"Peers: {p['peers']}.",
+    ]
     return out
