@@ -53,7 +53,7 @@ def test_the_trace_is_seeded_and_has_every_kind() -> None:
 def test_one_crash_recomputes_the_steps_since_the_last_checkpoint(tmp_path: Path) -> None:
     # 30 steps, orbax every 10; kill -9 once 19 steps are computed (steps 0..18): the
     # restart resumes from step 10, so steps 11..18 are computed twice.
-    step_s = 0.03
+    step_s = 0.05  # the save of step 10 has 8 steps (400 ms) to commit before the kill
     raw = run_system(
         System("orbax", "orbax", 10, 10),
         [Event("kill", 19)],
@@ -75,3 +75,26 @@ def test_one_crash_recomputes_the_steps_since_the_last_checkpoint(tmp_path: Path
     # steps 0, 10, 20 and the final 29 (1 MB each, zstd takes some 10 % of random float32's
     # exponents) went to the durable tier
     assert 3_000_000 <= row["bytes_durable"] < 8_000_000
+
+
+def test_a_preemption_under_tiered_recomputes_nothing(tmp_path: Path) -> None:
+    # SIGTERM once 8 steps are computed: tiered.CheckpointManager saves the step it reached,
+    # the real daemon promotes it, and the restart resumes right after it.
+    raw = run_system(
+        System("tiered", "tiered", 5, 10),
+        [Event("sigterm", 8)],
+        steps=20,
+        size_mb=1,
+        step_ms=30,
+        restart_s=0.2,
+        work=tmp_path,
+    )
+    row = account(raw, steps=20, step_s=0.03)
+    assert row["steps_recomputed"] == 0
+    assert row["inputs"]["counts"] == {"crashes": 0, "preemptions": 1, "node_losses": 0}
+    assert row["inputs"]["preemption_save_seconds"] > 0
+    reached, resumed = row["fallbacks"][0]
+    assert resumed == reached  # resumed from the very step the signal found it at
+    # steps 0 and 10, the preemption step and the final 19 are durable, written by the daemon
+    assert (tmp_path / "tiered" / "durable" / "19" / "commit_success.txt").exists()
+    assert row["bytes_durable"] >= 3_000_000
