@@ -2,7 +2,7 @@
 docs/benchmarks.md (tables and PNG plots) from every result present.
 
 Scenarios: stall, promote, restore, interference, footprint, physical, scaling, peers,
-hashing, scale (default: all).
+hashing, scale, goodput (default: all).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ ALL = [
     "peers",
     "hashing",
     "scale",
+    "goodput",
 ]
 
 
@@ -56,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="simulated node counts for the scale scenario (default: 16 64 256 1024)",
     )
+    g = p.add_argument_group("goodput (the user's run, scaled down, through a failure trace)")
+    g.add_argument("--goodput-size-mb", type=int, default=128, help="the trainer's state")
+    g.add_argument("--goodput-steps", type=int, default=300, help="steps of the whole run")
+    g.add_argument("--goodput-step-ms", type=float, default=100.0, help="compute per step")
+    g.add_argument(
+        "--mtbf-steps", type=float, default=60.0, help="mean steps computed between interruptions"
+    )
+    g.add_argument("--restart-s", type=float, default=1.0, help="fixed cost of each restart")
+    g.add_argument("--seed", type=int, default=0, help="the failure trace's seed")
     p.add_argument("--report-only", action="store_true", help="only regenerate the docs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -122,6 +132,19 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
         from bench import scale
 
         return scale.scale(work=work, node_counts=tuple(args.nodes or scale.NODE_COUNTS))
+    if name == "goodput":
+        from bench import goodput
+
+        return goodput.goodput(
+            size_mb=args.goodput_size_mb,
+            steps=args.goodput_steps,
+            local_period=args.local_period,
+            step_ms=args.goodput_step_ms,
+            mtbf_steps=args.mtbf_steps,
+            restart_s=args.restart_s,
+            seed=args.seed,
+            work=work,
+        )
     if name == "physical":
         return scenarios.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
     raise SystemExit(f"unknown scenario {name}")

@@ -428,6 +428,12 @@ def _scale(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _goodput(r: dict[str, Any]) -> list[str]:
+    from bench import goodput
+
+    return goodput.render(r, img=IMG)
+
+
 SECTIONS = [
     ("stall", "1. Training stall", _stall),
     ("stall-gpu", "1b. Training stall, state on the GPU (device-to-host copy included)", _stall),
@@ -440,6 +446,7 @@ SECTIONS = [
     ("peers", "8. Peer replication: a lost node, and training while replicating", _peers),
     ("hashing", "9. The manifest's second checksum (xxh3) against crc32c alone", _hashing),
     ("scale", "10. The multi-node protocol at 16 to 1,024 nodes", _scale),
+    ("goodput", "11. Goodput through a failure trace", _goodput),
 ]
 
 

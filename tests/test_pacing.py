@@ -214,3 +214,30 @@ def test_the_trainer_records_its_step_time_for_the_daemon(tmp_path: Path) -> Non
     # and the daemon's rule reads it: 50 steps of ~20 ms, half of it for the upload
     pace = upload_pace(steps[-1].size, "periodic", local=steps, rules=rules_for(cfg))
     assert pace.within_s is not None and pace.within_s <= 50 * 0.2 * 0.5
+
+
+def test_a_resumed_run_records_its_step_time_without_the_restart(tmp_path: Path) -> None:
+    # After a restart, the first save's step time counted from the commit of the step before
+    # the restart, restart included: the daemon then paced that durable upload to 10x the
+    # period (the goodput bench's durable tier lagged 7.5 s behind a 4 s period).
+    from tiered import CheckpointManager, LocalTier
+    from tiered.policy import seconds_per_step
+
+    from helpers import example_state
+
+    _path, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    state = example_state()
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        mgr.save(10, state, force=True)
+        mgr.wait_until_finished()
+    time.sleep(2.0)  # the restart
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        restored = mgr.restore(state)
+        assert restored is not None and restored.step == 10
+        for step in range(11, 21):
+            time.sleep(0.02)  # a training step of 20 ms
+            mgr.save(step, state)
+        mgr.wait_until_finished()
+    steps = LocalTier(cfg.local_dir).scan(with_size=True)
+    assert [s.step for s in steps] == [10, 20]
+    assert 0.02 <= (seconds_per_step(steps) or 0) < 0.1  # 20 ms steps; with the gap, 0.22

@@ -98,7 +98,7 @@ class CheckpointManager:
         self._epoch: int | None = None
         """The restore epoch the nodes agreed under (several nodes): every save records it."""
         self._saved_here: set[int] = set()
-        self._last_save: tuple[int, float] | None = None  # (step, perf_counter) of the last save
+        self._last_save: tuple[int, float] | None = None  # (step, time) of last save/restore
         self._stats = SaveStats(self.local)
         self._multi = self._check_topology()
         self._mgr = local_manager(cfg, multi=self._multi)
@@ -331,7 +331,7 @@ class CheckpointManager:
                 )
                 continue
             log.info("Restored step %d from the %s tier", s, source)
-            self._restored_step = s
+            self._restored_step, self._last_save = s, (s, time.perf_counter())
             return Restored(step=s, state=state, source=source)
         if order:
             log.warning("No checkpoint could be restored (tried steps %s)", order)

@@ -193,3 +193,78 @@ def advise(
         current_overhead=overhead(current_steps * step_seconds, cost_seconds, mtbf_seconds),
         loss_per_interruption_seconds=at / 2.0,
     )
+
+
+@dataclass(frozen=True)
+class Interruptions:
+    """How many of each kind a run meets (expected, or counted from a trace)."""
+
+    crashes: float = 0.0
+    """The process dies, the node lives (kill -9, an OOM): back to the newest local step."""
+    preemptions: float = 0.0
+    """SIGTERM or Ctrl+C: a checkpoint is written on the signal, nothing is redone."""
+    node_losses: float = 0.0
+    """The node and its disk gone: back to the newest durable step (or a peer's copy)."""
+
+    @property
+    def total(self) -> float:
+        return self.crashes + self.preemptions + self.node_losses
+
+
+@dataclass(frozen=True)
+class GoodputForecast:
+    goodput: float
+    """Useful step time over wall time, restarts included."""
+    lost_seconds: dict[str, float]
+    """Wall time by cause: ``saves`` (blocking), ``redone``, ``restoring``, ``restarts``."""
+
+
+def forecast_goodput(
+    *,
+    steps: int,
+    step_seconds: float,
+    local_period: int,
+    durable_period: int,
+    save_seconds: float,
+    preemption_save_seconds: float,
+    restore_seconds: float,
+    restart_seconds: float,
+    durable_lag_seconds: float,
+    interruptions: Interruptions,
+    peer_period: int | None = None,
+    local_lag_seconds: float = 0.0,
+    node_restore_seconds: float | None = None,
+    final_save_seconds: float = 0.0,
+) -> GoodputForecast:
+    """The goodput of a run of ``steps`` steps with tiered checkpointing, to first order.
+
+    Each periodic local save blocks ``save_seconds`` and the final one ``final_save_seconds``;
+    each interruption costs a restart and a restore, and redoes on average half an interval
+    plus the lag until that interval's checkpoint has committed (a failure inside the lag goes
+    back one interval more): after a crash, half a local period and ``local_lag_seconds``
+    (the asynchronous save's commit); nothing after a preemption (which blocks
+    ``preemption_save_seconds`` instead); after a lost node, half a durable period plus
+    ``durable_lag_seconds`` until a durable step has committed (or half of ``peer_period``
+    with a peer holding a copy of every local step), and the restore is a download
+    (``node_restore_seconds``, default ``restore_seconds``).
+
+    Plain orbax straight to the durable tier is the same model with every interruption a
+    crash, its save period as ``local_period`` and its commit lag as ``local_lag_seconds``."""
+    per_node = (
+        peer_period * step_seconds / 2
+        if peer_period
+        else durable_period * step_seconds / 2 + durable_lag_seconds
+    )
+    node_restore = restore_seconds if node_restore_seconds is None else node_restore_seconds
+    useful = steps * step_seconds
+    lost = {
+        "saves": steps / local_period * save_seconds
+        + interruptions.preemptions * preemption_save_seconds
+        + final_save_seconds,
+        "redone": interruptions.crashes * (local_period * step_seconds / 2 + local_lag_seconds)
+        + interruptions.node_losses * per_node,
+        "restoring": (interruptions.crashes + interruptions.preemptions) * restore_seconds
+        + interruptions.node_losses * node_restore,
+        "restarts": interruptions.total * restart_seconds,
+    }
+    return GoodputForecast(goodput=useful / (useful + sum(lost.values())), lost_seconds=lost)
