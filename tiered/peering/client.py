@@ -1,25 +1,4 @@
-"""Peer replication between nodes: who sends to whom, how a request proves it comes from the
-job, and the client side of the transport (``daemon.peers`` serves it).
-
-Each node's daemon sends its newest committed local step to its partners: the next node in a
-ring by default, or the ranks ``tiered.peers`` (or orbax's ``peer-ranks`` in
-``replicator.yaml``) names. A partner keeps it in its peer store (``tiered.storage.replicas``).
-When a node comes back empty, it asks its partners for its own steps before the restore
-agreement (``recover_own``), so the agreement sees them as local again.
-
-The transport is plain HTTP between the daemons, on ``tiered.peer_listen_address``:
-
-    GET /v1/replicas/<rank>         the replicas of node <rank> held here (JSON)
-    GET /v1/replicas/<rank>/<step>  one of them, as the replica stream
-    PUT /v1/replicas/<rank>/<step>  store one (the body is the replica stream)
-
-Every request is signed with the job's shared secret (``tiered.peer_secret_file``), for one
-receiver, once (``tiered.peerauth``: peer protocol v2); the receiver refuses any other request,
-and a rank that is not the path's: a node may write and read its own replicas only. The replica
-header (the manifest) carries its own HMAC, written by the owner and checked by the owner again
-when it reads the copy back, so a peer cannot pass off another manifest; every file is checked
-against that manifest's size and checksums as it arrives, on both sides.
-"""
+"""The client side of the peer transport: list, fetch and send replicas, every request signed."""
 
 from __future__ import annotations
 
@@ -28,24 +7,18 @@ import http.client
 import json
 import logging
 import os
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tiered.config import TieredConfig
 from tiered.errors import (
-    ChecksumMismatch,
-    ConfigError,
     LayoutError,
     PeerProtocolMismatch,
     PeerRefused,
     StorageError,
 )
-from tiered.layout import COMMIT_MARKER, step_name, tmp_name
-from tiered.logs import fields
+from tiered.layout import COMMIT_MARKER
 from tiered.manifest import Manifest
 from tiered.peerauth import (
     AUTH_HEADER,
@@ -53,7 +26,6 @@ from tiered.peerauth import (
     SIG_HEADER,
     VERSION_HEADER,
     PeerAuth,
-    job_identity,
     mismatch,
 )
 from tiered.storage import LocalTier
@@ -61,75 +33,7 @@ from tiered.storage.local import step_metadata
 from tiered.storage.replicas import Header, encode, read_header, receive_files
 from tiered.storage.transfer import RateLimiter
 
-log = logging.getLogger(__name__)
-
-MIN_SECRET_BYTES = 16
-
-
-# -- who, where ------------------------------------------------------------------------------
-
-
-def partners(rank: int, nodes: int, explicit: list[int] | tuple[int, ...] | None) -> list[int]:
-    """The nodes this node sends its steps to: ``explicit`` when given, else the next in a
-    ring. Itself and ranks outside the job are never partners."""
-    if nodes < 2:
-        return []
-    if explicit:
-        return sorted({p for p in explicit if p != rank and 0 <= p < nodes})
-    return [(rank + 1) % nodes]
-
-
-def peer_address(cfg: TieredConfig, rank: int, nodes: int) -> str:
-    """``host:port`` of node ``rank``'s peer server (``tiered.peer_addresses``: a list by rank,
-    or one template with ``{rank}``, such as a headless service's DNS names)."""
-    spec = cfg.tiered.peer_addresses
-    if spec is None:
-        raise ConfigError("tiered.peer_addresses is not set: peers cannot be reached")
-    if isinstance(spec, str):
-        return spec.format(rank=rank)
-    if len(spec) != nodes:
-        raise ConfigError(
-            f"tiered.peer_addresses lists {len(spec)} addresses for a job of {nodes} nodes: "
-            "give one per node, in rank order, or a template with {rank}"
-        )
-    return spec[rank]
-
-
-def listen_address(cfg: TieredConfig, rank: int, nodes: int) -> str:
-    """Where this node's peer server binds: ``tiered.peer_listen_address``, else every
-    interface on the port of its own entry in ``tiered.peer_addresses``."""
-    if cfg.tiered.peer_listen_address:
-        return cfg.tiered.peer_listen_address
-    spec = cfg.tiered.peer_addresses
-    if isinstance(spec, list) and rank >= len(spec):
-        raise ConfigError(f"tiered.peer_addresses has no address for node {rank}")
-    own = spec[rank] if isinstance(spec, list) else peer_address(cfg, rank, nodes)
-    return f"0.0.0.0:{own.rpartition(':')[2]}"
-
-
-def load_secret(cfg: TieredConfig) -> bytes:
-    """The job's shared secret, from ``tiered.peer_secret_file`` (a mounted Kubernetes Secret)."""
-    path = cfg.tiered.peer_secret_file
-    if not path:
-        raise ConfigError(
-            "tiered.peer_secret_file is not set: peer replication needs a shared secret so that "
-            "only this job's nodes can write or read replicas (mount one from a Kubernetes "
-            "Secret; `openssl rand -hex 32` makes one)"
-        )
-    try:
-        with open(path, "rb") as f:
-            secret = f.read(4097).strip()  # small: a key, not data
-    except OSError as err:
-        raise ConfigError(
-            f"tiered.peer_secret_file {path}: {err.strerror or err}; peers cannot authenticate"
-        ) from None
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"tiered.peer_secret_file {path}: the secret is {len(secret)} bytes; at least "
-            f"{MIN_SECRET_BYTES} are needed (`openssl rand -hex 32`)"
-        )
-    return secret
-
+log = logging.getLogger("tiered.peering")
 
 # -- the client ------------------------------------------------------------------------------
 
@@ -341,117 +245,3 @@ def header_for(local: LocalTier, step: int, rank: int, manifest: Manifest) -> He
     with open(step_dir / COMMIT_MARKER, "rb") as f:
         marker = f.read(65536).decode(errors="replace")  # orbax's marker: one small line
     return Header(owner=rank, step=step, epoch=epoch, marker=marker, manifest=manifest)
-
-
-# -- a node that lost its disk ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recovered:
-    step: int
-    peer: int
-    bytes: int
-    seconds: float
-
-
-def clients_for(cfg: TieredConfig, rank: int, nodes: int, ranks: list[int]) -> list[PeerClient]:
-    auth = PeerAuth(load_secret(cfg), rank, job=job_identity(cfg.durable_url))
-    rate = cfg.tiered.peer_bandwidth_mb_per_s
-    limiter = RateLimiter(rate * 1e6) if rate else None
-    return [
-        PeerClient(
-            r,
-            peer_address(cfg, r, nodes),
-            auth,
-            timeout=cfg.tiered.peer_timeout_seconds,
-            limiter=limiter,
-        )
-        for r in ranks
-    ]
-
-
-def recover_own(
-    cfg: TieredConfig,
-    local: LocalTier,
-    *,
-    rank: int,
-    nodes: int,
-    explicit: list[int] | tuple[int, ...] | None = None,
-    newer_than: int | None = None,
-) -> list[Recovered]:
-    """Bring back from the peers this node's steps it lacks and they hold (newer than its
-    newest committed local step and ``newer_than``), each verified, so the restore agreement
-    sees them as local. A peer that is down, refuses, or serves bytes that differ is logged
-    and skipped; the next one holding the step is tried."""
-    if not cfg.peering or nodes < 2:
-        return []
-    clients = clients_for(cfg, rank, nodes, partners(rank, nodes, cfg.tiered.peers or explicit))
-    mine = [s.step for s in local.scan() if s.committed and s.fits(nodes)]
-    floor = max([*mine, newer_than if newer_than is not None else -1])
-    offers: dict[int, list[tuple[PeerClient, Held]]] = {}
-    for client in clients:
-        try:
-            held = client.held()
-        except StorageError as err:
-            log.warning("No replicas from peer %s: %s", client, err)
-            continue
-        for h in held:
-            if h.step > floor:
-                offers.setdefault(h.step, []).append((client, h))
-    if not offers:
-        if not mine:
-            log.warning(
-                "Node %d holds no local step, and its peers %s hold none of its steps newer "
-                "than %s",
-                rank,
-                [c.rank for c in clients],
-                f"step {floor}" if floor >= 0 else "nothing",
-            )
-        return []
-    recovered = []
-    wanted = sorted(offers, reverse=True)[: cfg.tiered.peer_keep]
-    for step in wanted:
-        for client, _held in sorted(offers[step], key=lambda o: -(o[1].epoch or 0)):
-            got = _fetch_into(local, client, step)
-            if got is not None:
-                recovered.append(got)
-                break
-        else:
-            log.warning(
-                "Node %d could not get its step %d from any peer (%s)",
-                rank,
-                step,
-                ", ".join(str(c) for c, _ in offers[step]),
-            )
-    return recovered
-
-
-def _fetch_into(local: LocalTier, client: PeerClient, step: int) -> Recovered | None:
-    dest = local.step_dir(step)
-    if (dest / COMMIT_MARKER).exists():
-        return None
-    local.staging_dir.mkdir(parents=True, exist_ok=True)
-    partial = local.staging_dir / tmp_name(f"peer-{step_name(step)}")
-    started = time.monotonic()
-    try:
-        header = client.fetch(step, partial)
-        if dest.is_symlink():
-            dest.unlink()
-        elif dest.exists():
-            shutil.rmtree(dest)  # no marker: an interrupted save or delete, not a checkpoint
-        os.replace(partial, dest)
-    except (StorageError, ChecksumMismatch, LayoutError, OSError) as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        log.warning("Peer %s could not give back step %d: %s", client, step, err)
-        return None
-    local.remember_manifest(step, header.manifest)
-    seconds = time.monotonic() - started
-    log.info(
-        "Recovered this node's step %d from peer %s (%d bytes in %.1f s, every file verified)",
-        step,
-        client,
-        header.total_bytes,
-        seconds,
-        extra=fields("peer_recovered", step=step, tier="local", bytes=header.total_bytes),
-    )
-    return Recovered(step=step, peer=client.rank, bytes=header.total_bytes, seconds=seconds)
