@@ -2,7 +2,7 @@
 docs/benchmarks.md (tables and PNG plots) from every result present.
 
 Scenarios: stall, promote, restore, interference, footprint, physical, scaling, peers,
-hashing, scale, goodput (default: all).
+hashing, scale, goodput, bytes (default: all).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ ALL = [
     "hashing",
     "scale",
     "goodput",
+    "bytes",
 ]
 
 
@@ -145,6 +146,10 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
             seed=args.seed,
             work=work,
         )
+    if name == "bytes":
+        from bench import bytes as bytes_bench
+
+        return bytes_bench.bytes_scenario(work=work)
     if name == "physical":
         return scenarios.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
     raise SystemExit(f"unknown scenario {name}")

@@ -30,12 +30,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def gcs_emulator(*, on_disk: bool = False) -> Iterator[str]:
+def gcs_emulator(*, on_disk: bool = False, served_log: Path | None = None) -> Iterator[str]:
     """gcp-storage-emulator on loopback, through the launcher that fixes its multipart parsing.
 
     In memory: its on-disk mode breaks tensorstore's conditional writes ("Malformed
     StorageGeneration" on some object names), so the baselines could not run. Buckets are
-    dropped after each run (``drop_bucket``) to keep its memory bounded."""
+    dropped after each run (``drop_bucket``) to keep its memory bounded. With ``served_log``,
+    the emulator appends each object download to it (bucket, name, bytes: see
+    ``tests/gcs_emulator.py``)."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="tiered-bench-gcs-")
     proc = subprocess.Popen(
@@ -49,6 +51,7 @@ def gcs_emulator(*, on_disk: bool = False) -> Iterator[str]:
             *([] if on_disk else ["--in-memory"]),
         ],
         cwd=workdir,
+        env={**os.environ, **({"GCS_EMULATOR_SERVED_LOG": str(served_log)} if served_log else {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

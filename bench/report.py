@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.bytes import render as _bytes
 from bench.common import RESULTS, ROOT
 from bench.scenarios import ratio
 
@@ -447,6 +448,7 @@ SECTIONS = [
     ("hashing", "9. The manifest's second checksum (xxh3) against crc32c alone", _hashing),
     ("scale", "10. The multi-node protocol at 16 to 1,024 nodes", _scale),
     ("goodput", "11. Goodput through a failure trace", _goodput),
+    ("bytes", "12. Bytes per step and per restore: tiered against orbax's global save", _bytes),
 ]
 
 
