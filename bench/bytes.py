@@ -285,8 +285,9 @@ def render(r: dict[str, Any]) -> list[str]:
         "",
         "Every process saves the replicas it holds (right for the local tier: each node "
         "restores alone) and every node uploads its own database, so the durable step holds "
-        "the replicated array once per node; the upload is even (max / mean 1.00) because "
-        "every node holds the same amount. A job of another size downloads the whole step "
+        "the replicated array once per node; the upload is even (max / mean at most "
+        f"{max(row['upload_max_over_mean'] for row in r['rows']):.2f}) because every node "
+        "holds the same amount. A job of another size downloads the whole step "
         "onto every node before orbax reads it locally, where plain orbax reads each "
         "process's chunks in place (the replicated array whole on every process, plus its "
         "shard). orbax's default save compresses with zstd (about 8% on random normal "
