@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,7 +126,8 @@ def _nodes(base: Path, url: str, n: int, tag: str) -> tuple[Any, list[str], dict
 def _wait_committed(url: str, n: int) -> None:
     from tiered import DurableTier
 
-    durable = DurableTier(url, storage_options={"token": "anon"})
+    options = {"token": "anon"} if url.startswith("gs://") else {}
+    durable = DurableTier(url, storage_options=options)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         durable.fs.invalidate_cache()
@@ -135,14 +137,23 @@ def _wait_committed(url: str, n: int) -> None:
     raise RuntimeError(f"step {STEP} never committed with {n} nodes")
 
 
-def _one(n: int, work: Path, log: Path, mib: int) -> dict[str, Any]:
-    bucket = new_bucket()
-    url = f"gs://{bucket}/tiered"
-    orbax_dir = f"gs://{bucket}/orbax"
-    base = work / f"bytes-{n}"
+def _walk(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def _one(n: int, work: Path, log: Path, mib: int, backend: str) -> dict[str, Any]:
+    """One job of ``n`` processes on one backend: the step's bytes, the uploads, and the
+    restore by a job of the other size."""
+    base = work / f"bytes-{backend}-{n}"
     base.mkdir(parents=True)
+    if backend == "gs":
+        bucket = new_bucket()
+        url, orbax_dir = f"gs://{bucket}/tiered", f"gs://{bucket}/orbax"
+    else:
+        store = base / "store"
+        url, orbax_dir = f"file://{store}/tiered", str(store / "orbax")
     unique = 2 * mib * 2**20
-    row: dict[str, Any] = {"processes": n, "unique_state_bytes": unique}
+    row: dict[str, Any] = {}
 
     env_for, status, mapping = _nodes(base, url, n, "save")
     config = write_config(base / "save.yml", mapping)
@@ -158,10 +169,8 @@ def _one(n: int, work: Path, log: Path, mib: int) -> dict[str, Any]:
                 last = json.loads(resp.read())["daemon"]["last_promotion"] or {}
             uploads.append(int(last.get("bytes") or 0))
 
-    sizes = _sizes(bucket, "")
-    tiered_step = _step_bytes(sizes, f"tiered/bench/{STEP}/")
-    if not tiered_step["files"]:  # the run-name level is the layout's; find the step's folder
-        tiered_step = _step_bytes(sizes, f"tiered/{STEP}/")
+    sizes = _sizes(bucket, "") if backend == "gs" else _walk(store)
+    tiered_step = _step_bytes(sizes, f"tiered/{STEP}/")
     orbax_step = _step_bytes(sizes, f"orbax/{STEP}/")
     row["tiered_step"] = tiered_step
     row["orbax_step"] = orbax_step
@@ -175,34 +184,51 @@ def _one(n: int, work: Path, log: Path, mib: int) -> dict[str, Any]:
     m = RESTORE_SIZE[n]
     env_for, status, mapping = _nodes(base, url, m, "restore")
     config = write_config(base / "restore.yml", mapping)
-    before = _served(log, bucket)
+    before = _served(log, bucket) if backend == "gs" else {}
     with contextlib.ExitStack() as stack:
         for r in range(m):
-            stack.enter_context(
-                daemon(write_config(base / f"restore{r}.yml", mapping), env=env_for(r))
-            )
+            cfg = write_config(base / f"restore{r}.yml", mapping)
+            stack.enter_context(daemon(cfg, env=env_for(r)))
         restored = _job("restore", config, env_for, m, orbax_dir, mib)
-    after = _served(log, bucket)
-    delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     held = sum(x["held_bytes"] for x in restored)
-    t_read = sum(v for k, v in delta.items() if k.startswith("tiered/"))
-    o_read = sum(v for k, v in delta.items() if k.startswith("orbax/"))
-    row["restore"] = {
+    out: dict[str, Any] = {
         "processes": m,
         "held_bytes_per_process": [x["held_bytes"] for x in restored],
         "held_bytes": held,
-        "tiered_served_bytes": t_read,
-        "orbax_served_bytes": o_read,
-        "tiered_served_per_process_mean": t_read / m,
-        "orbax_served_per_process_mean": o_read / m,
-        "tiered_over_held": t_read / held,
-        "orbax_over_held": o_read / held,
         "tiered_exact": all(x["tiered_exact"] for x in restored),
         "orbax_exact": all(x["orbax_exact"] for x in restored),
         "tiered_step": restored[0]["tiered_step"],
         "tiered_s": max(x["tiered_s"] for x in restored),
         "orbax_s": max(x["orbax_s"] for x in restored),
     }
+    if backend == "gs":
+        # What the store served, split by object name (the two restores may overlap).
+        after = _served(log, bucket)
+        delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        t_read = sum(v for k, v in delta.items() if k.startswith("tiered/"))
+        o_read = sum(v for k, v in delta.items() if k.startswith("orbax/"))
+        out["tiered_per_process"] = out["orbax_per_process"] = None
+    else:
+        # Each process's own reads (rchar), the local tier's included: on ``file://`` tiered
+        # copies the step into the local tier, verifies it, and orbax then loads it from there.
+        out["tiered_per_process"] = [x["tiered_read_bytes"] for x in restored]
+        out["orbax_per_process"] = [x["orbax_read_bytes"] for x in restored]
+        t_read, o_read = sum(out["tiered_per_process"]), sum(out["orbax_per_process"])
+        out["tiered_max_process_over_held"] = max(
+            t / x["held_bytes"] for t, x in zip(out["tiered_per_process"], restored, strict=True)
+        )
+        out["orbax_max_process_over_held"] = max(
+            o / x["held_bytes"] for o, x in zip(out["orbax_per_process"], restored, strict=True)
+        )
+    out.update(
+        tiered_read_bytes=t_read,
+        orbax_read_bytes=o_read,
+        tiered_read_per_process_mean=t_read / m,
+        orbax_read_per_process_mean=o_read / m,
+        tiered_over_held=t_read / held,
+        orbax_over_held=o_read / held,
+    )
+    row["restore"] = out
     row["ratios"] = {
         "tiered_over_orbax_step_array_bytes": (
             tiered_step["array_bytes"] / orbax_step["array_bytes"]
@@ -211,11 +237,13 @@ def _one(n: int, work: Path, log: Path, mib: int) -> dict[str, Any]:
         "orbax_over_unique": orbax_step["array_bytes"] / unique,
         "tiered_over_orbax_restore_bytes": t_read / o_read if o_read else None,
     }
-    drop_bucket(bucket)
-    import shutil
-
+    if backend == "gs":
+        drop_bucket(bucket)
     shutil.rmtree(base, ignore_errors=True)
     return row
+
+
+BACKENDS = ("gs", "file")
 
 
 def bytes_scenario(
@@ -226,8 +254,10 @@ def bytes_scenario(
     # An emulator of its own, which logs every download: the bytes each restore reads.
     with gcs_emulator(served_log=log):
         for n in counts:
-            row = _one(n, work, log, mib)
-            print(f"   {n} processes: {json.dumps(row)}", flush=True)
+            row: dict[str, Any] = {"processes": n, "unique_state_bytes": 2 * mib * 2**20}
+            for backend in BACKENDS:
+                row[backend] = _one(n, work, log, mib, backend)
+                print(f"   {n} processes, {backend}: {json.dumps(row[backend])}", flush=True)
             rows.append(row)
     return {
         "params": {
@@ -235,7 +265,11 @@ def bytes_scenario(
             "arrays": "rep: replicated on every process; shard: sharded by rows",
             "step": STEP,
             "restore_sizes": {str(k): v for k, v in RESTORE_SIZE.items() if k in counts},
-            "orbax": "ocp.StandardCheckpointer, a global save straight to the bucket",
+            "orbax": "ocp.StandardCheckpointer, a global save straight to the store",
+            "restore_bytes": {
+                "gs": "served by the emulator, split by object name",
+                "file": "each process's rchar (/proc/self/io) around each restore",
+            },
         },
         "rows": rows,
     }
@@ -248,51 +282,67 @@ def render(r: dict[str, Any]) -> list[str]:
         return f"{b / 2**20:.1f}"
 
     mb = r["params"]["mib_per_array"]
+    rows = r["rows"]
     out = [
         f"A job of N real JAX processes (`bench/bytes_job.py`, `jax.distributed` on the CPU, each "
         f"with its own local directory and daemon), each holding a {mb} MiB float32 array "
         f"replicated on every process and its shard of a {mb} MiB array sharded by rows, saves "
         "one step with `tiered.CheckpointManager` and the same state with plain orbax's global "
-        "save (`ocp.StandardCheckpointer` straight to the bucket) to the GCS emulator. Step "
-        "bytes are the OCDBT data files under each step, listed on the store; uploads are each "
-        "daemon's last promotion. Then a fresh job of the other size (fresh local directories, "
-        "its own daemons) restores both with its own sharding, and the emulator counts what it "
-        "served for each (every download logged with its object name). The emulator cannot "
-        "tell the processes apart, so the per-process figure is the job's total over its "
-        "processes. Both restores were checked bit for bit against the saved values.",
+        "save (`ocp.StandardCheckpointer` straight to the store). Step bytes are the OCDBT data "
+        "files under each step, listed on the store; uploads are each daemon's last promotion. "
+        "Then a fresh job of the other size (fresh local directories, its own daemons) restores "
+        "both with its own sharding, checked bit for bit against the saved values. Restore "
+        "bytes: on the GCS emulator, what it served for each (every download logged with its "
+        "object name; it cannot tell the processes apart, so the per-process figure is the "
+        "job's total over its processes); on `file://`, each process's own reads around each "
+        "restore (`/proc/self/io` rchar), the local tier's included.",
         "",
-        "| processes | unique state (MiB) | durable step, tiered (MiB) | orbax global save (MiB) "
-        "| tiered / orbax | tiered / unique | upload per node, max / mean (MiB) | restored by | "
-        "held by the restoring job (MiB) | served for tiered's restore (MiB) | served for "
-        "orbax's (MiB) | tiered / orbax | per process, tiered / orbax (MiB) | bit-exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in r["rows"]:
-        x, q = row["restore"], row["ratios"]
-        out.append(
-            f"| {row['processes']} | {mib(row['unique_state_bytes'])} | "
-            f"{mib(row['tiered_step']['array_bytes'])} | {mib(row['orbax_step']['array_bytes'])} | "
-            f"{q['tiered_over_orbax_step_array_bytes']:.2f}x | {q['tiered_over_unique']:.2f}x | "
-            f"{mib(row['upload_max_bytes'])} / {mib(row['upload_mean_bytes'])} | "
-            f"{x['processes']} processes | {mib(x['held_bytes'])} | "
-            f"{mib(x['tiered_served_bytes'])} | {mib(x['orbax_served_bytes'])} | "
-            f"{q['tiered_over_orbax_restore_bytes']:.2f}x | "
-            f"{mib(x['tiered_served_per_process_mean'])} / "
-            f"{mib(x['orbax_served_per_process_mean'])} | "
-            f"{'yes' if x['tiered_exact'] and x['orbax_exact'] else '**no**'} |"
-        )
+    for backend, name in (("gs", "GCS emulator"), ("file", "`file://`")):
+        if not all(backend in row for row in rows):
+            continue
+        per = "mean" if backend == "gs" else "max"
+        out += [
+            f"**{name}**",
+            "",
+            "| processes | unique state (MiB) | durable step, tiered (MiB) | orbax global save "
+            "(MiB) | tiered / orbax | tiered / unique | upload per node, max / mean (MiB) | "
+            "restored by | held per restoring process (MiB) | restore read, tiered (MiB) | "
+            f"restore read, orbax (MiB) | tiered / orbax | per process ({per}), tiered / orbax "
+            "(MiB) | bit-exact |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            b = row[backend]
+            x, q = b["restore"], b["ratios"]
+            if backend == "gs":
+                t_per, o_per = x["tiered_read_per_process_mean"], x["orbax_read_per_process_mean"]
+            else:
+                t_per, o_per = max(x["tiered_per_process"]), max(x["orbax_per_process"])
+            out.append(
+                f"| {row['processes']} | {mib(row['unique_state_bytes'])} | "
+                f"{mib(b['tiered_step']['array_bytes'])} | "
+                f"{mib(b['orbax_step']['array_bytes'])} | "
+                f"{q['tiered_over_orbax_step_array_bytes']:.2f}x | {q['tiered_over_unique']:.2f}x"
+                f" | {mib(b['upload_max_bytes'])} / {mib(b['upload_mean_bytes'])} | "
+                f"{x['processes']} processes | {mib(max(x['held_bytes_per_process']))} | "
+                f"{mib(x['tiered_read_bytes'])} | {mib(x['orbax_read_bytes'])} | "
+                f"{q['tiered_over_orbax_restore_bytes']:.2f}x | {mib(t_per)} / {mib(o_per)} | "
+                f"{'yes' if x['tiered_exact'] and x['orbax_exact'] else '**no**'} |"
+            )
+        out.append("")
+    worst = max(row[b]["upload_max_over_mean"] for row in rows for b in BACKENDS if b in row)
     out += [
-        "",
         "Every process saves the replicas it holds (right for the local tier: each node "
         "restores alone) and every node uploads its own database, so the durable step holds "
-        "the replicated array once per node; the upload is even (max / mean at most "
-        f"{max(row['upload_max_over_mean'] for row in r['rows']):.2f}) because every node "
-        "holds the same amount. A job of another size downloads the whole step "
-        "onto every node before orbax reads it locally, where plain orbax reads each "
-        "process's chunks in place (the replicated array whole on every process, plus its "
-        "shard). orbax's default save compresses with zstd (about 8% on random normal "
-        "float32); tiered's local saves are uncompressed unless `tiered.local_compression` "
-        "is on, which accounts for part of the step ratio. The fix is designed, not built: "
-        'docs/multinode.md, "Each byte once: the planned dedup".',
+        f"the replicated array once per node; the upload is even (max / mean at most {worst:.2f})"
+        " because every node holds the same amount. A job of another size downloads the whole "
+        "step onto every node before orbax reads it locally (on `file://` the process also "
+        "reads it to verify it and again to load it), where plain orbax reads each process's "
+        "chunks in place: the replicated array whole on every process, plus the saved chunks "
+        "that overlap its shard. orbax's default save compresses with zstd (about 8% on random "
+        "normal float32); tiered's local saves are uncompressed unless "
+        "`tiered.local_compression` is on, which accounts for part of the step ratio. The fix "
+        'is designed, not built: docs/multinode.md, "Each byte once: the planned dedup".',
     ]
     return out

@@ -27,6 +27,13 @@ import numpy as np  # noqa: E402
 COLS = 1024
 
 
+def read_chars() -> int:
+    """Bytes this process has read through read calls so far (``/proc/self/io`` rchar): on
+    ``file://`` every byte a restore reads from the store and from the local tier."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
 def global_values(mib: int) -> dict[str, np.ndarray]:
     rows = mib * 2**20 // 4 // COLS
     return {
@@ -84,18 +91,20 @@ def main() -> int:
             )
 
         with tiered.CheckpointManager(config, install_signal_handlers=False) as mgr:
-            t0 = time.perf_counter()
+            t0, r0 = time.perf_counter(), read_chars()
             got = mgr.restore(abstract)
             out["tiered_s"] = time.perf_counter() - t0
+            out["tiered_read_bytes"] = read_chars() - r0
             out["tiered_step"] = got.step if got else None
             out["tiered_exact"] = bool(got) and exact(got.state)
             mgr.wait_until_finished()
         print("TIERED_DONE", flush=True)
         # The parent splits the store's served bytes by object name, so the phases can overlap.
         ckptr = ocp.StandardCheckpointer()
-        t0 = time.perf_counter()
+        t0, r0 = time.perf_counter(), read_chars()
         restored = ckptr.restore(f"{orbax_dir}/{step_i}", abstract)
         out["orbax_s"] = time.perf_counter() - t0
+        out["orbax_read_bytes"] = read_chars() - r0
         out["orbax_exact"] = exact(restored)
         ckptr.close()
     print(json.dumps(out), flush=True)
