@@ -151,7 +151,9 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
 
         return bytes_bench.bytes_scenario(work=work)
     if name == "physical":
-        return scenarios.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
+        from bench import physical
+
+        return physical.physical_limit(size_mb=args.size_mb, reps=args.reps, work=work)
     raise SystemExit(f"unknown scenario {name}")
 
 

@@ -275,26 +275,43 @@ def proc_rss_mb(pid: int) -> float:
 
 
 def save_state_locally(
-    local: Path, step: int, state: dict[str, Any], *, custom_metadata: dict[str, Any] | None = None
+    local: Path,
+    step: int,
+    state: dict[str, Any],
+    *,
+    custom_metadata: dict[str, Any] | None = None,
+    orbax_file_size: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> Path:
     """A real orbax step on local disk, waited for, in the format tiered's local saves use by
-    default (OCDBT, zarr3, zstd as ``tiered.local_compression`` defaults)."""
+    default (``tiered.orbax_api.local_pytree_handler``: OCDBT, zarr3, zstd and data file size as
+    ``tiered.local_compression`` and ``tiered.local_data_file_size`` default). With
+    ``orbax_file_size`` the data files are orbax's default size instead (2 GiB), as before
+    tiered set its own. ``timings`` gets ``save_return_s``, how long ``save()`` blocked."""
     import orbax.checkpoint as ocp
 
     from tiered.config import TieredSettings
+    from tiered.orbax_api import local_pytree_handler
 
-    handler = ocp.PyTreeCheckpointHandler(
-        use_ocdbt=True, use_zarr3=True, use_compression=TieredSettings().local_compression
-    )
+    settings = TieredSettings()
+    if orbax_file_size:
+        handler = ocp.PyTreeCheckpointHandler(
+            use_ocdbt=True, use_zarr3=True, use_compression=settings.local_compression
+        )
+    else:
+        handler = local_pytree_handler(settings)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(None, ocp.args.PyTreeSave, handler)
     options = ocp.CheckpointManagerOptions(create=True)
     with ocp.CheckpointManager(str(local), options=options, handler_registry=registry) as m:
+        t0 = time.perf_counter()
         m.save(
             step,
             args=ocp.args.PyTreeSave(state),
             force=True,
             custom_metadata=custom_metadata or {},
         )
+        if timings is not None:
+            timings["save_return_s"] = time.perf_counter() - t0
         m.wait_until_finished()
     return local / str(step)

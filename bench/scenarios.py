@@ -642,60 +642,7 @@ def memory(*, size_mb: int, work: Path) -> dict[str, Any]:
     }
 
 
-# -- 6. the physical limit ------------------------------------------------------------------------
-
-
-def physical_limit(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]:
-    from bench.common import save_state_locally
-
-    state = random_state(size_mb)
-    nbytes = state_bytes(state)
-    dd, orbax = [], []
-    target = work / "dd.bin"
-    count = max(1, size_mb // 64)
-    for rep in range(reps):
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                "dd",
-                "if=/dev/urandom",
-                f"of={target}.src",
-                "bs=64M",
-                f"count={count}",
-                "status=none",
-            ],
-            check=True,
-        ) if rep == 0 else None
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                "dd",
-                f"if={target}.src",
-                f"of={target}",
-                "bs=64M",
-                f"count={count}",
-                "oflag=direct",
-                "conv=fsync",
-                "status=none",
-            ],
-            check=True,
-        )
-        dd.append(count * 64 * 2**20 / 1e6 / (time.perf_counter() - t0))
-        local = work / f"phys-{rep}"
-        t0 = time.perf_counter()
-        save_state_locally(local, 1, state)
-        subprocess.run(["sync"], check=True)
-        orbax.append(nbytes / 1e6 / (time.perf_counter() - t0))
-        shutil.rmtree(local)
-    target.unlink(missing_ok=True)
-    Path(f"{target}.src").unlink(missing_ok=True)
-    return {
-        "params": {"size_mb": size_mb, "reps": reps},
-        "dd_direct_write_mb_s": dd,
-        "orbax_local_save_mb_s": orbax,
-        "median": {"dd_direct_write_mb_s": median(dd), "orbax_local_save_mb_s": median(orbax)},
-        "ratios": {"local_save_fraction_of_disk": median(orbax) / median(dd)},
-    }
+# -- 6. the physical limit: bench/physical.py -----------------------------------------------------
 
 
 def workdir() -> Path:

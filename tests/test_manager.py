@@ -281,3 +281,34 @@ def test_local_saves_are_raw_unless_compression_is_on(tmp_path: Path) -> None:
         sizes[name] = sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
     assert sizes["default"] >= 4 * 2**20
     assert sizes["zstd"] < 2**20
+
+
+def test_local_saves_are_split_into_data_files_of_the_set_size(tmp_path: Path) -> None:
+    """tiered.local_data_file_size cuts a local save's OCDBT data into files of about that size
+    (orbax's own default, 2 GiB, puts a state this small in one or two files), so several threads
+    copy and flush them at once; plain orbax, with no tiered code, restores the step bit-exact."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    mib = 2**20
+    state = {f"w{i}": jnp.arange(i, i + mib // 4, dtype=jnp.float32) for i in range(6)}
+    local = tmp_path / "local"
+    cfg = config_from_mapping(
+        {
+            "checkpoint_dir": f"file://{tmp_path}/durable",
+            "local_checkpoint_directory": str(local),
+            "tiered": {"local_data_file_size": "1Mi"},
+        },
+        env={},
+    )
+    assert cfg.tiered.local_data_file_size == mib
+    with CheckpointManager(cfg, install_signal_handlers=False) as mgr:
+        mgr.save(0, state, force=True)
+        mgr.wait_until_finished()
+    data = [p.stat().st_size for p in (local / "0").rglob("d/*") if p.is_file()]
+    assert len([n for n in data if n >= mib]) >= 3, data  # six MiB, not one file of them
+    assert max(data) < 3 * mib, data
+    with ocp.CheckpointManager(local) as plain:
+        restored = plain.restore(0)
+    got = restored.state if hasattr(restored, "state") else restored
+    assert_trees_equal(got, state)

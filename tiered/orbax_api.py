@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tiered.config import TieredConfig
+from tiered.config import TieredConfig, TieredSettings
 from tiered.config_check import config_from_mapping
 from tiered.config_files import load_config
 from tiered.errors import ConfigError
@@ -146,7 +146,8 @@ def local_manager(cfg: TieredConfig, *, multi: bool) -> Any:
 
     Local saves are uncompressed unless ``tiered.local_compression`` is on: zstd (level 3
     under zarr3) is most of a save's host CPU, paid every local period, and over high-entropy
-    weights it saves under 10% of the bytes (docs/configuration.md has the numbers).
+    weights it saves under 10% of the bytes (docs/configuration.md has the numbers). Their data
+    files are ``tiered.local_data_file_size`` each (``local_pytree_handler``).
 
     ``PyTreeSave`` / ``StandardSave`` items (the simple API saves one ``PyTreeSave``) get that
     handler; any other item type (``JsonSave``, a data iterator's) gets orbax's own registered
@@ -175,12 +176,7 @@ def local_manager(cfg: TieredConfig, *, multi: bool) -> Any:
             )
         )
         options = {"multiprocessing_options": mp, "enable_per_process_directory_creation": True}
-    pytree = ocp.PyTreeCheckpointHandler(
-        use_ocdbt=True,
-        use_zarr3=True,
-        use_compression=cfg.tiered.local_compression,
-        **kwargs,
-    )
+    pytree = local_pytree_handler(cfg.tiered, **kwargs)
     standard = _standard_handler(pytree)
     handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
     handlers.add(None, ocp.args.PyTreeSave, pytree)
@@ -198,6 +194,46 @@ def local_manager(cfg: TieredConfig, *, multi: bool) -> Any:
             **options,
         ),
         handler_registry=handlers,
+    )
+
+
+def local_pytree_handler(settings: TieredSettings, **kwargs: Any) -> Any:
+    """orbax's ``PyTreeCheckpointHandler`` as the local tier writes: OCDBT and zarr3, zstd as
+    ``local_compression`` says, and data files of ``local_data_file_size`` unless a save's
+    ``PyTreeSave`` names its own ``ocdbt_target_data_file_size``.
+
+    orbax's default target (2 GiB for a local path) puts a whole state of up to 2 GiB in one
+    data file: one thread copies it into the page cache and fsyncs it at commit, after the copy.
+    Files of a few hundred MB are written and flushed by several threads while the rest is
+    still being copied. The format is unchanged (plain orbax reads it, and records it under
+    orbax's own handler name); only how many files the OCDBT database has.
+    """
+    import orbax.checkpoint as ocp
+
+    size = settings.local_data_file_size
+
+    def sized(args: Any, item: Any, save_args: Any) -> Any:
+        if args is None:
+            args = ocp.args.PyTreeSave(item, save_args=save_args)
+        if args.ocdbt_target_data_file_size is None:
+            args = dataclasses.replace(args, ocdbt_target_data_file_size=size)
+        return args
+
+    class LocalPyTree(ocp.PyTreeCheckpointHandler):
+        typestr = ocp.PyTreeCheckpointHandler.typestr
+
+        async def async_save(
+            self, directory: Any, item: Any = None, save_args: Any = None, args: Any = None
+        ) -> Any:
+            return await super().async_save(directory, args=sized(args, item, save_args))
+
+        def save(
+            self, directory: Any, item: Any = None, save_args: Any = None, args: Any = None
+        ) -> None:
+            super().save(directory, args=sized(args, item, save_args))
+
+    return LocalPyTree(
+        use_ocdbt=True, use_zarr3=True, use_compression=settings.local_compression, **kwargs
     )
 
 
