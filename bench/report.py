@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.bytes import render as _bytes
 from bench.common import RESULTS, ROOT
+from bench.physical import PHYSICAL_PROFILE
 from bench.scenarios import ratio
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -256,15 +257,33 @@ def _memory(m: dict[str, Any] | None) -> list[str]:
 
 
 def _physical(r: dict[str, Any]) -> list[str]:
-    m = r["median"]
-    return [
-        f"{r['params']['size_mb']} MB, {r['params']['reps']} rounds, medians.",
+    m, ratios = r["median"], r["ratios"]
+    rows = [
+        f"{r['params']['size_mb']} MB of random float32 in 8 arrays, {r['params']['reps']} "
+        "interleaved rounds (the order rotating: dd, tiered's local save, the same save with "
+        "orbax's default data file size), medians. Each save is timed to the end of a `sync` "
+        "after it; `save()` is the part the training loop waits for.",
         "",
-        "| dd, direct I/O write (MB/s) | orbax local save incl. sync (MB/s) | fraction |",
-        "|---|---|---|",
-        f"| {m['dd_direct_write_mb_s']:.0f} | {m['orbax_local_save_mb_s']:.0f} | "
-        f"{r['ratios']['local_save_fraction_of_disk']:.2f} |",
+        "| writer | MB/s | fraction of dd | CPU (s) | `save()` returns (s) |",
+        "|---|---|---|---|---|",
+        f"| dd, direct I/O write | {m['dd_direct_write_mb_s']:.0f} | 1.00 | "
+        f"{m.get('cpu_s', {}).get('dd', float('nan')):.2f} | - |",
+        f"| tiered's local save (data files of `tiered.local_data_file_size`, 256 MiB) | "
+        f"{m['orbax_local_save_mb_s']:.0f} | {ratios['local_save_fraction_of_disk']:.2f} | "
+        f"{m.get('cpu_s', {}).get('tiered', float('nan')):.2f} | "
+        f"{m.get('save_return_s', {}).get('tiered', float('nan')):.3f} |",
     ]
+    if "orbax_default_files_mb_s" in m:
+        rows.append(
+            f"| the same save, orbax's default data file size (2 GiB) | "
+            f"{m['orbax_default_files_mb_s']:.0f} | "
+            f"{ratios['orbax_default_files_fraction_of_disk']:.2f} | "
+            f"{m['cpu_s']['orbax_default']:.2f} | {m['save_return_s']['orbax_default']:.3f} |"
+        )
+    if "load_average" in r:
+        before, after = r["load_average"]["before"][0], r["load_average"]["after"][0]
+        rows += ["", f"Load average (1 min) {before:.1f} before, {after:.1f} after."]
+    return [*rows, "", *PHYSICAL_PROFILE]
 
 
 def _scaling(r: dict[str, Any]) -> list[str]:
