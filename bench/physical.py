@@ -31,22 +31,29 @@ PHYSICAL_PROFILE = [
     "- Of the save's CPU, 80-84% is one kernel function, `copy_folio_from_iter_atomic`: the "
     "copy of the arrays into the page cache inside `writev`. The rest is ext4's block "
     "allocation and bookkeeping (about 2% each); orbax's Python, the metadata files and the "
-    "commit renames are under 5% together, and `save()` returns in under 0.02 s (the arrays "
-    "are already in host memory).",
+    "commit renames are under 5% together, and `save()` returns in under 0.02 s with either "
+    "file size (the arrays are already in host memory).",
     "- dd with `oflag=direct` pays no copy: the disk reads its buffer. tensorstore's file "
-    "driver has no direct write (its `file_io_mode: direct` changes only reads: checked with "
-    "strace, the data files are opened without `O_DIRECT`), so that copy is the part of the "
-    "gap that orbax's writer cannot give up. It costs 0.25 s per GiB on an idle core here and "
-    "up to 1 s when the other processes on the machine are busy, which is most of the spread "
-    "between rounds.",
+    "driver has no direct write (its `file_io_mode: direct` changes only reads: under strace "
+    "the data files are opened without `O_DIRECT`), so the copy is the part of the gap that "
+    "orbax's writer cannot give up. It costs 0.25 s per GiB in some rounds and 0.8-1.7 s in "
+    "others, for the same bytes: this VM reports freed memory to its host (virtio-balloon free "
+    "page reporting is on), and page cache placed on reported memory most likely faults on "
+    "the host at first touch. That, not the disk, is most of the spread between rounds and "
+    "between runs; in the dear rounds both file sizes write at about half of dd.",
     "- With orbax's default data file size (2 GiB for a local path) a state of this size goes "
     "into one to three files: the largest (up to 896 MB) is one `writev` on one thread, and its "
     "fsync starts only after the whole copy. With 256 MiB files the copies run on both cores "
-    "at once and each file's fsync overlaps the copy of the next. The fsyncs themselves take "
-    "0.05-0.2 s.",
+    "at once and each file's fsync overlaps the copy of the next: in 14 interleaved rounds by "
+    "hand (load 1.8-1.9) the median save took 0.67 s instead of 1.12 s (dd: 0.66 s), 0.43 s "
+    "instead of 0.50 s in the cheap-copy rounds and 0.96 s instead of 1.39 s in the dear ones; "
+    "wall time minus CPU time, the part spent waiting on one thread or the disk, went from "
+    "0.28 s to 0.14 s. The fsyncs themselves take 0.05-0.2 s.",
     "- dd writes one 64 MiB request at a time and waits for each; a save that writes through "
     "the page cache with several files in flight can pass it when the copy is cheap, which "
-    "is why the fraction can exceed 1.",
+    "is why the fraction can exceed 1. Runs of this scenario differ by the share of dear "
+    "rounds each writer drew (three runs today: 0.93, 0.65 and 0.99 for tiered's save; 0.96, "
+    "0.98 and 0.57 with orbax's file size), so compare the split line above, not one run.",
 ]
 
 
@@ -113,6 +120,18 @@ def physical_limit(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]:
                 shutil.rmtree(local)
     src.unlink(missing_ok=True)
     dd = median(rates["dd"])
+    # The copy into the page cache costs 0.25 s or about 1 s per GiB from round to round (see
+    # PHYSICAL_PROFILE), so each writer's rounds are also compared within each kind.
+    split = median(cpu["tiered"] + cpu["orbax_default"])
+    by_copy_cost = {
+        kind: {
+            w: median(
+                [rate for rate, c in zip(rates[w], cpu[w], strict=True) if (c < split) == cheap]
+            )
+            for w in WRITERS[1:]
+        }
+        for kind, cheap in (("cheap_copy_mb_s", True), ("dear_copy_mb_s", False))
+    }
     return {
         "params": {"size_mb": size_mb, "reps": reps},
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
@@ -127,6 +146,8 @@ def physical_limit(*, size_mb: int, reps: int, work: Path) -> dict[str, Any]:
             "orbax_default_files_mb_s": median(rates["orbax_default"]),
             "cpu_s": {w: median(v) for w, v in cpu.items()},
             "save_return_s": {w: median(v) for w, v in save_return.items()},
+            "cpu_split_s": split,
+            **by_copy_cost,
         },
         "ratios": {
             # tiered's local save, as configured by default

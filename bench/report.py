@@ -280,6 +280,16 @@ def _physical(r: dict[str, Any]) -> list[str]:
             f"{ratios['orbax_default_files_fraction_of_disk']:.2f} | "
             f"{m['cpu_s']['orbax_default']:.2f} | {m['save_return_s']['orbax_default']:.3f} |"
         )
+    if "cheap_copy_mb_s" in m:
+        cheap, dear = m["cheap_copy_mb_s"], m["dear_copy_mb_s"]
+        rows += [
+            "",
+            f"The same rounds split by the save's CPU (below or above {m['cpu_split_s']:.2f} s, "
+            "the median): tiered's save "
+            f"{cheap['tiered']:.0f} MB/s where the copy into the page cache was cheap and "
+            f"{dear['tiered']:.0f} where it was dear; with orbax's default file size "
+            f"{cheap['orbax_default']:.0f} and {dear['orbax_default']:.0f}.",
+        ]
     if "load_average" in r:
         before, after = r["load_average"]["before"][0], r["load_average"]["after"][0]
         rows += ["", f"Load average (1 min) {before:.1f} before, {after:.1f} after."]
