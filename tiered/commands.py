@@ -113,6 +113,11 @@ def cmd_verify(cfg: TieredConfig, args: argparse.Namespace) -> int:
     local, durable = open_tiers(cfg)
     on_durable = args.step in durable.committed_steps()
     on_local = args.step in local.committed_steps()
+    if args.tier is None and not (on_durable or on_local):
+        raise TieredError(
+            f"step {args.step} is not committed on {durable.url} (committed: "
+            f"{durable.committed_steps() or 'none'}), nor in {local.root}"
+        )
     tier = args.tier or ("durable" if on_durable else "local")
     if tier == "durable" and not on_durable:
         raise TieredError(
