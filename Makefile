@@ -12,7 +12,7 @@ MAXTEXT_STAMP := $(MAXTEXT_VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[jax,gcs,s3,merge,dev]'
+	$(PY) -m pip install --quiet -e '.[jax,gcs,s3,merge,wandb,tensorboard,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -29,6 +29,7 @@ from typing import Any
 
 from daemon import jobs
 from daemon.base import View
+from daemon.board import Board
 from daemon.http import StatusServer
 from daemon.metrics import Metrics
 from daemon.mtc import MtcProtocol
@@ -123,6 +124,7 @@ class Daemon(Outcomes, Views, Peering):
         self._tick = min(cfg.tiered.rescan_seconds, cfg.tiered.prune_interval_seconds, 5.0)
         self.server: StatusServer | None = None
         self.watcher: Any = None
+        self.board = Board(cfg) if cfg.tiered.tensorboard_dir else None
 
     # -- the cycle -----------------------------------------------------------------------------
 
@@ -143,6 +145,8 @@ class Daemon(Outcomes, Views, Peering):
         self._submit_replication()
         self.view = View(snap, decided)
         self._record_metrics(snap, decided)
+        if self.board is not None:
+            self.board.update(snap, self.status)
         return decided
 
     def _record_metrics(self, snap: Snapshot, decided: Plan) -> None:
@@ -488,4 +492,6 @@ class Daemon(Outcomes, Views, Peering):
             self.server.stop()
         if self.peer_server is not None:
             self.peer_server.stop()
+        if self.board is not None:
+            self.board.close()
         self.lock.release()

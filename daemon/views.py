@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from daemon.base import DaemonBase
-from tiered.sidecar import build_status, plan
+from tiered.sidecar import TierStatus, build_status, plan
 
 
 class Views(DaemonBase):
@@ -99,11 +99,14 @@ class Views(DaemonBase):
         }
 
     def status_json(self) -> str:
+        return self.status().to_json()
+
+    def status(self) -> TierStatus:
         """The status now: the planner's verdicts over a fresh snapshot of the current state
         (planning is pure, so any thread may do it)."""
         state = self.state
         snap = self._snapshot(state)
-        status = build_status(
+        return build_status(
             self.cfg,
             snapshot=snap,
             live=self.live_state(),
@@ -113,7 +116,6 @@ class Views(DaemonBase):
             local_free=self._local_free(),
             trainer_running=self._trainer_running(),
         )
-        return status.to_json()
 
     def _local_free(self) -> int | None:
         try:

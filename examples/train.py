@@ -6,6 +6,10 @@ It saves locally every ``local_checkpoint_period`` steps, writes a preemption ch
 exits cleanly on SIGTERM or Ctrl+C, and resumes from the newest checkpoint on either tier. Run
 the daemon beside it (``tiered daemon --config ...``) to get every fifth checkpoint onto the
 durable tier. Progress goes to stdout as one line per event, so scripts can follow it.
+
+``--tensorboard DIR`` and ``--wandb`` log the loss and, at each save, the checkpoint facts
+(``tiered.integrations``: newest step per tier, steps at risk, blocking time, durable lag) beside
+it, keyed by the training step (W&B: ``WANDB_PROJECT``, ``WANDB_MODE=offline`` as usual).
 """
 
 from __future__ import annotations
@@ -93,6 +97,40 @@ def make_train_step(model: LatencyNet, tx: optax.GradientTransformation):
     return train_step
 
 
+class Loggers:
+    """The loss every step and the checkpoint facts at each save, to the loggers asked for."""
+
+    def __init__(self, mgr: tiered.CheckpointManager, args: argparse.Namespace) -> None:
+        from tiered.integrations import TensorBoardLogger, WandbLogger
+
+        self.loggers: list[TensorBoardLogger | WandbLogger] = []
+        self.run = None
+        if args.tensorboard:
+            self.loggers.append(TensorBoardLogger(mgr, args.tensorboard))
+        if args.wandb:
+            import wandb
+
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tiered-example"))
+            self.loggers.append(WandbLogger(mgr, run=self.run))
+
+    def log(self, step: int, *, saved: bool, **scalars: jax.Array) -> None:
+        values = {k: float(v) for k, v in scalars.items()} if self.loggers else {}
+        for logger in self.loggers:
+            if saved:
+                logger.log(step, **values)
+            else:
+                logger.log_scalars(step, **values)
+
+    def __enter__(self) -> Loggers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for logger in self.loggers:
+            logger.close()
+        if self.run is not None:
+            self.run.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
@@ -105,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "count and id from TIERED_NUM_NODES / TIERED_NODE_RANK and the coordinator from "
         "JAX_COORDINATOR_ADDRESS",
     )
+    parser.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard scalars to DIR")
+    parser.add_argument("--wandb", action="store_true", help="log to a W&B run (wandb.init)")
     args = parser.parse_args(argv)
     if args.distributed:
         if os.environ.get("JAX_PLATFORMS") == "cpu":
@@ -120,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_count() > 1:
         state = replicate_across_processes(state)
     train_step = make_train_step(model, tx)
-    with tiered.CheckpointManager(args.config) as mgr:
+    with tiered.CheckpointManager(args.config) as mgr, Loggers(mgr, args) as loggers:
         restored = mgr.restore(state)
         start = 0
         if restored is not None:
@@ -134,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             state, loss = train_step(state)
             if args.step_time:
                 time.sleep(args.step_time)
-            if mgr.save(step, state):
+            saved = mgr.save(step, state)
+            loggers.log(step, saved=saved, loss=loss)
+            if saved:
                 print(f"SAVED step={step} loss={float(loss):.4f}", flush=True)
             if mgr.should_stop():
                 print(f"STOPPED step={step} (preemption checkpoint written)", flush=True)
                 return 0
-        if step >= start:
-            mgr.save(step, state, final=True)
+        if step >= start and mgr.save(step, state, final=True):
+            loggers.log(step, saved=True)
         print(f"DONE step={step}", flush=True)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from tiered import DurableTier, LocalTier
 from tiered.manifest import build_manifest
+from tiered.units import human_bytes
 
 from conftest import ROOT, DaemonProc, run_module, subprocess_env, wait_for, write_config
 from helpers import Trainer, assert_trees_equal, example_state, orbax_restore, orbax_save
@@ -123,6 +125,11 @@ def test_http_endpoints(tmp_path: Path) -> None:
         promoted = next(e for e in events if e.get("event") == "promoted")
         assert promoted["step"] == 50 and promoted["tier"] == "durable"
         assert promoted["bytes"] > 0 and promoted["time"].endswith("+00:00")
+        # the line users grep for: step, tier, duration, size (the size the event carries)
+        line = re.match(
+            r"Saved checkpoint at step 50 \(durable, ([\d.]+) s, (.+?)\) to ", promoted["message"]
+        )
+        assert line and line[2] == human_bytes(promoted["bytes"]), promoted["message"]
         metrics = daemon.get("/metrics")[1].decode()
         assert "tiered_promoted_steps_total 1.0" in metrics
         assert "tiered_backlog_steps 0.0" in metrics

@@ -48,6 +48,11 @@ class TieredSettings(BaseModel):
     status_address: str = "127.0.0.1:8477"
     """Where the daemon serves HTTP ``/status``, ``/metrics``, ``/healthz`` (liveness) and
     ``/readyz`` (readiness)."""
+    tensorboard_dir: str | None = None
+    """A directory where the daemon writes TensorBoard scalars (``checkpoint/...``, as
+    ``tiered.integrations`` logs them) each time a step commits on either tier, keyed by the
+    newest local step: MaxText's ``tensorboard_dir`` puts them beside its loss. Needs
+    ``tiered[tensorboard]``; unset: none are written."""
     upload_concurrency: int = Field(8, ge=1, le=256)
     """Files uploaded at once per step."""
     download_concurrency: int = Field(8, ge=1, le=256)

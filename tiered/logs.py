@@ -20,6 +20,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from tiered.units import human_bytes
+
 LIBRARIES = (
     "urllib3",
     "botocore",
@@ -37,11 +39,36 @@ LIBRARIES = (
     "orbax",
 )
 FIELDS = ("event", "step", "tier", "bytes", "seconds")
+SAVED = "Saved checkpoint at step %d (%s, %.1f s, %s)"
+"""The line users grep for, one per save on each tier: step, tier, duration and size."""
 
 
 def fields(event: str, **values: Any) -> dict[str, Any]:
     """``extra=`` for a log call: the event's name and its structured fields."""
     return {"event": event, **{k: v for k, v in values.items() if k in FIELDS}}
+
+
+def log_saved(
+    logger: logging.Logger,
+    *,
+    step: int,
+    tier: str,
+    seconds: float,
+    size: int | None,
+    detail: str = "",
+    event: str = "saved",
+) -> None:
+    """One INFO line for a checkpoint that is now whole on ``tier``:
+    ``Saved checkpoint at step 5000 (local, 1.2 s, 245.3 MB)``, then ``detail``."""
+    logger.info(
+        SAVED + "%s",
+        step,
+        tier,
+        seconds,
+        human_bytes(size),
+        detail,
+        extra=fields(event, step=step, tier=tier, bytes=size, seconds=round(seconds, 3)),
+    )
 
 
 class JsonFormatter(logging.Formatter):

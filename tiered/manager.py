@@ -33,6 +33,7 @@ from tiered.errors import (
 from tiered.layout import TRAINER_LOCK_NAME
 from tiered.loading import Loader, named_step_failed
 from tiered.lock import DirectoryLock
+from tiered.observe import RESTORE, SAVE_BLOCKING, SaveRecord, record_duration
 from tiered.orbax_api import local_manager, plain_metrics, resolve_config
 from tiered.policy import RestoreOption, is_periodic, restore_options, save_over, save_reason
 from tiered.progress import LogProgress
@@ -100,8 +101,13 @@ class CheckpointManager:
         self._saved_here: set[int] = set()
         self._last_save: tuple[int, float] | None = None  # (step, time) of last save/restore
         self._stats = SaveStats(self.local)
+        self._saves = SaveRecord(self.local)
         self._multi = self._check_topology()
-        self._mgr = local_manager(cfg, multi=self._multi)
+        self._mgr = local_manager(
+            cfg,
+            multi=self._multi,
+            on_saved=self._saves.finished if cfg.async_checkpointing else None,
+        )
         self._loader = Loader(self, ocp, self._mgr, multi=self._multi)
         self._signal: int | None = None
         self._stop = False
@@ -208,7 +214,8 @@ class CheckpointManager:
         warn_if_nearly_full(self.local, self.config.tiered.local_capacity)
         started, last = time.perf_counter(), self._last_save
         per_step = (started - last[1]) / (step - last[0]) if last and step > last[0] else None
-        with disk_full_is_clear(self.config.local_dir):
+        self._saves.started(step, reason, started)
+        with disk_full_is_clear(self.config.local_dir), self._saves.settled_on_error():
             saved = bool(
                 self._mgr.save(
                     step,
@@ -229,12 +236,17 @@ class CheckpointManager:
                     | ({"metrics": plain_metrics(metrics)} if metrics is not None else {}),
                 )
             )
+            if not saved:
+                self._saves.dropped()
+            elif not cfg.async_checkpointing:
+                self._saves.finished()
             if blocking:
                 self._mgr.wait_until_finished()
-                log.info("Saved %s checkpoint at step %d to %s", reason, step, cfg.local_dir)
+                self._saves.settled()
         if saved:
             self._saved_here.add(step)
             self._last_save = (step, started)
+            record_duration(SAVE_BLOCKING, time.perf_counter() - started)
             if not blocking:
                 self._stats.record_blocking(time.perf_counter() - started)
         if reason == "preemption":
@@ -242,8 +254,9 @@ class CheckpointManager:
         return saved
 
     def wait_until_finished(self) -> None:
-        with disk_full_is_clear(self.config.local_dir):
+        with disk_full_is_clear(self.config.local_dir), self._saves.settled_on_error():
             self._mgr.wait_until_finished()
+        self._saves.settled()
 
     # -- restoring --
 
@@ -305,6 +318,7 @@ class CheckpointManager:
         self._restored_step = -1
         for option in options:
             s, source = option.step, option.source
+            began = time.perf_counter()
             try:
                 state = self._loader.load(s, source, target, args, orbax_form=orbax_form)
             except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
@@ -330,6 +344,7 @@ class CheckpointManager:
                     err,
                 )
                 continue
+            record_duration(RESTORE, time.perf_counter() - began, source=source)
             log.info("Restored step %d from the %s tier", s, source)
             self._restored_step, self._last_save = s, (s, time.perf_counter())
             return Restored(step=s, state=state, source=source)
@@ -359,6 +374,7 @@ class CheckpointManager:
             return None
         rank = self.config.tiered.node_rank
         source = "local" if rank in decision.holders else "durable"
+        began = time.perf_counter()
         try:
             state = self._loader.load(decision.step, source, target, args, orbax_form=orbax_form)
         except Exception as err:  # orbax raises many types for shards it cannot find
@@ -378,6 +394,7 @@ class CheckpointManager:
             source = "durable"
         if source == "local" and rank in decision.from_peers:
             source = "peer"  # this node's own part, back from a peer's copy
+        record_duration(RESTORE, time.perf_counter() - began, source=source)
         log.info(
             "Restored step %d from the %s tier (agreed by all %d nodes, epoch %d)",
             decision.step,

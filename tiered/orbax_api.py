@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +141,11 @@ def _apply_options(data: dict[str, Any], options: Any) -> dict[str, Any]:
     return out
 
 
-def local_manager(cfg: TieredConfig, *, multi: bool) -> Any:
-    """The orbax manager of the local tier.
+def local_manager(
+    cfg: TieredConfig, *, multi: bool, on_saved: Callable[[], None] | None = None
+) -> Any:
+    """The orbax manager of the local tier; ``on_saved`` is called on orbax's finalize thread
+    as each asynchronous save completes (its ``post_finalization_callback``).
 
     Local saves are uncompressed unless ``tiered.local_compression`` is on: zstd (level 3
     under zarr3) is most of a save's host CPU, paid every local period, and over high-entropy
@@ -176,6 +179,8 @@ def local_manager(cfg: TieredConfig, *, multi: bool) -> Any:
             )
         )
         options = {"multiprocessing_options": mp, "enable_per_process_directory_creation": True}
+    if on_saved is not None:
+        options["async_options"] = ocp.options.AsyncOptions(post_finalization_callback=on_saved)
     pytree = local_pytree_handler(cfg.tiered, **kwargs)
     standard = _standard_handler(pytree)
     handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()

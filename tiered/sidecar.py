@@ -5,6 +5,12 @@ below can be rearranged without touching it (``make lint`` checks that it does).
 from tiered.atomic import publish_file
 from tiered.config_files import split_overrides
 from tiered.coord import Decision, Rendezvous
+from tiered.integrations import (
+    checkpoint_facts,
+    last_blocking_seconds,
+    summary_writer,
+    write_scalars,
+)
 from tiered.layout import (
     COMMIT_MARKER,
     JAX_INIT_INFO,
@@ -61,7 +67,7 @@ from tiered.policy import (
 )
 from tiered.progress import LogProgress
 from tiered.reach import within
-from tiered.report import build_status
+from tiered.report import TierStatus, build_status
 from tiered.risk import held_by_every_peer, risk_now
 from tiered.storage import TransferResult
 from tiered.storage.replicas import PeerStore, read_header
@@ -115,6 +121,7 @@ __all__ = [
     "RestoreOption",
     "Rules",
     "Snapshot",
+    "TierStatus",
     "Topology",
     "TransferResult",
     "Upload",
@@ -122,6 +129,7 @@ __all__ = [
     "apply_deletes",
     "as_reason",
     "build_status",
+    "checkpoint_facts",
     "clients_for",
     "commit_parts",
     "configure",
@@ -131,6 +139,7 @@ __all__ = [
     "held_by_every_peer",
     "is_tmp_name",
     "job_identity",
+    "last_blocking_seconds",
     "listen_address",
     "load_secret",
     "mismatch",
@@ -152,5 +161,7 @@ __all__ = [
     "split_overrides",
     "stage_step",
     "staging_path",
+    "summary_writer",
     "within",
+    "write_scalars",
 ]

@@ -28,7 +28,7 @@ from tiered.layout import (
     step_name,
     tmp_name,
 )
-from tiered.logs import fields
+from tiered.logs import fields, log_saved
 from tiered.manifest import Manifest, check_file
 from tiered.peering import recover_own
 from tiered.policy import DISPLACED_KEEP, Delete, Snapshot, newer_than
@@ -125,21 +125,15 @@ def promote_step(
             missing = commit_parts(local, durable, step, epoch=epoch)
             result = replace(result, committed=not missing)
         return result
-    log.info(
-        "Promoted step %d to %s (%s in %.1f s, %s%s)",
-        step,
-        durable.step_url(step),
-        human_bytes(result.bytes_total),
-        result.seconds,
-        human_rate(result.mb_per_s * 1e6),
-        f", {result.files_skipped} files already there" if result.files_skipped else "",
-        extra=fields(
-            "promoted",
-            step=step,
-            tier="durable",
-            bytes=result.bytes_total,
-            seconds=round(result.seconds, 3),
-        ),
+    log_saved(
+        log,
+        step=step,
+        tier="durable",
+        seconds=result.seconds,
+        size=result.bytes_total,
+        detail=f" to {durable.step_url(step)} at {human_rate(result.mb_per_s * 1e6)}"
+        + (f", {result.files_skipped} files already there" if result.files_skipped else ""),
+        event="promoted",
     )
     return result
 
