@@ -8,6 +8,9 @@ the daemon's memory, CPU time and open files. deploy/prometheus/alerts.yaml uses
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -113,6 +116,36 @@ class Metrics:
             self.errors.labels(kind=kind)
         for event in EVENTS:
             self.at_risk.labels(event=event)
+
+    def record_tiers(self, snap: Any, *, local_free: int | None) -> None:
+        """Per tier from one snapshot (``tiered.policy.Snapshot``): newest step, steps, bytes,
+        the newest commit's time; the age of the newest durable step; local free space."""
+        local = [s for s in snap.local if s.committed]
+        durable = [d for d in snap.durable or () if d.kept]
+        for tier, steps in (("local", local), ("durable", durable)):
+            when = max((s.commit_time or 0 for s in steps), default=0)
+            if when:
+                self.last_success.labels(tier=tier).set(when)
+            if steps:
+                self.newest_step.labels(tier=tier).set(max(s.step for s in steps))
+            self.tier_steps.labels(tier=tier).set(len(steps))
+            self.tier_bytes.labels(tier=tier).set(sum(s.size or 0 for s in steps))
+        newest = max((d.commit_time or 0 for d in durable), default=0)
+        if newest:
+            self.since_durable.set(max(0.0, snap.now - newest))
+        if local_free is not None:
+            self.local_free.set(local_free)
+
+    def record_risk(self, risk: Mapping[str, Any]) -> None:
+        """What each event would cost now (``tiered.risk.risk_now``), where known."""
+        for event, loss in risk.items():
+            if loss.steps is not None:
+                self.at_risk.labels(event=event).set(loss.steps)
+
+    def record_plan(self, decided: Any, *, failed: int) -> None:
+        self.backlog.set(len(decided.owed))
+        self.skipped.set(len(decided.skipped))
+        self.failed.set(failed)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -152,6 +152,26 @@ class MtcProtocol:
         self.active: ReplicatorConfig | None = None
         self.pending_restore: ReplicatorConfig | None = None
 
+    @classmethod
+    def for_config(cls, cfg: Any, root: Path) -> MtcProtocol | None:
+        """The protocol a config asks for (``TieredConfig.speaks_mtc``), or None; with
+        ``tiered.write_jax_init_info`` and a coordinator, the ``jax-init-info.txt`` to write."""
+        if not cfg.speaks_mtc:
+            return None
+        t = cfg.tiered
+        pid = t.process_id if t.process_id is not None else t.node_rank
+        init = (
+            (pid, t.coordinator_address)
+            if t.write_jax_init_info and t.coordinator_address
+            else None
+        )
+        return cls(
+            root,
+            local_period=cfg.local_checkpoint_period,
+            jax_init_info=init,
+            configured=cfg.topology,
+        )
+
     def ensure_jax_init_info(self) -> None:
         """Write ``jax-init-info.txt`` when configured and missing (say, after a wipe)."""
         if self.jax_init_info is None or (self.root / JAX_INIT_INFO).exists():

@@ -95,25 +95,8 @@ class Daemon(Outcomes, Views, Peering):
         self.state = DaemonState()
         self.view: View | None = None
         self.draining = False
-        self.mtc: MtcProtocol | None = None
+        self.mtc = MtcProtocol.for_config(cfg, self.local.root)
         self.restore_choice: RestoreOption | None = None
-        if cfg.speaks_mtc:
-            init = (
-                (
-                    cfg.tiered.process_id
-                    if cfg.tiered.process_id is not None
-                    else cfg.tiered.node_rank,
-                    cfg.tiered.coordinator_address,
-                )
-                if cfg.tiered.write_jax_init_info and cfg.tiered.coordinator_address
-                else None
-            )
-            self.mtc = MtcProtocol(
-                self.local.root,
-                local_period=cfg.local_checkpoint_period,
-                jax_init_info=init,
-                configured=self.topology,
-            )
         self._started = time.time()
         self._started_mono = time.monotonic()
         self._probed_at = 0.0
@@ -151,21 +134,7 @@ class Daemon(Outcomes, Views, Peering):
 
     def _record_metrics(self, snap: Snapshot, decided: Plan) -> None:
         m = self.metrics
-        local = [s for s in snap.local if s.committed]
-        durable = [d for d in snap.durable or () if d.kept]
-        for tier, steps in (("local", local), ("durable", durable)):
-            when = max((s.commit_time or 0 for s in steps), default=0)
-            if when:
-                m.last_success.labels(tier=tier).set(when)
-            if steps:
-                m.newest_step.labels(tier=tier).set(max(s.step for s in steps))
-            m.tier_steps.labels(tier=tier).set(len(steps))
-            m.tier_bytes.labels(tier=tier).set(sum(s.size or 0 for s in steps))
-        newest = max((d.commit_time or 0 for d in durable), default=0)
-        if newest:
-            m.since_durable.set(max(0.0, snap.now - newest))
-        if self.local_free is not None:
-            m.local_free.set(self.local_free)
+        m.record_tiers(snap, local_free=self.local_free)
         healthy, why = self.health()
         risk, _notes = risk_now(  # the same figures as `tiered status`
             snap.local,
@@ -177,18 +146,14 @@ class Daemon(Outcomes, Views, Peering):
             trainer_running=self._trainer_running(),
             replicated=self._replicated_step(),
         )
-        for event, loss in risk.items():
-            if loss.steps is not None:
-                m.at_risk.labels(event=event).set(loss.steps)
+        m.record_risk(risk)
         job = self.transfer.job
         running = job is not None and job.kind == "upload"
         m.current_upload_seconds.set(time.time() - job.started if running and job else 0)
-        m.ready.set(1 if self.health()[0] else 0)
+        m.ready.set(1 if healthy else 0)
         if self.peer_server is not None:
             m.peer_held_bytes.set(self.peer_store.used_bytes())
-        self.metrics.backlog.set(len(decided.owed))
-        self.metrics.skipped.set(len(decided.skipped))
-        self.metrics.failed.set(len(self.state.failed))
+        m.record_plan(decided, failed=len(self.state.failed))
 
     def _check_lock(self) -> None:
         if self.lock.still_held():
@@ -388,15 +353,7 @@ class Daemon(Outcomes, Views, Peering):
         # the local tier safe however long the store is away (the first listing says why).
         self.watcher = Watcher(self.local.root, self.wake)
         self.watcher.start()
-        self.server = StatusServer(
-            self.cfg.tiered.status_address,
-            {
-                "/status": lambda: (200, "application/json", self.status_json().encode()),
-                "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render()),
-                "/healthz": self._healthz,
-                "/readyz": self._readyz,
-            },
-        )
+        self.server = StatusServer(self.cfg.tiered.status_address, self.routes())
         self.server.start()
         self.lock.annotate(self.server.address)
         self._start_peers()
@@ -410,14 +367,6 @@ class Daemon(Outcomes, Views, Peering):
             self.cfg.durable_period,
             self.server.address,
         )
-
-    def _healthz(self) -> tuple[int, str, bytes]:
-        alive, why = self.alive()
-        return (200 if alive else 503), "text/plain", f"{why}\n".encode()
-
-    def _readyz(self) -> tuple[int, str, bytes]:
-        ready, why = self.health()
-        return (200 if ready else 503), "text/plain", f"{why}\n".encode()
 
     def run(self) -> int:
         self.start()

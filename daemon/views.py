@@ -23,6 +23,20 @@ class Views(DaemonBase):
             return False, f"the daemon's loop has not run for {quiet:.0f} s"
         return True, "alive"
 
+    def routes(self) -> dict[str, Any]:
+        """What the status server answers: the status, the metrics, liveness, readiness."""
+
+        def probe(check: Any) -> tuple[int, str, bytes]:
+            ok, why = check()
+            return (200 if ok else 503), "text/plain", f"{why}\n".encode()
+
+        return {
+            "/status": lambda: (200, "application/json", self.status_json().encode()),
+            "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.render()),
+            "/healthz": lambda: probe(self.alive),
+            "/readyz": lambda: probe(self.health),
+        }
+
     def health(self) -> tuple[bool, str]:
         """Readiness: the durable tier answers, and promotion has not been failing for longer
         than ``tiered.unhealthy_after_seconds``."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from daemon.peers import PeerContext, PeerServer
+from daemon.peer_server import PeerContext, PeerServer
 from tiered import ConfigError, LocalTier, PeerRefused, StorageError, config_from_mapping
 from tiered.layout import COMMIT_MARKER, PEER_NONCES, REPLICA_INFO
 from tiered.peerauth import NonceRecord, job_identity

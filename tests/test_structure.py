@@ -15,7 +15,7 @@ import pytest
 import tiered
 
 ROOT = Path(__file__).resolve().parents[1]
-# Modules docs/design.md allows past the limit, each with its reason there (none today).
+# Modules docs/design.md allows past 450 lines, each with its reason there (none today).
 ONE_IDEA: set[str] = set()
 
 
@@ -40,7 +40,7 @@ def test_modules_stay_small() -> None:
         for folder in ("tiered", "daemon")
         for p in (ROOT / folder).rglob("*.py")
     }
-    big = {path: n for path, n in sizes.items() if n > 500 and path not in ONE_IDEA}
+    big = {path: n for path, n in sizes.items() if n > 450 and path not in ONE_IDEA}
     assert not big, f"split these (docs/design.md names each module's job): {big}"
 
 

@@ -34,7 +34,7 @@ from tiered.layout import TRAINER_LOCK_NAME
 from tiered.loading import Loader, named_step_failed
 from tiered.lock import DirectoryLock
 from tiered.observe import RESTORE, SAVE_BLOCKING, SaveRecord, record_duration
-from tiered.orbax_api import local_manager, plain_metrics, resolve_config
+from tiered.orbax_api import jax_topology, local_manager, plain_metrics, resolve_config
 from tiered.policy import RestoreOption, is_periodic, restore_options, save_over, save_reason
 from tiered.progress import LogProgress
 from tiered.saving import SaveStats, disk_full_is_clear, warn_if_nearly_full
@@ -42,6 +42,10 @@ from tiered.storage import DurableTier, LocalTier
 from tiered.tiers import PeerSetup, agree_restore, fetch_step, open_durable, set_aside_newer
 
 log = logging.getLogger(__name__)
+
+
+VERIFIED = (StorageError, ChecksumMismatch, CommitError, LayoutError)
+"""What a step that failed verification raises (anything else: it failed to load)."""
 
 
 @dataclass(frozen=True)
@@ -54,21 +58,9 @@ class Restored:
 
 
 class CheckpointManager:
-    """Save to the local tier, restore from whichever tier has the newest good step.
-
-    Typical loop::
-
-        with tiered.CheckpointManager("configs/demo.yml") as mgr:
-            restored = mgr.restore(state)
-            start = restored.step + 1 if restored else 0
-            for step in range(start, num_steps):
-                state = train_step(state)
-                mgr.save(step, state)
-                if mgr.should_stop():
-                    break
-            else:
-                mgr.save(num_steps - 1, state, final=True)
-    """
+    """Save to the local tier, restore from whichever tier has the newest good step: orbax's
+    ``CheckpointManager`` surface over both tiers. The README's "In the training loop" shows the
+    typical loop (restore, save every step, ``should_stop``, a final save)."""
 
     def __init__(
         self,
@@ -102,7 +94,11 @@ class CheckpointManager:
         self._last_save: tuple[int, float] | None = None  # (step, time) of last save/restore
         self._stats = SaveStats(self.local)
         self._saves = SaveRecord(self.local)
-        self._multi = self._check_topology()
+        try:
+            self._multi = jax_topology(cfg.tiered)
+        except ConfigError:
+            self._lock.release()
+            raise
         self._mgr = local_manager(
             cfg,
             multi=self._multi,
@@ -115,24 +111,6 @@ class CheckpointManager:
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-
-    def _check_topology(self) -> bool:
-        """Whether this is one process of a multi-process JAX job, checked against the config."""
-        import jax
-
-        cfg = self.config.tiered
-        procs, index = jax.process_count(), jax.process_index()
-        if procs == 1 and cfg.num_nodes == 1:
-            return False
-        if cfg.num_nodes != procs or cfg.node_rank != index:
-            self._lock.release()
-            raise ConfigError(
-                f"JAX runs {procs} processes and this is process {index}, but the config says "
-                f"tiered.num_nodes: {cfg.num_nodes} and tiered.node_rank: {cfg.node_rank}. Set "
-                "both (TIERED_NUM_NODES, TIERED_NODE_RANK) for the trainer and for this node's "
-                "daemon, so that each node uploads only its own files."
-            )
-        return True
 
     # -- signals --
 
@@ -321,27 +299,18 @@ class CheckpointManager:
             began = time.perf_counter()
             try:
                 state = self._loader.load(s, source, target, args, orbax_form=orbax_form)
-            except (StorageError, ChecksumMismatch, CommitError, LayoutError) as err:
-                if step is not None:
-                    named_step_failed(s, source, err, orbax_form=orbax_form)
-                log.warning(
-                    "Step %d from the %s tier failed verification: %s; falling back to "
-                    "an older step",
-                    s,
-                    source,
-                    err,
-                )
-                continue
             except Exception as err:  # orbax raises many types for unreadable data
                 if step is not None:
                     named_step_failed(s, source, err, orbax_form=orbax_form)
+                checked = isinstance(
+                    err, (StorageError, ChecksumMismatch, CommitError, LayoutError)
+                )
                 log.warning(
-                    "Step %d from the %s tier failed to load: %s: %s; falling back to "
-                    "an older step",
+                    "Step %d from the %s tier failed %s: %s; falling back to an older step",
                     s,
                     source,
-                    type(err).__name__,
-                    err,
+                    "verification" if checked else "to load",
+                    err if checked else f"{type(err).__name__}: {err}",
                 )
                 continue
             record_duration(RESTORE, time.perf_counter() - began, source=source)

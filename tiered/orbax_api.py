@@ -280,3 +280,21 @@ def plain_metrics(metrics: Any) -> Any:
     if hasattr(metrics, "item") and getattr(metrics, "shape", None) == ():
         return metrics.item()
     return metrics
+
+
+def jax_topology(cfg: Any) -> bool:
+    """Whether this is one process of a multi-process JAX job, checked against the config's
+    ``tiered.num_nodes`` and ``tiered.node_rank`` (``ConfigError`` when they disagree)."""
+    import jax
+
+    procs, index = jax.process_count(), jax.process_index()
+    if procs == 1 and cfg.num_nodes == 1:
+        return False
+    if cfg.num_nodes != procs or cfg.node_rank != index:
+        raise ConfigError(
+            f"JAX runs {procs} processes and this is process {index}, but the config says "
+            f"tiered.num_nodes: {cfg.num_nodes} and tiered.node_rank: {cfg.node_rank}. Set "
+            "both (TIERED_NUM_NODES, TIERED_NODE_RANK) for the trainer and for this node's "
+            "daemon, so that each node uploads only its own files."
+        )
+    return True
