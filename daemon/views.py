@@ -67,6 +67,9 @@ class Views(DaemonBase):
                 "bytes_done": progress.bytes_done,
                 "bytes_total": progress.bytes_total,
                 "attempt": progress.attempt,
+                "pace": "full speed (lifted)"
+                if job.pacer is not None and job.pacer.lifted
+                else getattr(job.data, "pace_why", "") or None,
             }
         promo = state.last_promotion
         view = self.view

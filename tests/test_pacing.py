@@ -25,6 +25,7 @@ from tiered.policy import (
     seconds_per_step,
     upload_pace,
 )
+from tiered.report import render_table, status_from_dict
 from tiered.storage.transfer import RateLimiter
 from tiered.types import LocalStep
 
@@ -183,7 +184,12 @@ def test_a_preemption_step_is_not_held_behind_a_paced_upload(tmp_path: Path) -> 
         time.sleep(1.0)
         assert durable.committed_steps() == [], "a paced upload of 20 MB at 2 MB/s took < 1 s"
         status = json.loads(daemon.get("/status")[1])
-        assert "paced to 2.0 MB/s" in json.dumps(status)
+        # the upload in flight says its pace and the bound it keeps, in the table too
+        pace = status["daemon"]["current_upload"]["pace"]
+        assert pace.startswith("paced to 2.0 MB/s: ") and "to the next durable step" in pace
+        table = render_table(status_from_dict(status))
+        line = next(x for x in table.splitlines() if x.startswith("uploading step 50: "))
+        assert line.endswith(f"; {pace}"), line
         saved = time.monotonic()
         _save(cfg.local_dir, 57, state, reason="preemption", per_step=100.0)
         wait_for(lambda: durable.committed_steps() == [50, 57], timeout=30, what=daemon.log())

@@ -369,9 +369,10 @@ def render_table(status: TierStatus) -> str:
             if total
             else "listing what is there already"
         )
+        pace = f"; {current['pace']}" if current.get("pace") else ""
         lines.append(
             f"uploading step {current['step']}: {progress} "
-            f"for {current.get('elapsed_seconds', 0):.0f}s"
+            f"for {current.get('elapsed_seconds', 0):.0f}s{pace}"
         )
     if d.get("last_error"):
         when = d.get("last_error_time")

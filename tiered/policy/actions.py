@@ -31,6 +31,9 @@ class Upload:
     reason: Reason
     bytes_per_s: float | None = None
     """The pace (``upload_pace``); None: full speed."""
+    pace_why: str = field(default="", compare=False)
+    """The pace in words, with the time the upload should take and the bound it keeps (for
+    the status; not part of what the action is)."""
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ def plan(snap: Snapshot, rules: Rules) -> Plan:
                 verdict(step, "conflict", f"the durable step holds {other}: node 0 moves it aside")
         else:
             pace = upload_pace(local.size, wanted[step], local=snap.local, rules=rules)
-            transfers.append(Upload(step, wanted[step], pace.bytes_per_s))
+            transfers.append(Upload(step, wanted[step], pace.bytes_per_s, pace.why))
             verdict(step, "due", f"owed to the durable tier ({wanted[step]}); {pace.why}")
 
     # every other step
