@@ -335,3 +335,20 @@ def test_tiered_restore_in_a_pipe_logs_its_progress(tmp_path: Path) -> None:
     assert re.fullmatch(
         r"restoring step 50: [\d.]+ [KM]?B of [\d.]+ [KM]?B, [\d.]+ [KMG]?B/s", line
     )
+
+
+def test_tiered_advise_prints_the_goodput_of_both_settings() -> None:
+    """The forecast the goodput bench checks its measurements against, for the periods now and
+    advised, so a user sees what the advice is worth in the share of accelerator time."""
+    from tiered.advice import goodput_of
+
+    out = _advise(
+        "--step-seconds", "0.2", "--save-seconds", "0.5", "--upload-seconds", "4",
+        "--mtbf", "6h", "--node-mtbf", "7d", "--restart-seconds", "60",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    figures = dict(per_step=0.2, save=0.5, upload=4.0, mtbf=21600.0, node_mtbf=604800.0)
+    now = goodput_of((1000, 5000), restart=60.0, **figures)
+    advised = goodput_of((735, 15 * 735), restart=60.0, **figures)
+    assert f"now      {now * 100:.2f}%; advised {advised * 100:.2f}%" in out.stdout, out.stdout
+    assert 0 < advised < 1 and 0 < now < 1

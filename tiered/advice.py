@@ -14,12 +14,13 @@ import argparse
 import json
 import re
 import statistics
+from typing import Any
 
 from tiered.config import TieredConfig
 from tiered.errors import TieredError
 from tiered.layout import TRAINER_STATS
 from tiered.report import collect_status
-from tiered.risk import Advice, advise
+from tiered.risk import Advice, Interruptions, advise, forecast_goodput
 from tiered.storage import LocalTier
 from tiered.units import human_duration
 
@@ -124,6 +125,17 @@ def cmd_advise(cfg: TieredConfig | None, args: argparse.Namespace) -> int:
         )
         if durable_advice.interval_seconds < upload_cost:
             lines.append("          (an upload takes longer than that: uploads would queue)")
+        if local_advice is not None:
+            lines += _goodput_lines(
+                args,
+                per_step=per_step,
+                save=save_cost or 0.0,
+                upload=upload_cost,
+                mtbf=mtbf,
+                node_mtbf=node_mtbf,
+                now=(local_period, durable_period),
+                advised=(local_advice.period_steps, durable_advice.period_steps),
+            )
     if not save_cost and not upload_cost:
         raise TieredError(
             "nothing to advise on: give --save-seconds (a local save's blocking time) and/or "
@@ -136,6 +148,53 @@ def cmd_advise(cfg: TieredConfig | None, args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def goodput_of(
+    periods: tuple[int, int],
+    *,
+    per_step: float,
+    save: float,
+    upload: float,
+    mtbf: float,
+    node_mtbf: float,
+    restart: float,
+) -> float:
+    """The goodput of a day of training at these (local, durable) periods, to first order
+    (``tiered.risk.forecast_goodput``): every interruption taken as a crash (a preemption
+    loses less), a lost node restored by a download as long as an upload."""
+    day = 86400.0
+    return forecast_goodput(
+        steps=max(1, round(day / per_step)),
+        step_seconds=per_step,
+        local_period=periods[0],
+        durable_period=periods[1],
+        save_seconds=save,
+        preemption_save_seconds=save,
+        restore_seconds=save,
+        restart_seconds=restart,
+        durable_lag_seconds=upload,
+        interruptions=Interruptions(crashes=day / mtbf, node_losses=day / node_mtbf),
+        node_restore_seconds=upload,
+    ).goodput
+
+
+def _goodput_lines(args: argparse.Namespace, **figures: Any) -> list[str]:
+    now, advised = figures.pop("now"), figures.pop("advised")
+    restart = args.restart_seconds or 0.0
+    g_now, g_advised = (goodput_of(p, restart=restart, **figures) for p in (now, advised))
+    lines = [
+        "goodput",
+        f"  now      {g_now * 100:.2f}%; advised {g_advised * 100:.2f}% (a day of training, each "
+        f"interruption a crash, {restart:g} s per restart: --restart-seconds)",
+    ]
+    if g_advised < g_now:
+        lines.append(
+            "          (an upload does not stop training: the durable period's advice weighs its "
+            "time and egress, and for goodput alone a shorter one, down to the upload time, "
+            "is better)"
+        )
+    return lines
 
 
 def _advice_lines(

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-seconds", type=float, help="blocking time per local save, if known")
     p.add_argument("--upload-seconds", type=float, help="time per durable upload, if known")
     p.add_argument("--step-seconds", type=float, help="time per training step, if known")
+    p.add_argument(
+        "--restart-seconds", type=float, help="time a restart costs before training goes on"
+    )
     p.add_argument("--local-period", type=int, help="current local period (default: config)")
     p.add_argument("--durable-period", type=int, help="current durable period (default: config)")
     p.set_defaults(func=cmd_advise)
