@@ -12,6 +12,7 @@ import jax.monitoring
 import pytest
 
 from tiered import CheckpointManager, DurableTier, LocalTier, promote_step
+from tiered.logs import log_saved
 from tiered.observe import SaveRecord, tree_bytes
 
 from conftest import write_config
@@ -44,12 +45,20 @@ def test_one_line_per_local_save(
     lines = saved_lines(caplog)
     assert [(s, tier) for s, tier, *_ in lines] == [(10, "local"), (20, "local")]
     (_, _, seconds, size, detail), (*_, final_detail) = lines
-    assert 0 < seconds <= wall + 0.06  # the line rounds to 0.1 s
+    assert 0 < seconds <= wall + 0.006  # to the millisecond, or the hundredth above 0.1 s
     on_disk = tree_bytes(LocalTier(cfg.local_dir).step_dir(10))
     assert size.endswith(" KB") and abs(float(size[:-3]) * 1000 - on_disk) / on_disk < 0.05
     assert (detail, final_detail) == ("", ", final")
     record = next(r for r in caplog.records if SAVED.match(r.getMessage()))
     assert (record.event, record.step, record.tier) == ("saved", 10, "local")  # type: ignore[attr-defined]
+
+
+def test_a_save_of_milliseconds_does_not_read_zero(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tiered")
+    for seconds in (0.004, 0.04, 0.4, 4.0):
+        log_saved(logging.getLogger("tiered.test"), step=1, tier="local", seconds=seconds, size=1)
+    shown = [float(s) for _, _, s, *_ in saved_lines(caplog)]
+    assert shown == [0.004, 0.04, 0.4, 4.0]
 
 
 def test_jax_monitoring_events(tmp_path: Path) -> None:

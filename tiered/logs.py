@@ -39,8 +39,17 @@ LIBRARIES = (
     "orbax",
 )
 FIELDS = ("event", "step", "tier", "bytes", "seconds")
-SAVED = "Saved checkpoint at step %d (%s, %.1f s, %s)"
+SAVED = "Saved checkpoint at step %d (%s, %s s, %s)"
 """The line users grep for, one per save on each tier: step, tier, duration and size."""
+
+
+def seconds_text(seconds: float) -> str:
+    """A save's duration as the line shows it: to the millisecond under 0.1 s (a local save of
+    a small state takes milliseconds, which one decimal showed as "0.0 s"), to the hundredth
+    under a second, then to the tenth."""
+    if seconds < 0.0995:
+        return f"{seconds:.3f}"
+    return f"{seconds:.2f}" if seconds < 0.995 else f"{seconds:.1f}"
 
 
 def fields(event: str, **values: Any) -> dict[str, Any]:
@@ -64,7 +73,7 @@ def log_saved(
         SAVED + "%s",
         step,
         tier,
-        seconds,
+        seconds_text(seconds),
         human_bytes(size),
         detail,
         extra=fields(event, step=step, tier=tier, bytes=size, seconds=round(seconds, 3)),
