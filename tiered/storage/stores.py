@@ -296,8 +296,10 @@ class ObjectStore(Store):
 
     def read_block(self) -> int:
         # S3 has no crc32c in its listings, so uploads are read back; each read is one ranged
-        # GET, and fewer, larger ones cost less per byte.
-        return _S3_PART * 2 if self.protocol in ("s3", "s3a") else CHUNK
+        # GET, and fewer, larger ones cost less per byte. One part's size, not two: the client
+        # holds a read about three times over (response buffer, bytes, the caller's copy), and
+        # reads of 32 MiB put `tiered promote` of one 200 MB file at the 200 MB bar.
+        return _S3_PART if self.protocol in ("s3", "s3a") else CHUNK
 
     def stream_options(self, block: int) -> dict[str, Any]:
         # Each read is one ranged request of the size asked for; no read-ahead cache.
