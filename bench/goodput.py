@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from bench.common import ROOT, config_mapping, write_config
-from tiered.report import query_daemon
+from tiered.status_client import query_daemon
 
 KINDS = ("sigint", "sigterm", "kill", "node_loss")
 TRACES = 500  # seeded traces the model is replayed through for its mean

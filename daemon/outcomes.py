@@ -1,69 +1,65 @@
-"""The loop thread's half of each job, and orbax's multi-tier protocol: an ``Outcome`` posted
-by a lane becomes a new ``DaemonState`` value. Only the loop thread runs these, so the state is
-never changed from two threads."""
+"""The loop thread's half of the tiers' jobs: an ``Outcome`` posted by a lane becomes a new
+``DaemonState`` value. Each handler takes the state and returns the next; only the loop thread
+runs them, so the state is never changed from two threads."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from daemon import jobs
-from daemon.base import DaemonBase
+from daemon.metrics import Metrics
+from daemon.settings import Settings
 from daemon.state import DaemonState, Promotion, with_item, without
 from daemon.workers import Outcome
 from tiered import (
     ChecksumMismatch,
     CommitError,
     LayoutError,
+    LocalTier,
     StepExists,
     StorageError,
     TieredError,
 )
-from tiered.sidecar import (
-    Commit,
-    Decision,
-    Delete,
-    Manifest,
-    PeerSetup,
-    RestoreOption,
-    TransferResult,
-    Upload,
-    go_on_from,
-    open_durable,
-    restore_choice_ready,
-    restore_options,
-    rules_for,
-)
+from tiered.sidecar import Commit, Delete, Manifest, TransferResult, Upload
 
 log = logging.getLogger("daemon")
 
-FRESH = RestoreOption(step=0, source="local")
-"""The restore choice "no checkpoint anywhere: start fresh"."""
+Handler = Callable[[DaemonState, Outcome], DaemonState]
+"""The loop's half of one kind of job: the state before the outcome, and after."""
 
 
-class Outcomes(DaemonBase):
-    """Part of ``Daemon``: applying what its jobs return."""
+class Outcomes:
+    """The reducers of the tiers' jobs (listing, upload, moving aside, checksum, commit,
+    deletion): each counts in ``metrics``, logs, and returns the next state."""
 
-    def _apply_outcomes(self) -> None:
-        while True:
-            try:
-                outcome = self.outbox.get_nowait()
-            except queue.Empty:
-                return
-            handler = getattr(self, f"_on_{outcome.job.kind}")
-            handler(outcome)
+    def __init__(self, settings: Settings, local: LocalTier, metrics: Metrics) -> None:
+        self._settings = settings
+        self._local = local
+        self._metrics = metrics
 
-    def _on_list(self, outcome: Outcome) -> None:
+    def handlers(self) -> dict[str, Handler]:
+        """Each job kind (``daemon.jobs``) this reduces, with its handler."""
+        return {
+            "list": self.on_list,
+            "upload": self.on_upload,
+            "displace": self.on_displace,
+            "fingerprint": self.on_fingerprint,
+            "commit": self.on_commit,
+            "delete": self.on_delete,
+        }
+
+    def on_list(self, state: DaemonState, outcome: Outcome) -> DaemonState:
         now_mono = time.monotonic()
         if outcome.error is not None:
             err = outcome.error
             if not isinstance(err, TieredError | OSError):
                 raise err
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            failures = self.state.list_failures + 1
-            if message != self.state.durable_error or failures % 20 == 0:
+            failures = state.list_failures + 1
+            if message != state.durable_error or failures % 20 == 0:
                 log.warning(
                     "The durable tier does not answer (%d attempt%s; the local tier is kept, "
                     "nothing owed is pruned): %s",
@@ -71,27 +67,24 @@ class Outcomes(DaemonBase):
                     "" if failures == 1 else "s",
                     message,
                 )
-            self.state = replace(
-                self.state.error("list", message, time.time()),
+            self._metrics.errors.labels(kind="list").inc()
+            return replace(
+                state.error("list", message, time.time()),
                 durable=None,
                 durable_error=message,
                 listed_at=now_mono,
                 list_failures=failures,
             )
-            self.metrics.errors.labels(kind="list").inc()
-            return
         steps, epoch, displaced = outcome.value
-        if outcome.job.data != self.state.durable_version:
+        if outcome.job.data != state.durable_version:
             # We wrote the durable tier while this listing ran: it may predate the write.
-            self.state = replace(self.state, scan_requested=True)
-            return
-        if self.state.list_failures:
+            return replace(state, scan_requested=True)
+        if state.list_failures:
             log.info(
-                "The durable tier answers again, after %d failed attempts",
-                self.state.list_failures,
+                "The durable tier answers again, after %d failed attempts", state.list_failures
             )
-        self.state = replace(
-            self.state,
+        return replace(
+            state,
             durable=tuple(steps),
             durable_error=None,
             list_failures=0,
@@ -100,36 +93,31 @@ class Outcomes(DaemonBase):
             displaced=tuple(displaced),
         )
 
-    def _on_upload(self, outcome: Outcome) -> None:
+    def on_upload(self, state: DaemonState, outcome: Outcome) -> DaemonState:
         upload: Upload = outcome.job.data
         step, now = upload.step, time.time()
-        state = self.state
-        if outcome.error is None:
-            result: TransferResult = outcome.value
-            self.metrics.promoted.inc()
-            self.metrics.bytes_uploaded.inc(result.bytes_moved)
-            self.metrics.upload_seconds.observe(result.seconds)
-            state = replace(
-                state,
-                failing_since=None,
-                failures=without(state.failures, step),
-                retry_at=without(state.retry_at, step),
-                last_promotion=Promotion(
-                    step=step,
-                    time=now,
-                    seconds=round(result.seconds, 3),
-                    bytes=result.bytes_total,
-                    mb_per_s=round(result.mb_per_s, 1),
-                ),
-            )
-            manifest = result.manifest
-            if not result.committed:
-                state = replace(state, parts=with_item(state.parts, step, result.epoch))
-            else:
-                state = state.durable_with(jobs.durable_fact(step, manifest))
-            self.state = state
-            return
-        self.state = self._failed(state, "upload", step, outcome.error, now)
+        if outcome.error is not None:
+            return self._failed(state, "upload", step, outcome.error, now)
+        result: TransferResult = outcome.value
+        self._metrics.promoted.inc()
+        self._metrics.bytes_uploaded.inc(result.bytes_moved)
+        self._metrics.upload_seconds.observe(result.seconds)
+        state = replace(
+            state,
+            failing_since=None,
+            failures=without(state.failures, step),
+            retry_at=without(state.retry_at, step),
+            last_promotion=Promotion(
+                step=step,
+                time=now,
+                seconds=round(result.seconds, 3),
+                bytes=result.bytes_total,
+                mb_per_s=round(result.mb_per_s, 1),
+            ),
+        )
+        if not result.committed:
+            return replace(state, parts=with_item(state.parts, step, result.epoch))
+        return state.durable_with(jobs.durable_fact(step, result.manifest))
 
     def _failed(
         self, state: DaemonState, kind: str, step: int, err: BaseException, now: float
@@ -139,11 +127,11 @@ class Outcomes(DaemonBase):
         if isinstance(err, StepExists) or (kind == "move aside" and isinstance(err, CommitError)):
             # The durable listing was out of date: wait for a fresh one before trying again.
             log.warning("Step %d: %s; listing the durable tier again", step, err)
-            retry = now + self.cfg.tiered.retry_initial_seconds
+            retry = now + self._settings.cfg.tiered.retry_initial_seconds
             return replace(
                 state, scan_requested=True, retry_at=with_item(state.retry_at, step, retry)
             )
-        if isinstance(err, FileNotFoundError) and not self.local.step_dir(step).exists():
+        if isinstance(err, FileNotFoundError) and not self._local.step_dir(step).exists():
             log.warning("Step %d left the local tier during its %s: %s", step, kind, err)
             return replace(state, scan_requested=True)
         if not isinstance(err, TieredError | OSError):
@@ -151,7 +139,7 @@ class Outcomes(DaemonBase):
         permanent = isinstance(err, ChecksumMismatch | LayoutError | CommitError) or (
             isinstance(err, StorageError) and not err.transient
         )
-        self.metrics.errors.labels(kind="permanent" if permanent else "transient").inc()
+        self._metrics.errors.labels(kind="permanent" if permanent else "transient").inc()
         state = state.error(kind, f"step {step}: {err}", now)
         if permanent:
             log.error(
@@ -162,7 +150,7 @@ class Outcomes(DaemonBase):
             )
             return replace(state, failed=with_item(state.failed, step, str(err)))
         failures = state.failures.get(step, 0) + 1
-        tiered = self.cfg.tiered
+        tiered = self._settings.cfg.tiered
         delay = min(tiered.retry_max_seconds, tiered.retry_initial_seconds * 2 ** (failures - 1))
         log.warning("%s of step %d failed, will retry in %.0f s: %s", kind, step, delay, err)
         return replace(
@@ -172,66 +160,65 @@ class Outcomes(DaemonBase):
             scan_requested=True,
         )
 
-    def _on_displace(self, outcome: Outcome) -> None:
+    def on_displace(self, state: DaemonState, outcome: Outcome) -> DaemonState:
         step, now = outcome.job.step or 0, time.time()
         if outcome.error is not None:
-            self.state = self._failed(self.state, "move aside", step, outcome.error, now)
-            return
+            return self._failed(state, "move aside", step, outcome.error, now)
         log.warning(
             "Moved durable step %d aside to %s/.tiered/displaced/%s",
             step,
-            self.durable.url,
+            self._settings.durable.url,
             outcome.value,
         )
-        self.state = replace(self.state.durable_without(step), scan_requested=True)
+        return replace(state.durable_without(step), scan_requested=True)
 
-    def _on_fingerprint(self, outcome: Outcome) -> None:
+    def on_fingerprint(self, state: DaemonState, outcome: Outcome) -> DaemonState:
         step = outcome.job.step or 0
         if outcome.error is not None:
-            self.state = self._failed(self.state, "checksum", step, outcome.error, time.time())
+            return self._failed(state, "checksum", step, outcome.error, time.time())
+        return state
 
-    def _on_commit(self, outcome: Outcome) -> None:
+    def on_commit(self, state: DaemonState, outcome: Outcome) -> DaemonState:
         if outcome.error is not None:
             err = outcome.error
             if not isinstance(err, TieredError | OSError):
                 raise err
-            self.state = self.state.error("commit", str(err), time.time())
-            return
+            return state.error("commit", str(err), time.time())
         for commit, result, manifest in outcome.value:
-            self._commit_result(commit, result, manifest)
+            state = self._commit_result(state, commit, result, manifest)
+        return state
 
     def _commit_result(
-        self, commit: Commit, result: list[int] | BaseException, manifest: Manifest | None
-    ) -> None:
-        state = self.state
+        self,
+        state: DaemonState,
+        commit: Commit,
+        result: list[int] | BaseException,
+        manifest: Manifest | None,
+    ) -> DaemonState:
         if isinstance(result, BaseException):
             log.warning("Cannot commit step %d: %s", commit.step, result)
-            self.state = state.error("commit", f"step {commit.step}: {result}", time.time())
-            return
+            return state.error("commit", f"step {commit.step}: {result}", time.time())
         if result:
             if tuple(result) != state.missing.get(commit.step):
                 log.info("Step %d: waiting for the parts of nodes %s", commit.step, result)
-            missing_now = with_item(state.missing, commit.step, tuple(result))
-            self.state = replace(state, missing=missing_now)
-            return
+            return replace(state, missing=with_item(state.missing, commit.step, tuple(result)))
         state = replace(
             state,
             parts=without(state.parts, commit.step),
             missing=without(state.missing, commit.step),
             scan_requested=True,
         )
-        self.state = state.durable_with(jobs.durable_fact(commit.step, manifest))
+        return state.durable_with(jobs.durable_fact(commit.step, manifest))
 
-    def _on_delete(self, outcome: Outcome) -> None:
+    def on_delete(self, state: DaemonState, outcome: Outcome) -> DaemonState:
         err = outcome.error
         done: list[Delete] = outcome.value or []
         if isinstance(err, jobs.PartlyDone):
             done, err = err.done, err.error
-        state = self.state
         now = time.time()
         identities = {d.step: d.identity for d in state.durable or () if d.identity}
         for d in done:
-            self.metrics.pruned.labels(tier=d.tier).inc()
+            self._metrics.pruned.labels(tier=d.tier).inc()
             state = state.pruned_now(d.tier, d.step, now)
             pruned = state.pruned
             if d.step in identities and d.why.startswith("max_num"):
@@ -242,95 +229,4 @@ class Outcomes(DaemonBase):
                 raise err
             log.warning("Pruning the durable tier stopped: %s", err)
             state = state.error("prune", str(err), now)
-        self.state = state
-
-    def _on_stage(self, outcome: Outcome) -> None:
-        step = outcome.job.step or 0
-        assert self.mtc is not None
-        if outcome.error is not None:
-            self._restore_failed(outcome.error)
-            return
-        self.mtc.offer(step, source="durable")
-        self.restore_choice = None
-
-    def _on_agree(self, outcome: Outcome) -> None:
-        assert self.mtc is not None
-        if outcome.error is not None:
-            self._restore_failed(outcome.error)
-            return
-        decision: Decision = outcome.value
-        self.state = replace(self.state, epoch=decision.epoch, scan_requested=True)
-        go_on_from(self.local, decision.step)
-        if decision.step is None:
-            self.restore_choice = FRESH
-        else:
-            holds = self.topology.rank in decision.holders
-            self.restore_choice = RestoreOption(decision.step, "local" if holds else "durable")
-
-    def _restore_failed(self, err: BaseException) -> None:
-        assert self.mtc is not None
-        if not isinstance(err, TieredError | OSError):
-            raise err
-        log.error("Restore for the multi-tier client failed: %s", err)
-        self.state = self.state.error("restore", str(err), time.time())
-        self.mtc.fail(f"restore failed: {err}")
-        self.restore_choice = None
-
-    # -- orbax's multi-tier protocol ------------------------------------------------------------
-
-    def _mtc_cycle(self) -> None:
-        mtc = self.mtc
-        assert mtc is not None
-        accepted = mtc.consume()
-        if accepted is not None:
-            self.cfg = self.cfg.with_durable_period(
-                steps=accepted.backup_interval_steps, minutes=accepted.backup_interval_minutes
-            )
-            topology = mtc.topology or self.topology
-            if topology != self.topology:
-                # A new value for the jobs submitted from now on; running ones keep theirs.
-                self.topology = topology
-                self.durable = open_durable(self.cfg, topology=topology)
-            self.rules = rules_for(self.cfg, topology=self.topology)
-            self.restore_choice = None
-            self.state = replace(self.state, scan_requested=True)
-            # The client writes replicator.yaml after jax.distributed.initialize: its coordinator
-            # is up now. Probe in this cycle, not up to 2 s later; a short run can be gone by
-            # then, and a run never seen is never known to have ended (no final step).
-            self._probed_at = 0.0
-        if mtc.pending_restore is None or self.transfer.job is not None:
-            return  # nothing asked; or an upload, a staging or an agreement is running
-        if self.restore_choice is None:
-            if self.topology.multi:
-                self.transfer.submit(
-                    jobs.agreement(
-                        self.local,
-                        self.durable,
-                        timeout=self.cfg.tiered.restore_agreement_timeout_seconds,
-                        stopping=self.stopping,
-                        peers=PeerSetup(
-                            self.cfg, explicit=mtc.active.peer_ranks if mtc.active else None
-                        ),
-                    )
-                )
-                return
-            if not restore_choice_ready(
-                durable_listed=self.state.durable is not None,
-                waited_seconds=time.monotonic() - self._started_mono,
-            ):
-                return  # give the first durable listing a chance: it may hold a newer step
-            local = self.local.scan()
-            options = restore_options(local, self.state.durable or (), nodes=self.topology.nodes)
-            self.restore_choice = options[0] if options else FRESH
-        choice = self.restore_choice
-        if choice == FRESH:
-            mtc.offer_fresh()
-            self.restore_choice = None
-        elif choice.source == "local":
-            if self.local_lane.job is not None and self.local_lane.job.step == choice.step:
-                return  # being checksummed: its files must not move now
-            mtc.stage_local(self.local, choice.step)
-            mtc.offer(choice.step, source="local")
-            self.restore_choice = None
-        else:
-            self.transfer.submit(jobs.stage(self.local, self.durable, choice.step))
+        return state

@@ -1,21 +1,23 @@
 """Peer replication in the daemon: the job that sends this node's newest step to its partners,
-and the part of the daemon that runs the peer server (``daemon.peer_server``), keeps the
-replicas of others within their limits, and reports what each partner holds."""
+and ``Peering``, which runs the peer server (``daemon.peer_server``), keeps the replicas of
+others within their limits, and reports what each partner holds."""
 
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from daemon.base import DaemonBase
 from daemon.jobs import pacer
+from daemon.metrics import Metrics
+from daemon.mtc import MtcProtocol
 from daemon.peer_server import MAX_TRANSFERS_IN, PeerContext, PeerServer
-from daemon.state import with_item, without
-from daemon.workers import Job, Outcome, Progress
+from daemon.settings import Settings
+from daemon.state import DaemonState, with_item, without
+from daemon.workers import Job, Lane, Outcome, Progress
 from tiered import (
     LocalTier,
     TieredError,
@@ -79,88 +81,116 @@ def replicate(
     return Job("replicate", step, run, data=[c.rank for c in clients], pacer=limiter)
 
 
-class Peering(DaemonBase):
-    """Part of ``Daemon``: its peers."""
+class Peering:
+    """This node's peers: the peer server's thread, the replication jobs on the ``peer`` lane,
+    and the reducer of their outcomes. With peering off (``TieredConfig.peering``), ``start``
+    starts nothing and every answer is "none"."""
 
-    peer_server: PeerServer | None
-    peer_store: PeerStore
-    _peer_clients: tuple[tuple[int, ...], list[PeerClient]] | None
+    def __init__(
+        self,
+        settings: Settings,
+        local: LocalTier,
+        *,
+        lane: Lane,
+        metrics: Metrics,
+        mtc: MtcProtocol | None,
+        room: Callable[[], int],
+    ) -> None:
+        self._settings = settings
+        self._local = local
+        self._lane = lane
+        self._metrics = metrics
+        self._mtc = mtc
+        self._room = room
+        """The bytes a replica may take here (``daemon.disk``)."""
+        self.store = PeerStore(local.root)
+        self.server: PeerServer | None = None
+        self._clients_for: tuple[tuple[int, ...], list[PeerClient]] | None = None
 
-    def _peer_ranks(self) -> list[int]:
-        explicit = self.cfg.tiered.peers
-        if explicit is None and self.mtc is not None and self.mtc.active is not None:
-            explicit = list(self.mtc.active.peer_ranks) or None
-        return partners(self.topology.rank, self.topology.nodes, explicit)
+    @property
+    def running(self) -> bool:
+        """The peer server serves (peering is configured and ``start`` ran)."""
+        return self.server is not None
 
-    def _start_peers(self) -> None:
+    def ranks(self) -> list[int]:
+        """The partners this node sends its steps to."""
+        cfg, topology = self._settings.cfg, self._settings.topology
+        explicit = cfg.tiered.peers
+        if explicit is None and self._mtc is not None and self._mtc.active is not None:
+            explicit = list(self._mtc.active.peer_ranks) or None
+        return partners(topology.rank, topology.nodes, explicit)
+
+    def start(self) -> None:
         """Start the peer server (with peer replication configured)."""
-        if not self.cfg.peering:
+        settings = self._settings
+        cfg, topology = settings.cfg, settings.topology
+        if not cfg.peering:
             return
         auth = PeerAuth(
-            load_secret(self.cfg),
-            self.topology.rank,
-            job=job_identity(self.cfg.durable_url),
-            record=NonceRecord(self.local.tiered_dir / PEER_NONCES),
+            load_secret(cfg),
+            topology.rank,
+            job=job_identity(cfg.durable_url),
+            record=NonceRecord(self._local.tiered_dir / PEER_NONCES),
         )
-        self.peer_store.clean_partial()
+        self.store.clean_partial()
         ctx = PeerContext(
-            store=self.peer_store,
+            store=self.store,
             auth=auth,
-            rank=lambda: self.topology.rank,
-            nodes=lambda: self.topology.nodes,
-            keep=self.cfg.tiered.peer_keep,
-            free_bytes=self._local_free_now,
+            rank=lambda: settings.topology.rank,
+            nodes=lambda: settings.topology.nodes,
+            keep=cfg.tiered.peer_keep,
+            free_bytes=self._room,
             slots=threading.Semaphore(MAX_TRANSFERS_IN),
         )
-        address = listen_address(self.cfg, self.topology.rank, self.topology.nodes)
-        self.peer_server = PeerServer(address, ctx, timeout=self.cfg.tiered.peer_timeout_seconds)
-        self.peer_server.start()
+        address = listen_address(cfg, topology.rank, topology.nodes)
+        self.server = PeerServer(address, ctx, timeout=cfg.tiered.peer_timeout_seconds)
+        self.server.start()
         log.info(
             "Peer server on %s; this node's steps go to nodes %s",
-            self.peer_server.address,
-            self._peer_ranks() or "none yet (one node)",
+            self.server.address,
+            self.ranks() or "none yet (one node)",
         )
 
-    def _local_free_now(self) -> int:
-        """Room for a replica: the free bytes less the floor the daemon keeps free
-        (``tiered.min_free_local_fraction``), so others' copies never push this node's own
-        saves into disk pressure."""
-        capacity = self.cfg.tiered.local_capacity
-        try:
-            free = self.local.free_bytes(capacity)
-            total = capacity if capacity is not None else shutil.disk_usage(self.local.root).total
-        except OSError:
-            return 0
-        return max(0, free - int(total * self.cfg.tiered.min_free_local_fraction))
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
 
-    def _shed_replicas(self) -> None:
+    def shed(self) -> None:
         """Under disk pressure: keep only each partner's newest copy."""
-        for owner in {r.owner for r in self.peer_store.replicas()}:
-            for step in self.peer_store.prune(owner, keep=1):
+        if self.server is None:
+            return
+        for owner in {r.owner for r in self.store.replicas()}:
+            for step in self.store.prune(owner, keep=1):
                 log.warning(
                     "Local disk pressure: dropped node %d's step %d from the peer store",
                     owner,
                     step,
                 )
 
-    def _clients(self) -> list[PeerClient]:
-        ranks = tuple(self._peer_ranks())
-        if self._peer_clients is None or self._peer_clients[0] != ranks:
-            clients = clients_for(self.cfg, self.topology.rank, self.topology.nodes, list(ranks))
-            self._peer_clients = (ranks, clients)
-        return self._peer_clients[1]
+    def held_bytes(self) -> int | None:
+        """The bytes of others' steps kept here (None: no peer server)."""
+        return self.store.used_bytes() if self.server is not None else None
 
-    def _submit_replication(self) -> None:
+    def _clients(self) -> list[PeerClient]:
+        ranks = tuple(self.ranks())
+        if self._clients_for is None or self._clients_for[0] != ranks:
+            cfg, topology = self._settings.cfg, self._settings.topology
+            clients = clients_for(cfg, topology.rank, topology.nodes, list(ranks))
+            self._clients_for = (ranks, clients)
+        return self._clients_for[1]
+
+    def submit(self, state: DaemonState) -> None:
         """Send the newest committed local step to the partners that lack it (one job at a
         time, on its own lane: it never holds up training or promotion)."""
-        if self.peer_server is None or not self.topology.multi or self.peer_lane.busy:
+        setup = self._settings.now
+        if self.server is None or not setup.topology.multi or self._lane.busy:
             return
-        nodes = self.topology.nodes
-        steps = [s for s in self.local.scan(with_size=True) if s.committed and s.fits(nodes)]
+        nodes = setup.topology.nodes
+        steps = [s for s in self._local.scan(with_size=True) if s.committed and s.fits(nodes)]
         if not steps:
             return
         newest = steps[-1]
-        state, now = self.state, time.monotonic()
+        now = time.monotonic()
         due = [
             c
             for c in self._clients()
@@ -168,28 +198,28 @@ class Peering(DaemonBase):
             and now >= state.peer_retry_at.get(c.rank, 0.0)
         ]
         if due:
-            pace = replication_pace(newest.size, newest.reason, local=steps, rules=self.rules)
-            limiter = pacer(self.cfg.tiered.peer_bandwidth_mb_per_s, pace.bytes_per_s)
-            job = replicate(self.local, self.topology.rank, newest.step, due, limiter=limiter)
-            self.peer_lane.submit(job)
+            pace = replication_pace(newest.size, newest.reason, local=steps, rules=setup.rules)
+            limiter = pacer(setup.cfg.tiered.peer_bandwidth_mb_per_s, pace.bytes_per_s)
+            job = replicate(self._local, setup.topology.rank, newest.step, due, limiter=limiter)
+            self._lane.submit(job)
 
-    def _on_replicate(self, outcome: Outcome) -> None:
+    def on_replicate(self, state: DaemonState, outcome: Outcome) -> DaemonState:
         step = outcome.job.step or 0
-        state = self.state
         if outcome.error is not None:
             err = outcome.error
             if not isinstance(err, TieredError | OSError):
                 raise err
-            if not self.local.step_dir(step).exists():
-                return  # pruned meanwhile; the next newest goes next
+            if not self._local.step_dir(step).exists():
+                return state  # pruned meanwhile; the next newest goes next
             outcome_map: dict[int, Sent | BaseException] = dict.fromkeys(outcome.job.data, err)
             identity = None
         else:
             identity, outcome_map = outcome.value
+        tiered = self._settings.cfg.tiered
         for rank, result in outcome_map.items():
             if isinstance(result, Sent):
                 if result.how == "sent":
-                    self.metrics.peer_bytes_sent.inc(result.bytes)
+                    self._metrics.peer_bytes_sent.inc(result.bytes)
                     log.info(
                         "Replicated step %d to peer node %d (%d bytes in %.1f s)",
                         step,
@@ -197,7 +227,7 @@ class Peering(DaemonBase):
                         result.bytes,
                         result.seconds,
                     )
-                self.metrics.peer_step.labels(peer=str(rank)).set(step)
+                self._metrics.peer_step.labels(peer=str(rank)).set(step)
                 state = replace(
                     state,
                     peer_sent=with_item(state.peer_sent, rank, (step, identity)),
@@ -209,8 +239,7 @@ class Peering(DaemonBase):
             message = str(result).splitlines()[0] if str(result) else type(result).__name__
             failures = state.peer_failures.get(rank, 0) + 1
             delay = min(
-                self.cfg.tiered.retry_max_seconds,
-                self.cfg.tiered.retry_initial_seconds * 2 ** (failures - 1),
+                tiered.retry_max_seconds, tiered.retry_initial_seconds * 2 ** (failures - 1)
             )
             if message != state.peer_errors.get(rank) or failures % 20 == 0:
                 log.warning(
@@ -222,36 +251,35 @@ class Peering(DaemonBase):
                     delay,
                     message,
                 )
-            self.metrics.errors.labels(kind="peer").inc()
+            self._metrics.errors.labels(kind="peer").inc()
             state = replace(
                 state,
                 peer_errors=with_item(state.peer_errors, rank, message),
                 peer_failures=with_item(state.peer_failures, rank, failures),
                 peer_retry_at=with_item(state.peer_retry_at, rank, time.monotonic() + delay),
             )
-        self.state = state
+        return state
 
-    def _replicated_step(self) -> int | None:
+    def replicated_step(self, state: DaemonState) -> int | None:
         """The newest local step every partner is known to hold (None: not all hold one)."""
-        if self.peer_server is None or not self.topology.multi:
+        if self.server is None or not self._settings.topology.multi:
             return None
-        sent = self.state.peer_sent
-        return held_by_every_peer(sent[r][0] if r in sent else None for r in self._peer_ranks())
+        sent = state.peer_sent
+        return held_by_every_peer(sent[r][0] if r in sent else None for r in self.ranks())
 
-    def peers_view(self) -> dict[str, Any] | None:
+    def view(self, state: DaemonState) -> dict[str, Any] | None:
         """The status's ``peers`` block: what this node sent, and what it keeps for others."""
-        if self.peer_server is None:
+        if self.server is None:
             return None
-        state = self.state
-        held = self.peer_store.replicas()
+        held = self.store.replicas()
         return {
-            "address": self.peer_server.address,
+            "address": self.server.address,
             "sends_to": {
                 str(rank): {
                     "step": state.peer_sent[rank][0] if rank in state.peer_sent else None,
                     "error": state.peer_errors.get(rank),
                 }
-                for rank in self._peer_ranks()
+                for rank in self.ranks()
             },
             "holds": [
                 {"node": r.owner, "step": r.step, "epoch": r.epoch, "bytes": r.bytes} for r in held

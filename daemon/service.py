@@ -21,32 +21,27 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
 from dataclasses import replace
 from typing import Any
 
 from daemon import jobs
-from daemon.base import View
 from daemon.board import Board
+from daemon.disk import LocalSpace
 from daemon.http import StatusServer
 from daemon.metrics import Metrics
 from daemon.mtc import MtcProtocol
-from daemon.outcomes import FRESH, Outcomes
+from daemon.outcomes import Outcomes
 from daemon.peers import Peering
+from daemon.restore import RestoreFlow
+from daemon.settings import Settings
 from daemon.state import DaemonState, without
-from daemon.views import Views
+from daemon.trainer import TrainerWatch
+from daemon.views import View, Views
 from daemon.workers import Lane, Outcome
-from tiered import (
-    AlreadyRunning,
-    LocalTier,
-    StorageError,
-    TieredConfig,
-    TieredError,
-)
+from tiered import AlreadyRunning, LocalTier, StorageError, TieredConfig, TieredError
 from tiered.sidecar import (
-    TRAINER_LOCK_NAME,
     Abandon,
     Commit,
     Delete,
@@ -55,56 +50,90 @@ from tiered.sidecar import (
     Fingerprint,
     ForgetPart,
     FullSpeed,
-    PeerStore,
     Plan,
-    RestoreOption,
     Snapshot,
     Upload,
     apply_deletes,
-    open_durable,
     plan,
     risk_now,
-    rules_for,
 )
 
 log = logging.getLogger("daemon")
 
 
-class Daemon(Outcomes, Views, Peering):
+class Daemon:
+    """The loop thread and the parts it is made of, wired here (docs/design.md draws it).
+
+    The loop alone replaces ``state``; each part is handed what it needs: the ``settings`` in
+    force, a tier, a lane, the metrics. The parts' reducers take a state and return the next.
+    """
+
     def __init__(self, cfg: TieredConfig) -> None:
-        self.cfg = cfg
-        self.topology = cfg.topology
-        self.rules = rules_for(cfg, topology=self.topology)
-        self.local = LocalTier(cfg.local_dir)
-        self.durable = open_durable(cfg, topology=self.topology)
-        self.metrics = Metrics()
+        self.settings = settings = Settings(cfg)
+        self.local = local = LocalTier(cfg.local_dir)
+        self.metrics = metrics = Metrics()
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        # Four lanes, a thread each: a job's outcome goes to the outbox, and wakes the loop.
         self.outbox: queue.Queue[Outcome] = queue.Queue()
         self.transfer = Lane("transfer", self.outbox, self.wake)
         self.durable_lane = Lane("durable", self.outbox, self.wake)
         self.local_lane = Lane("local", self.outbox, self.wake)
         self.peer_lane = Lane("peer", self.outbox, self.wake)
-        self.peer_store = PeerStore(self.local.root)
-        self.peer_server = None
-        self._peer_clients = None
-        self.lock = DirectoryLock(self.local.tiered_dir)
-        self.trainer_lock = DirectoryLock(
-            self.local.tiered_dir, name=TRAINER_LOCK_NAME, what="tiered.CheckpointManager"
+        self.lock = DirectoryLock(local.tiered_dir)
+        self.mtc = MtcProtocol.for_config(cfg, local.root)
+        self.trainer = TrainerWatch(local.tiered_dir, self.mtc)
+        self.space = LocalSpace(settings, local)
+        self.peering = Peering(
+            settings,
+            local,
+            lane=self.peer_lane,
+            metrics=metrics,
+            mtc=self.mtc,
+            room=self.space.room,
         )
+        self.restore = (
+            RestoreFlow(
+                self.mtc,
+                settings,
+                local,
+                transfer=self.transfer,
+                local_lane=self.local_lane,
+                stopping=self.stopping,
+                on_accept=self.trainer.probe_now,
+            )
+            if self.mtc is not None
+            else None
+        )
+        outcomes = Outcomes(settings, local, metrics)
+        # Each job kind's outcome, and the part that reduces it (the loop applies them all).
+        self._handlers = {**outcomes.handlers(), "replicate": self.peering.on_replicate}
+        if self.restore is not None:
+            self._handlers.update(stage=self.restore.on_stage, agree=self.restore.on_agree)
+        # The loop's own figures: only this thread writes them; others read through the views.
         self.state = DaemonState()
         self.view: View | None = None
         self.draining = False
-        self.mtc = MtcProtocol.for_config(cfg, self.local.root)
-        self.restore_choice: RestoreOption | None = None
-        self._started = time.time()
-        self._started_mono = time.monotonic()
-        self._probed_at = 0.0
-        self._commit_tried_at = 0.0
         self.heartbeat = time.monotonic()
         self.local_free: int | None = None
         """Free bytes on the local tier, as this cycle measured them."""
+        self._commit_tried_at = 0.0
         self._tick = min(cfg.tiered.rescan_seconds, cfg.tiered.prune_interval_seconds, 5.0)
+        self.views = Views(
+            settings,
+            local,
+            metrics=metrics,
+            transfer=self.transfer,
+            trainer=self.trainer,
+            peering=self.peering,
+            free=self.space.free,
+            mtc=self.mtc,
+            state=lambda: self.state,
+            snapshot=self.snapshot,
+            last=lambda: self.view,
+            heartbeat=lambda: self.heartbeat,
+            tick=self._tick,
+        )
         self.server: StatusServer | None = None
         self.watcher: Any = None
         self.board = Board(cfg) if cfg.tiered.tensorboard_dir else None
@@ -117,43 +146,52 @@ class Daemon(Outcomes, Views, Peering):
         self._apply_outcomes()
         if force_rescan:
             self.state = replace(self.state, scan_requested=True)
-        if self.mtc is not None:
-            self._mtc_cycle()
+        if self.restore is not None:
+            self.state = self.restore.cycle(self.state)
         self._maybe_list_durable()
         self._check_disk()
-        self._watch_trainer()
-        snap = self._snapshot(self.state)
-        decided = plan(snap, self.rules)
+        self.state = self.trainer.probe(self.state)
+        snap = self.snapshot(self.state)
+        decided = plan(snap, self.settings.rules)
         self._execute(decided)
-        self._submit_replication()
+        self.peering.submit(self.state)
         self.view = View(snap, decided)
         self._record_metrics(snap, decided)
         if self.board is not None:
-            self.board.update(snap, self.status)
+            self.board.update(snap, self.views.status)
         return decided
 
     def _record_metrics(self, snap: Snapshot, decided: Plan) -> None:
-        m = self.metrics
+        m, cfg = self.metrics, self.settings.cfg
         m.record_tiers(snap, local_free=self.local_free)
-        healthy, why = self.health()
+        healthy, why = self.views.health()
         risk, _notes = risk_now(  # the same figures as `tiered status`
             snap.local,
             snap.durable,
             now=snap.now,
-            saves_on_signal=self.cfg.saves_on_sigterm,
+            saves_on_signal=cfg.saves_on_sigterm,
             cannot_promote=None if healthy else f"the daemon cannot promote it now: {why}",
-            local_period=self.cfg.local_checkpoint_period,
-            trainer_running=self._trainer_running(),
-            replicated=self._replicated_step(),
+            local_period=cfg.local_checkpoint_period,
+            trainer_running=self.trainer.running(),
+            replicated=self.peering.replicated_step(self.state),
         )
         m.record_risk(risk)
         job = self.transfer.job
         running = job is not None and job.kind == "upload"
         m.current_upload_seconds.set(time.time() - job.started if running and job else 0)
         m.ready.set(1 if healthy else 0)
-        if self.peer_server is not None:
-            m.peer_held_bytes.set(self.peer_store.used_bytes())
+        held = self.peering.held_bytes()
+        if held is not None:
+            m.peer_held_bytes.set(held)
         m.record_plan(decided, failed=len(self.state.failed))
+
+    def _apply_outcomes(self) -> None:
+        while True:
+            try:
+                outcome = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            self.state = self._handlers[outcome.job.kind](self.state, outcome)
 
     def _check_lock(self) -> None:
         if self.lock.still_held():
@@ -162,16 +200,15 @@ class Daemon(Outcomes, Views, Peering):
         self.local.ensure()
         self.lock.reacquire()  # AlreadyRunning when another daemon took it meanwhile: exit
 
-    def _snapshot(self, state: DaemonState) -> Snapshot:
+    def snapshot(self, state: DaemonState) -> Snapshot:
         """Both tiers as the daemon sees them now (reads only: any thread may call it)."""
         # The run is over when a trainer this daemon saw holding its lock is gone (the kernel
         # frees the lock even after kill -9), or when the daemon drains with no trainer there
         # (a client that takes no lock, such as orbax's, only ever ends that way).
-        trainer_there = self.trainer_lock.holder() is not None or state.coordinator_up
+        trainer_there = self.trainer.there(state)
         ended = not trainer_there and (state.trainer_seen or self.draining)
         busy = self._busy_steps()
-        choice = self.restore_choice
-        staged = frozenset({choice.step}) if choice is not None and choice != FRESH else frozenset()
+        staged = self.restore.staged() if self.restore is not None else frozenset()
         return Snapshot(
             now=time.time(),
             local=tuple(self.local.scan(with_size=True)),
@@ -215,7 +252,9 @@ class Daemon(Outcomes, Views, Peering):
         self._prune([d for d in decided.deletes if d.tier == "local"])
         durable_deletes = [d for d in decided.deletes if d.tier == "durable"]
         if durable_deletes and not self.durable_lane.busy:
-            self.durable_lane.submit(jobs.delete(self.local, self.durable, durable_deletes))
+            self.durable_lane.submit(
+                jobs.delete(self.local, self.settings.durable, durable_deletes)
+            )
 
     def _submit_work(self, decided: Plan) -> None:
         hurry = next(iter(decided.of(FullSpeed)), None)
@@ -237,36 +276,18 @@ class Daemon(Outcomes, Views, Peering):
                     transfer.reason,
                     f", {more} more due" if more > 0 else "",
                 )
-                self.transfer.submit(jobs.upload(self.cfg, self.local, self.durable, transfer))
+                setup = self.settings.now
+                self.transfer.submit(jobs.upload(setup.cfg, self.local, setup.durable, transfer))
             else:
                 log.warning("Moving durable step %d aside: %s", transfer.step, transfer.why)
-                self.transfer.submit(jobs.displace(self.durable, transfer))
+                self.transfer.submit(jobs.displace(self.settings.durable, transfer))
         commits = decided.of(Commit)
         # Once a second: each try lists the step's parts, and the job's end wakes the loop,
         # which would otherwise try again at once, a listing after another, while a node is away.
         now = time.monotonic()
         if commits and not self.durable_lane.busy and now - self._commit_tried_at >= 1.0:
             self._commit_tried_at = now
-            self.durable_lane.submit(jobs.commit(self.local, self.durable, commits))
-
-    def _watch_trainer(self) -> None:
-        """Is a trainer there? A ``tiered.CheckpointManager`` holds its lock; orbax's multi-tier
-        client takes none, but its JAX coordinator (named in ``jax-init-info.txt``) accepts
-        connections for as long as the job runs. Once either was seen, its going away means the
-        run ended, and the newest local step is owed to the durable tier."""
-        now = time.monotonic()
-        if now - self._probed_at < 2.0:
-            return
-        self._probed_at = now
-        up = self.mtc.coordinator_up() if self.mtc is not None else None
-        held = self.trainer_lock.holder() is not None
-        state = self.state
-        seen = state.trainer_seen or held or bool(up)
-        if up is not None and up != state.coordinator_up:
-            log.info(
-                "The trainer's JAX coordinator is %s", "up" if up else "gone: the run has ended"
-            )
-        self.state = replace(state, trainer_seen=seen, coordinator_up=bool(up))
+            self.durable_lane.submit(jobs.commit(self.local, self.settings.durable, commits))
 
     def _busy_steps(self) -> frozenset[int]:
         """The steps a lane's job works on now (step 0 included): never deleted under it."""
@@ -279,7 +300,7 @@ class Daemon(Outcomes, Views, Peering):
         if not deletes:
             return
         try:
-            done = apply_deletes(deletes, self.local, self.durable)
+            done = apply_deletes(deletes, self.local, self.settings.durable)
         except (StorageError, OSError) as err:
             self.state = self.state.error("prune", str(err), time.time())
             log.warning("Pruning stopped: %s", err)
@@ -292,7 +313,7 @@ class Daemon(Outcomes, Views, Peering):
         """List the durable tier every ``rescan_seconds`` (and after our own writes); while it
         does not answer, retry with capped exponential backoff, for as long as it takes."""
         state = self.state
-        tiered = self.cfg.tiered
+        tiered = self.settings.cfg.tiered
         if state.list_failures:
             every = min(
                 tiered.retry_max_seconds,
@@ -306,38 +327,20 @@ class Daemon(Outcomes, Views, Peering):
             self.state = replace(state, scan_requested=False)
             self.durable_lane.submit(
                 jobs.listing(
-                    self.durable,
+                    self.settings.durable,
                     version=self.state.durable_version,
-                    timeout=self.cfg.tiered.durable_timeout_seconds,
+                    timeout=tiered.durable_timeout_seconds,
                 )
             )
 
     def _check_disk(self) -> None:
-        floor = self.cfg.tiered.min_free_local_fraction
-        capacity = self.cfg.tiered.local_capacity
-        try:
-            # once per cycle: with a capacity set, it walks the local directory
-            self.local_free = self.local.free_bytes(capacity)
-            total = capacity if capacity is not None else shutil.disk_usage(self.local.root).total
-        except OSError:
-            self.local_free = None
+        # once per cycle: with a capacity set, it walks the local directory
+        self.local_free, self.state = self.space.check(self.state)
+        if self.local_free is None:
             return
-        free = self.local_free / total if total else 1.0
-        pressure = free < floor
-        if pressure != self.state.disk_pressure:
-            if pressure:
-                log.warning(
-                    "Local disk pressure: %.1f%% free, below the %.1f%% floor; keeping only the "
-                    "newest and pinned local steps",
-                    free * 100,
-                    floor * 100,
-                )
-            else:
-                log.info("Local disk pressure over: %.1f%% free", free * 100)
-            self.state = replace(self.state, disk_pressure=pressure)
-        if pressure and self.peer_server is not None:
-            self._shed_replicas()
-        self.metrics.disk_pressure.set(1 if pressure else 0)
+        if self.state.disk_pressure:
+            self.peering.shed()
+        self.metrics.disk_pressure.set(1 if self.state.disk_pressure else 0)
 
     # -- run ------------------------------------------------------------------------------------
 
@@ -353,18 +356,18 @@ class Daemon(Outcomes, Views, Peering):
         # the local tier safe however long the store is away (the first listing says why).
         self.watcher = Watcher(self.local.root, self.wake)
         self.watcher.start()
-        self.server = StatusServer(self.cfg.tiered.status_address, self.routes())
+        self.server = StatusServer(self.settings.cfg.tiered.status_address, self.views.routes())
         self.server.start()
         self.lock.annotate(self.server.address)
-        self._start_peers()
+        self.peering.start()
         if self.mtc is not None:
             self.mtc.ensure_jax_init_info()
         log.info(
             "tiered daemon %d serving %s -> %s (durable every %d steps), status on http://%s",
             os.getpid(),
             self.local.root,
-            self.durable.url,
-            self.cfg.durable_period,
+            self.settings.durable.url,
+            self.settings.cfg.durable_period,
             self.server.address,
         )
 
@@ -375,7 +378,7 @@ class Daemon(Outcomes, Views, Peering):
             tick = self._tick
             while not self.stopping.is_set():
                 # Node 0 polls for the other nodes' parts every second while a commit waits.
-                waiting = self.state.parts and self.topology.committer
+                waiting = self.state.parts and self.settings.topology.committer
                 self.wake.wait(1.0 if waiting else tick)
                 self.wake.clear()
                 if self.stopping.is_set():
@@ -396,7 +399,7 @@ class Daemon(Outcomes, Views, Peering):
         local step when the trainer is gone), within the grace period."""
         from daemon.watcher import save_in_progress
 
-        grace = self.cfg.tiered.shutdown_grace_seconds
+        grace = self.settings.cfg.tiered.shutdown_grace_seconds
         deadline = time.monotonic() + grace
         settle_until = time.monotonic() + min(3.0, grace / 10)
         self.draining = True
@@ -439,8 +442,7 @@ class Daemon(Outcomes, Views, Peering):
             self.watcher.stop()
         if self.server is not None:
             self.server.stop()
-        if self.peer_server is not None:
-            self.peer_server.stop()
+        self.peering.stop()
         if self.board is not None:
             self.board.close()
         self.lock.release()

@@ -14,7 +14,7 @@ import pytest
 
 from tiered import CheckpointManager, DurableTier, LocalTier, promote_step
 from tiered.integrations import TensorBoardLogger, WandbLogger
-from tiered.report import collect_status
+from tiered.status_client import collect_status
 
 from conftest import ROOT, DaemonProc, subprocess_env, wait_for, write_config
 from helpers import example_state, orbax_save

@@ -228,7 +228,7 @@ def test_a_short_run_is_seen_and_its_last_step_owed_as_final(tmp_path: Path) -> 
             trainer.save(7, example_state(7))  # not a multiple of the backup interval
             trainer.close()
             assert 7 not in d.cycle().owed  # running: step 7 is not due
-        d._probed_at = 0.0  # the next probe, 2 s later, without waiting for it
+        d.trainer.probe_now()  # the next probe, 2 s later, without waiting for it
         assert 7 in d.cycle().owed  # gone: the run ended, its last step is owed as final
     finally:
         d.close()

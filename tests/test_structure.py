@@ -120,3 +120,41 @@ def test_the_daemon_contract_forbids_every_module_but_the_surface() -> None:
         or (p.is_dir() and (p / "__init__.py").exists())
     }
     assert modules == set(contract["forbidden_modules"])
+
+
+def test_the_daemon_is_composed_not_inherited() -> None:
+    """``Daemon`` was ``Daemon(Outcomes, Views, Peering)``: mixins sharing some 25 attributes
+    declared on a base with ``NotImplementedError`` stubs. Its parts are objects now, each
+    handed what it needs by ``Daemon.__init__``: no class of the daemon's inherits from another
+    (but for ``daemon.http``'s ``Server`` and ``Handler``, which the status and peer servers
+    specialize), and no stub waits for a subclass to fill it in."""
+    import ast
+    import importlib
+    import inspect
+
+    import daemon
+    from daemon.http import Handler, Server
+    from daemon.service import Daemon
+
+    assert Daemon.__mro__ == (Daemon, object)
+    stubs = []
+    for path in sorted((ROOT / "daemon").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                raised = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if ast.unparse(raised) == "NotImplementedError":
+                    stubs.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not stubs, f"stubs for a subclass to fill in: {stubs}"
+    inherited = []
+    for info in pkgutil.iter_modules(daemon.__path__, "daemon."):
+        if info.name == "daemon.__main__":
+            continue  # running it runs the daemon
+        module = importlib.import_module(info.name)
+        for cls in vars(module).values():
+            if not inspect.isclass(cls) or cls.__module__ != info.name:
+                continue
+            for base in cls.__mro__[1:]:
+                ours = base.__module__.split(".")[0] == "daemon"
+                if ours and base not in (Handler, Server):
+                    inherited.append(f"{cls.__module__}.{cls.__qualname__}({base.__qualname__})")
+    assert not inherited, f"compose these, do not inherit: {inherited}"

@@ -38,7 +38,7 @@ _LAZY = {
     "Restored": "tiered.manager",
     "Manifest": "tiered.manifest",
     "TierStatus": "tiered.report",
-    "collect_status": "tiered.report",
+    "collect_status": "tiered.status_client",
     "DurableTier": "tiered.storage",
     "LocalTier": "tiered.storage",
     "fetch_step": "tiered.tiers",
@@ -83,7 +83,7 @@ def status(config: Any) -> Any:  # typed in __init__.pyi
     """The tier status, as ``tiered status --json`` reports it."""
     from tiered.config import TieredConfig
     from tiered.config_files import load_config
-    from tiered.report import collect_status
+    from tiered.status_client import collect_status
 
     cfg = config if isinstance(config, TieredConfig) else load_config(config)
     return collect_status(cfg)

@@ -21,7 +21,7 @@ from tiered.manager import CheckpointManager as CheckpointManager
 from tiered.manager import Restored as Restored
 from tiered.manifest import Manifest as Manifest
 from tiered.report import TierStatus as TierStatus
-from tiered.report import collect_status as collect_status
+from tiered.status_client import collect_status as collect_status
 from tiered.storage import DurableTier as DurableTier
 from tiered.storage import LocalTier as LocalTier
 from tiered.tiers import fetch_step as fetch_step

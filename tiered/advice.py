@@ -19,8 +19,8 @@ from typing import Any
 from tiered.config import TieredConfig
 from tiered.errors import TieredError
 from tiered.layout import TRAINER_STATS
-from tiered.report import collect_status
 from tiered.risk import Advice, Interruptions, advise, forecast_goodput
+from tiered.status_client import collect_status
 from tiered.storage import LocalTier
 from tiered.units import human_duration
 

@@ -20,7 +20,8 @@ from tiered.config import TieredConfig
 from tiered.config_files import load_config, split_overrides
 from tiered.errors import ChecksumMismatch, TieredError
 from tiered.logs import configure
-from tiered.report import collect_status, is_settled, render_table
+from tiered.report import is_settled, render_table
+from tiered.status_client import collect_status
 
 log = logging.getLogger("tiered")
 

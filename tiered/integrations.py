@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from tiered.config import TieredConfig
 from tiered.errors import ConfigError
 from tiered.layout import TRAINER_STATS
-from tiered.report import TierStatus, collect_status, replicated_step
+from tiered.report import TierStatus, replicated_step
+from tiered.status_client import collect_status
 from tiered.storage import LocalTier
 
 

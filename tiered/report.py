@@ -1,8 +1,9 @@
 """The tier status model: one model, three views (CLI table or JSON, HTTP ``/status``, Python).
 
 ``build_status`` is pure: inventories of both tiers, the daemon's live state and the clock in,
-a ``TierStatus`` out. ``collect_status`` does the reading: it asks a running daemon first (whose
-answer already holds both tiers and its live state) and otherwise scans the tiers itself.
+a ``TierStatus`` out; ``render_table`` prints one. The reading is ``tiered.status_client``'s:
+``collect_status`` asks a running daemon first (whose answer already holds both tiers and its
+live state) and otherwise scans the tiers itself.
 
 The JSON form is versioned (``schema``) and documented in ``docs/status.md``; fields are only
 ever added within a schema version.
@@ -11,22 +12,13 @@ ever added within a schema version.
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tiered.config import TieredConfig
-from tiered.errors import StorageError
-from tiered.layout import TRAINER_LOCK_NAME
-from tiered.lock import DirectoryLock
 from tiered.policy import Plan, Snapshot, plan, rules_for
-from tiered.reach import within
 from tiered.risk import held_by_every_peer, risk_now, step_seconds
-from tiered.storage import LocalTier
-from tiered.tiers import open_tiers
 from tiered.types import Displaced
 from tiered.units import human_bytes, human_duration, human_rate
 from tiered.urls import redact_url
@@ -220,74 +212,6 @@ def status_from_dict(data: dict[str, Any]) -> TierStatus:
     return TierStatus(
         **{k: v for k, v in data.items() if k != "steps"},
         steps=[StepStatus(**s) for s in data["steps"]],
-    )
-
-
-def query_daemon(address: str, *, timeout: float = 2.0) -> dict[str, Any] | None:
-    """The daemon's ``/status`` JSON, or None when no daemon answers at ``address``."""
-    try:
-        with urllib.request.urlopen(f"http://{address}/status", timeout=timeout) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
-    except (OSError, ValueError, urllib.error.URLError):
-        return None
-
-
-def _scan_durable(cfg: TieredConfig) -> tuple[list, list]:
-    durable = open_tiers(cfg)[1]
-    return durable.scan(), durable.list_displaced()
-
-
-def collect_status(
-    cfg: TieredConfig, *, ask_daemon: bool = True, durable_timeout: float = 5.0
-) -> TierStatus:
-    """Status as ``tiered status`` shows it: from the daemon when it answers, else the tiers.
-
-    The daemon is asked at ``tiered.status_address``, and then at the address it recorded in
-    its lock file (the two differ when the daemon was started with other settings)."""
-    live: dict[str, Any] | None = None
-    if ask_daemon:
-        lock = DirectoryLock(LocalTier(cfg.local_dir).tiered_dir)
-        recorded = lock.note()
-        for address in dict.fromkeys([cfg.tiered.status_address, recorded]):
-            answer = query_daemon(address) if address else None
-            if answer is not None and answer.get("local_dir") == str(cfg.local_dir):
-                return status_from_dict(answer)
-        pid = lock.holder()
-        if pid is not None:
-            live = {
-                "running": True,
-                "pid": pid,
-                "health": "not answering",
-                "last_error": f"the daemon (pid {pid}) holds the lock but does not answer at "
-                f"{recorded or cfg.tiered.status_address}",
-            }
-    local = LocalTier(cfg.local_dir)
-    local_steps = tuple(local.scan(with_size=True))
-    try:
-        scanned, moved = within(
-            durable_timeout, lambda: _scan_durable(cfg), knob="tiered status --timeout"
-        )
-        durable_steps: tuple | None = tuple(scanned)
-        displaced = [*moved, *local.displaced()]
-        error = None
-    except StorageError as err:
-        durable_steps, displaced, error = None, local.displaced(), str(err)
-    snap = Snapshot(now=time.time(), local=local_steps, durable=durable_steps)
-    try:
-        free: int | None = local.free_bytes(cfg.tiered.local_capacity)
-    except OSError:
-        free = None
-    trainer = DirectoryLock(local.tiered_dir, name=TRAINER_LOCK_NAME)
-    running = trainer.holder() is not None if trainer.exists() else None
-    return build_status(
-        cfg,
-        snapshot=snap,
-        live=live,
-        durable_error=error,
-        displaced=displaced,
-        local_free=free,
-        trainer_running=running,
     )
 
 

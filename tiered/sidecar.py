@@ -3,7 +3,6 @@ of the library do not import. The daemon imports ``tiered`` and this module only
 below can be rearranged without touching it (``make lint`` checks that it does)."""
 
 from tiered.atomic import publish_file
-from tiered.config_files import split_overrides
 from tiered.coord import Decision, Rendezvous
 from tiered.integrations import (
     checkpoint_facts,
@@ -28,7 +27,7 @@ from tiered.layout import (
     staging_path,
 )
 from tiered.lock import DirectoryLock
-from tiered.logs import configure, fields
+from tiered.logs import configure
 from tiered.manifest import Manifest
 from tiered.peerauth import (
     PROTOCOL_VERSION,
@@ -36,7 +35,6 @@ from tiered.peerauth import (
     NonceRecord,
     PeerAuth,
     job_identity,
-    mismatch,
 )
 from tiered.peering import (
     PeerClient,
@@ -133,7 +131,6 @@ __all__ = [
     "clients_for",
     "commit_parts",
     "configure",
-    "fields",
     "go_on_from",
     "header_for",
     "held_by_every_peer",
@@ -142,7 +139,6 @@ __all__ = [
     "last_blocking_seconds",
     "listen_address",
     "load_secret",
-    "mismatch",
     "open_durable",
     "parse_restore",
     "parse_step",
@@ -158,7 +154,6 @@ __all__ = [
     "restore_options",
     "risk_now",
     "rules_for",
-    "split_overrides",
     "stage_step",
     "staging_path",
     "summary_writer",

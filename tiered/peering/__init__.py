@@ -1,5 +1,5 @@
 """Peer replication between nodes: who sends to whom, how a request proves it comes from the
-job, and the client side of the transport (``daemon.peers`` serves it).
+job, and the client side of the transport (``daemon.peer_server`` serves it).
 
 Each node's daemon sends its newest committed local step to its partners: the next node in a
 ring by default, or the ranks ``tiered.peers`` (or orbax's ``peer-ranks`` in
