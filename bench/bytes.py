@@ -37,6 +37,10 @@ from bench.common import (
 MIB = 24  # each array: the replicated one on every process, the sharded one in all
 STEP = 50
 RESTORE_SIZE = {2: 4, 4: 2}  # the job of the other size that restores N's step
+DATA_FILE = "4Mi"
+"""``tiered.local_data_file_size``: chunks are at most this size, so the one replicated array
+of this state is six keys, as a model's many arrays are many keys (the default, 256Mi, would
+make the 24 MiB array one key, owned by one node)."""
 
 
 def _job(mode: str, config: Path, env_for: Any, n: int, orbax_dir: str, mib: int) -> list[dict]:
@@ -107,7 +111,7 @@ def _nodes(base: Path, url: str, n: int, tag: str) -> tuple[Any, list[str], dict
         url,
         checkpoint_period=STEP,
         local_checkpoint_period=STEP,
-        tiered={"rescan_seconds": 1, "local_max_to_keep": 2},
+        tiered={"rescan_seconds": 1, "local_max_to_keep": 2, "local_data_file_size": DATA_FILE},
     )
     for d in locals_:
         d.mkdir(parents=True)
@@ -264,6 +268,7 @@ def bytes_scenario(
             "mib_per_array": mib,
             "arrays": "rep: replicated on every process; shard: sharded by rows",
             "step": STEP,
+            "local_data_file_size": DATA_FILE,
             "restore_sizes": {str(k): v for k, v in RESTORE_SIZE.items() if k in counts},
             "orbax": "ocp.StandardCheckpointer, a global save straight to the store",
             "restore_bytes": {
@@ -334,16 +339,18 @@ def render(r: dict[str, Any]) -> list[str]:
     worst = max(row[b]["upload_max_over_mean"] for row in rows for b in BACKENDS if b in row)
     out += [
         "Every process saves the replicas it holds (right for the local tier: each node "
-        "restores alone) and every node uploads its own database, so the durable step holds "
-        f"the replicated array once per node; the upload is even (max / mean at most {worst:.2f})"
-        " because every node holds the same amount. A job of another size downloads the whole "
-        "step onto every node before orbax reads it locally (on `file://` the process reads "
-        "the step to copy it, the copy to verify it, then its chunks of the copy), where "
-        "plain orbax reads each process's "
-        "chunks in place: the replicated array whole on every process, plus the saved chunks "
-        "that overlap its shard. orbax's default save compresses with zstd (about 8% on random "
+        "restores alone), but each OCDBT key of the durable step is uploaded by one of the "
+        'nodes that hold it (docs/multinode.md, "Each byte once"), so the step holds the '
+        f"replicated array once and the upload is even (max / mean at most {worst:.2f}). "
+        "Local saves here use `tiered.local_data_file_size: "
+        f"{r['params'].get('local_data_file_size', '256Mi')}`, so the replicated array is "
+        "several chunks, as a model's state is many arrays. A job of another size still "
+        "downloads the whole step (each unique byte once) onto every node before orbax reads "
+        "it locally (on `file://` the process reads the step to copy it, the copy to verify "
+        "it, then its chunks of the copy), where plain orbax reads each process's chunks in "
+        "place: the replicated array whole on every process, plus the saved chunks that "
+        "overlap its shard. orbax's default save compresses with zstd (about 8% on random "
         "normal float32); tiered's local saves are uncompressed unless "
-        "`tiered.local_compression` is on, which accounts for part of the step ratio. The fix "
-        'is designed, not built: docs/multinode.md, "Each byte once: the planned dedup".',
+        "`tiered.local_compression` is on, which accounts for part of the step ratio.",
     ]
     return out

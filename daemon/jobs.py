@@ -185,7 +185,7 @@ def durable_fact(step: int, manifest: Manifest | None) -> DurableStep:
     return DurableStep(
         step=step,
         committed=True,
-        identity=manifest.identity,
+        identity=manifest.copy_identity,
         reason=as_reason(manifest.reason),
         commit_time=manifest.commit_time,
         size=manifest.total_bytes,

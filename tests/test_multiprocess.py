@@ -289,6 +289,27 @@ def test_native_api_across_processes(gs_url: str, tmp_path: Path, nodes: int) ->
                 for p in part.files
             )
         assert "default/manifest.ocdbt" in manifest.files
+        # Each key uploaded once: every node's part holds only the keys node 0's plan gave it,
+        # and every key of every node's index is given to exactly one of its holders.
+        indexes = {
+            r: json.loads(cluster.durable.store.read_text(f"50/{PARTS_DIR}/index-{r}.json"))
+            for r in range(nodes)
+        }
+        plans = {
+            r: json.loads(cluster.durable.store.read_text(f"50/{PARTS_DIR}/plan-{r}.json"))
+            for r in range(nodes)
+        }
+        owners: dict[str, list[int]] = {}
+        for r, plan in plans.items():
+            assert cluster.durable.read_part(50, r).deduped
+            for key in plan["roots"]["default"]:
+                assert key in indexes[r]["roots"]["default"], (r, key)
+                owners.setdefault(key, []).append(r)
+        held = {k for index in indexes.values() for k in index["roots"]["default"]}
+        assert sorted(owners) == sorted(held)
+        assert all(len(o) == 1 for o in owners.values()), owners
+        shared = [k for k in held if all(k in i["roots"]["default"] for i in indexes.values())]
+        assert any(k.startswith("b/") for k in shared), shared  # the replicated vector
         assert "default/_METADATA" in manifest.files and "_CHECKPOINT_METADATA" in manifest.files
         # Plain orbax reads it, with no tiered code: in one process of 8 devices, and in a
         # job of two processes.
@@ -469,6 +490,14 @@ def test_a_replaced_node_restores_the_newest_local_step_from_its_peer(
         assert any("ocdbt.process_1/" in f for f in fetched)
         assert not any("ocdbt.process_0/" in f for f in fetched)
         assert COMMIT_MARKER in fetched
+        # Its part on the durable tier holds only the keys it owned: the rest of its database
+        # was rebuilt from the merged root, each value checked against its index.
+        part = cluster.durable.read_part(50, 1)
+        assert part.deduped
+        kept = LocalTier(cluster.local[1]).cached_manifest(50)
+        assert kept is not None and not kept.deduped
+        assert kept.copy_identity == part.local_identity  # a copy of the step node 1 saved
+        assert set(kept.files) != set(part.files)  # its database rebuilt, not downloaded
     finally:
         cluster.stop_daemons()
 
@@ -618,7 +647,9 @@ def test_orbax_multi_tier_client_gets_a_lost_node_back_from_its_peer(
 def test_a_node_lost_mid_promotion_never_commits_part_of_a_step(
     gs_url: str, tmp_path: Path
 ) -> None:
-    cluster = Cluster(tmp_path, gs_url, 2, tiered={"local_max_to_keep": 2})
+    # Node 0 waits this long for node 1's index of a step (the dedup) before it plans without
+    # it and uploads all it holds itself.
+    cluster = Cluster(tmp_path, gs_url, 2, tiered={"local_max_to_keep": 2, "dedup_wait_seconds": 5})
     # Training first (saves 0..100 every 10 steps on both nodes), then the daemons.
     assert all("FRESH" in out for out in cluster.native(steps=101))
     node0 = cluster.start_daemon(0)

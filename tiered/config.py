@@ -126,6 +126,15 @@ class TieredSettings(BaseModel):
     (``dd`` with direct I/O on the same disk: 0.66 s; docs/benchmarks.md, section 6); the
     blocking part of a save is unchanged and plain orbax reads the steps as before. Arrays
     larger than this are stored in chunks of at most this size."""
+    dedup: bool = True
+    """With several nodes, each OCDBT key of a durable step is uploaded by one of the nodes that
+    hold it, so replicated state is stored and uploaded once, not once per node
+    (docs/multinode.md, "Each byte once"); needs tensorstore (the ``merge`` extra) beside every
+    daemon, and falls back to each node uploading all it holds where one lacks it. Off: every
+    node uploads all it holds, as tiered 0.3 did."""
+    dedup_wait_seconds: float = Field(60.0, gt=0)
+    """How long node 0 waits for every node's index of a step before it plans without the late
+    ones (they upload all they hold); the others wait 30 s more for their plan."""
     final_after_idle_seconds: float | None = Field(900.0, gt=0)
     """With no trainer lock to tell and no JAX coordinator to watch, a run that saved nothing
     for this long and three of its usual save intervals counts as over: its newest local step

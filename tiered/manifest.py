@@ -63,6 +63,12 @@ class Manifest:
     None: one node's step, or a multi-node one of tiered 0.2 (``node-<r>/`` folders)."""
     merged: bool = False
     """A global step whose OCDBT roots node 0 merged: plain orbax reads it on any topology."""
+    deduped: bool = False
+    """A part marker whose OCDBT databases hold only the keys its node owns
+    (``tiered.storage.dedup``): a replaced node rebuilds its own from the merged root."""
+    local_identity: str | None = None
+    """The identity of the local step a deduplicated part was made from; in a local step
+    rebuilt from such a part, the same (its files differ from the step that was saved)."""
 
     @property
     def total_bytes(self) -> int:
@@ -81,6 +87,12 @@ class Manifest:
         return digest.hexdigest()[:32]
 
     @property
+    def copy_identity(self) -> str:
+        """The identity of the local step this manifest is a copy of: its own, except for a
+        deduplicated part, which holds other files than the local step it came from."""
+        return self.local_identity or self.identity
+
+    @property
     def has_xxh3(self) -> bool:
         return any(e.xxh3 is not None for e in self.files.values())
 
@@ -90,6 +102,10 @@ class Manifest:
             extra = {"nodes": self.nodes, "node": self.node, "epoch": self.epoch, "host": self.host}
         if self.layout is not None:
             extra = {**extra, "layout": self.layout, "merged": self.merged}
+        if self.deduped:
+            extra = {**extra, "deduped": True}
+        if self.local_identity is not None:
+            extra = {**extra, "local_identity": self.local_identity}
         return json.dumps(
             {
                 # a manifest of tiered 0.2, kept or passed on, stays what it was
@@ -127,6 +143,10 @@ class Manifest:
                 host=str(data["host"]) if data.get("host") is not None else None,
                 layout=str(data["layout"]) if data.get("layout") is not None else None,
                 merged=bool(data.get("merged", False)),
+                deduped=bool(data.get("deduped", False)),
+                local_identity=(
+                    str(data["local_identity"]) if data.get("local_identity") is not None else None
+                ),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise LayoutError(f"malformed manifest: {err}") from None

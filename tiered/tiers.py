@@ -54,6 +54,8 @@ def open_durable(
         download_concurrency=cfg.tiered.download_concurrency,
         bandwidth_mb_per_s=cfg.tiered.upload_bandwidth_mb_per_s,
         topology=topo,
+        dedup=cfg.tiered.dedup,
+        dedup_wait=cfg.tiered.dedup_wait_seconds,
     )
 
 

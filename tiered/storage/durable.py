@@ -65,6 +65,8 @@ class DurableTier:
         topology: Topology | None = None,
         node_rank: int = 0,
         num_nodes: int = 1,
+        dedup: bool = False,
+        dedup_wait: float = 60.0,
     ) -> None:
         self.store: Store = open_store(normalize_url(url), storage_options)
         self.storage_options = dict(storage_options or {})
@@ -75,6 +77,10 @@ class DurableTier:
         self.limiter = RateLimiter(bandwidth_mb_per_s * 1e6) if bandwidth_mb_per_s else None
         self.budget = MemoryBudget(TRANSFER_MEMORY)
         self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
+        self.dedup = dedup
+        self.dedup_wait = dedup_wait
+        """With several nodes, upload only the OCDBT keys this node owns
+        (``tiered.storage.dedup``)."""
         self.parts_read = PartCache()
         """Node 0's part markers read while a commit waits (``parts.commit``)."""
 
@@ -168,7 +174,7 @@ class DurableTier:
                 DurableStep(
                     step=step,
                     committed=True,
-                    identity=manifest.identity if manifest else None,
+                    identity=manifest.copy_identity if manifest else None,
                     reason=as_reason(manifest.reason) if manifest else "unknown",
                     commit_time=manifest.commit_time if manifest else None,
                     size=manifest.total_bytes if manifest else None,
@@ -261,6 +267,7 @@ class DurableTier:
             manifest=manifest,
             epoch=epoch,
             limiter=limiter,
+            dedup=self.dedup,
         )
 
     def digest_of(self, step: int, rel: str) -> FileEntry:

@@ -192,7 +192,7 @@ class LocalTier:
             cached = self.cached_manifest(step)
             if cached is None:
                 return None, False
-            self._identity_cache[key] = (cached.identity, cached.merged)
+            self._identity_cache[key] = (cached.copy_identity, cached.merged)
         return self._identity_cache[key]
 
     def cached_manifest(self, step: int) -> Manifest | None:

@@ -40,6 +40,14 @@ class MergeUnavailable(StorageError):
         super().__init__(message, transient=False)
 
 
+class MergeIncomplete(StorageError):
+    """The merged root lacks keys the nodes' indexes name: a node did not upload what its plan
+    gave it. Retrying does not help; the step must not commit."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
 def kvstore_spec(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """The tensorstore kvstore of a durable URL's folder (``file://``, ``gs://``, ``s3://``)."""
     scheme, sep, rest = url.partition("://")
@@ -69,7 +77,7 @@ def kvstore_spec(url: str, storage_options: dict[str, Any] | None) -> dict[str, 
     raise MergeUnavailable(f"tensorstore has no driver for {scheme}:// URLs")
 
 
-def _child_env(storage_options: dict[str, Any] | None) -> dict[str, str]:
+def child_env(storage_options: dict[str, Any] | None) -> dict[str, str]:
     env = dict(os.environ)
     opts = storage_options or {}
     if opts.get("key") and opts.get("secret"):  # s3fs's names; tensorstore reads the env
@@ -85,10 +93,17 @@ def merge_roots(
     storage_options: dict[str, Any] | None,
     *,
     timeout: float = MERGE_TIMEOUT_SECONDS,
+    expect: dict[str, list[str]] | None = None,
 ) -> None:
-    """Write a merged OCDBT root at each ``(root URL, child folders in rank order)``."""
+    """Write a merged OCDBT root at each ``(root URL, child folders in rank order)``. With
+    ``expect`` (root URL -> keys: a deduplicated step's), the merged root must hold every key
+    named, else ``MergeIncomplete``."""
     jobs = [
-        {"base": kvstore_spec(root, storage_options), "children": children}
+        {
+            "base": kvstore_spec(root, storage_options),
+            "children": children,
+            "expect": (expect or {}).get(root),
+        }
         for root, children in roots
     ]
     try:
@@ -97,7 +112,7 @@ def merge_roots(
             input=json.dumps(jobs),
             capture_output=True,
             text=True,
-            env=_child_env(storage_options),
+            env=child_env(storage_options),
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
@@ -107,8 +122,31 @@ def merge_roots(
     tail = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
     if out.returncode == 3:
         raise MergeUnavailable(tail)
+    if out.returncode == 4:
+        raise MergeIncomplete(tail)
     if out.returncode != 0:
         raise StorageError(f"merging the OCDBT roots failed: {tail}", transient=True)
+
+
+def merge_into(base: dict[str, Any], children: list[str], context: Any) -> None:
+    """Write the merged OCDBT root at the kvstore ``base`` from its ``children`` (folders under
+    it, in rank order)."""
+    import tensorstore as ts
+
+    def kv(sub: str) -> Any:
+        spec = {**base, "path": base["path"] + (sub.rstrip("/") + "/" if sub else "")}
+        return ts.KvStore.open({"driver": "ocdbt", "base": spec}, context=context).result()
+
+    # One transaction for all children, as orbax's own merge: one commit writes one new
+    # version of the root (a transaction per child wrote N versions and N data files,
+    # which node 0 then read back, each commit rereading the root's manifest: at 1,024
+    # nodes that was most of the commit). Copied one after the other, highest rank
+    # first, so that for a key several children hold, the lowest rank's entry is the
+    # last write in the transaction, and the one that stays.
+    parent = kv("").with_transaction(txn := ts.Transaction(atomic=True))
+    for child in reversed(children):
+        kv(child).experimental_copy_range_to(parent).result()
+    txn.commit_async().result()
 
 
 def _merge(jobs: list[dict[str, Any]]) -> None:
@@ -116,22 +154,26 @@ def _merge(jobs: list[dict[str, Any]]) -> None:
 
     context = ts.Context()
     for job in jobs:
-        base = job["base"]
+        merge_into(job["base"], job["children"], context)
+        expect = job.get("expect")
+        if expect:
+            _check_keys(job["base"], expect, context)
 
-        def kv(sub: str, base: dict[str, Any] = base) -> Any:
-            spec = {**base, "path": base["path"] + (sub.rstrip("/") + "/" if sub else "")}
-            return ts.KvStore.open({"driver": "ocdbt", "base": spec}, context=context).result()
 
-        # One transaction for all children, as orbax's own merge: one commit writes one new
-        # version of the root (a transaction per child wrote N versions and N data files,
-        # which node 0 then read back, each commit rereading the root's manifest: at 1,024
-        # nodes that was most of the commit). Copied one after the other, highest rank
-        # first, so that for a key several children hold, the lowest rank's entry is the
-        # last write in the transaction, and the one that stays.
-        parent = kv("").with_transaction(txn := ts.Transaction(atomic=True))
-        for child in reversed(job["children"]):
-            kv(child).experimental_copy_range_to(parent).result()
-        txn.commit_async().result()
+def _check_keys(base: dict[str, Any], expect: dict[str, int], context: Any) -> None:
+    """Every key the nodes' indexes name is in the merged root: each node that followed its
+    plan uploaded every key it was given."""
+    import tensorstore as ts
+
+    root = ts.KvStore.open({"driver": "ocdbt", "base": base}, context=context).result()
+    have = {k.decode("latin-1") for k in root.list().result()}
+    lost = sorted(set(expect) - have)
+    if lost:
+        print(
+            f"the merged root lacks {len(lost)} key(s) the nodes hold, first {lost[0]!r}",
+            file=sys.stderr,
+        )
+        sys.exit(4)
 
 
 def main() -> int:

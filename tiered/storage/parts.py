@@ -33,8 +33,9 @@ from tiered.layout import (
     step_name,
 )
 from tiered.manifest import FileEntry, Manifest
+from tiered.storage import dedup
 from tiered.storage.errormap import translate_errors
-from tiered.storage.merge import merge_roots
+from tiered.storage.merge import MergeIncomplete, merge_roots
 
 if TYPE_CHECKING:
     from tiered.storage.steps import StepStore
@@ -309,9 +310,23 @@ def _global_files(
         ordered = [c for r in sorted(children) for c in sorted(children[r])]
         jobs.append((f"{tier.step_url(step)}/{root}".rstrip("/"), ordered))
     started = time.monotonic()
+    deduped = sorted(r for r, p in fresh.items() if p.deduped)
+    expect = _expected_keys(tier, step, sorted(fresh), roots) if deduped else None
     try:
-        merge_roots(jobs, tier.storage_options)
+        merge_roots(jobs, tier.storage_options, expect=expect)
+    except MergeIncomplete as err:
+        _clear_roots(tier, step, roots)
+        raise CommitError(f"{tier.step_url(step)} not committed: {err}") from None
     except StorageError as err:  # MergeUnavailable, a timeout, a database it cannot read
+        if deduped:
+            # Nodes that uploaded only the keys they own restore only through the merged
+            # root: no commit without it (the attempt is retried).
+            _clear_roots(tier, step, roots)
+            raise StorageError(
+                f"{tier.step_url(step)}: the parts of nodes {deduped[:8]} are deduplicated and "
+                f"restore only through a merged OCDBT root, which failed: {err}",
+                transient=True,
+            ) from None
         # The checkpoint matters more than its merged root: commit it without one.
         _clear_roots(tier, step, roots)
         log.warning(
@@ -339,6 +354,19 @@ def _global_files(
         time.monotonic() - started,
     )
     return files, merged
+
+
+def _expected_keys(
+    tier: StepStore, step: int, ranks: list[int], roots: set[str]
+) -> dict[str, list[str]]:
+    """root URL -> every key the nodes' indexes name under it: what the merged root must hold."""
+    indexes = dedup.read_indexes(tier, step, ranks)
+    out: dict[str, set[str]] = {}
+    for index in indexes.values():
+        for root, keys in index.items():
+            if root in roots:
+                out.setdefault(f"{tier.step_url(step)}/{root}".rstrip("/"), set()).update(keys)
+    return {url: sorted(keys) for url, keys in out.items()}
 
 
 def _clear_roots(tier: StepStore, step: int, roots: set[str]) -> None:

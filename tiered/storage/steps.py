@@ -52,6 +52,8 @@ class StepStore(Protocol):
     limiter: RateLimiter | None
     budget: MemoryBudget
     parts_read: PartCache
+    dedup: bool
+    dedup_wait: float
 
     @property
     def fs(self) -> Any: ...

@@ -15,6 +15,7 @@ from tiered import faults
 from tiered.errors import StepExists
 from tiered.layout import COMMIT_MARKER, MANIFEST_NAME
 from tiered.manifest import Manifest, build_manifest
+from tiered.storage import dedup as dedup_keys
 from tiered.storage import parts
 from tiered.storage.errormap import translate_errors
 from tiered.storage.local import read_step_metadata
@@ -41,6 +42,7 @@ def upload_step(
     manifest: Manifest | None = None,
     epoch: int = 0,
     limiter: RateLimiter | None = None,
+    dedup: bool = True,
 ) -> TransferResult:
     """Upload, verify, write the manifest, then the commit marker. Idempotent. The files move
     at ``limiter``'s pace (default: the tier's cap, if any).
@@ -54,7 +56,8 @@ def upload_step(
 
     With several nodes this node's files go where ``locate`` says and end with its part
     marker (carrying ``epoch``) instead: node 0 commits the step once every part is there
-    (``commit_parts``).
+    (``commit_parts``). With ``dedup`` the node's OCDBT databases are uploaded with only the
+    keys it owns (``tiered.storage.dedup``), where every node can take part.
     """
     started = time.monotonic()
     if manifest is None:
@@ -66,7 +69,7 @@ def upload_step(
     version = tier.marker_version(step)
     if version is not None:
         existing_manifest, _problem, _tiered = tier.step_manifest(step, version)
-        if existing_manifest is None or existing_manifest.identity != manifest.identity:
+        if existing_manifest is None or existing_manifest.copy_identity != manifest.copy_identity:
             raise StepExists(
                 f"{tier.step_url(step)} is already committed with other content; not overwritten"
             )
@@ -79,6 +82,36 @@ def upload_step(
             seconds=time.monotonic() - started,
             manifest=manifest,
         )
+    owned = None
+    if tier.topology.multi and dedup:
+        owned = dedup_keys.prepare(tier, step, step_dir, manifest, epoch=epoch)
+    try:
+        return _upload(
+            tier, step_dir, step, manifest, epoch, pace_of(tier, limiter), progress, started, owned
+        )
+    finally:
+        if owned is not None:
+            owned.cleanup()
+
+
+def pace_of(tier: StepStore, limiter: RateLimiter | None) -> RateLimiter | None:
+    return limiter if limiter is not None else tier.limiter
+
+
+def _upload(
+    tier: StepStore,
+    step_dir: Path,
+    step: int,
+    manifest: Manifest,
+    epoch: int,
+    pace: RateLimiter | None,
+    progress: Progress | None,
+    started: float,
+    owned: dedup_keys.Upload | None,
+) -> TransferResult:
+    if owned is not None:
+        manifest = owned.manifest
+    files = manifest.files
     remote = tier.node_listing(step, manifest)
     transfer = plan_transfer(manifest, _remote_facts(tier, step, manifest, remote))
     total = manifest.total_bytes
@@ -87,8 +120,6 @@ def upload_step(
     if progress:
         progress(done, total)
 
-    pace = limiter if limiter is not None else tier.limiter
-
     def put(rel: str) -> None:
         nonlocal done
         with translate_errors(
@@ -96,7 +127,7 @@ def upload_step(
             missing="not found (the local file vanished, or the bucket does not exist)",
         ):
             tier.store.put(
-                step_dir / rel,
+                owned.sources[rel] if owned is not None else step_dir / rel,
                 tier.object_path(step, tier.locate(rel)),
                 files[rel],
                 tier.budget,
