@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,43 @@ def test_the_merge_refuses_a_step_missing_a_key(tmp_path: Path) -> None:
     with pytest.raises(CommitError, match="lacks 1 key"):
         nodes[0].commit_parts(50, epoch=0, marker=b"ok")
     assert nodes[0].committed_steps() == []
+
+
+def test_on_a_store_the_merge_cannot_reach_every_node_uploads_all_it_holds(
+    tmp_path: Path,
+) -> None:
+    """A deduplicated step restores only through its merged root, and tensorstore reaches only
+    ``file://``, ``gs://`` and ``s3://``: on any other fsspec store node 0 plans no dedup, every
+    node uploads all it holds, and the step commits unmerged, as before."""
+    url = (f"memory://dedup-{os.getpid()}/run", {})
+    nodes = nodes_of(url, 2)
+    dirs = [local_step(tmp_path, r, 50, replicated=REPLICATED) for r in range(2)]
+    upload_all(nodes, dirs, 50)
+    assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == []
+    assert [nodes[0].read_part(50, r).deduped for r in range(2)] == [False, False]
+    plan = json.loads(nodes[0].store.read_text("50/tiered-parts/plan-1.json"))
+    assert "cannot merge on this store" in plan["fallback"]
+    for r in range(2):
+        dest = tmp_path / f"replaced{r}" / "50"
+        nodes[r].download_step(50, dest)
+        assert keys_of(dest / "state") == keys_of(dirs[r] / "state")
+
+
+def test_a_node_that_stays_down_holds_node_0_back_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node 1 is down: node 0 waits ``dedup_wait_seconds`` for its index of step 50, then plans
+    without it. At step 60 node 1 is still down, and node 0 waits only the short bound, not the
+    whole wait again, so its steps do not queue behind a dead node."""
+    monkeypatch.setattr(dedup, "LATE_WAIT_SECONDS", 0.2)
+    url = (f"file://{tmp_path}/durable", {})
+    [node0, _] = nodes_of(url, 2, dedup_wait=4.0)
+    seconds = []
+    for step in (50, 60):
+        d = local_step(tmp_path / str(step), 0, step, replicated=REPLICATED)
+        began = time.monotonic()
+        node0.upload_step(d, step=step)
+        seconds.append(time.monotonic() - began)
+        assert node0.read_part(step, 0).deduped  # node 0's keys, all its own
+    assert seconds[0] >= 4.0 and seconds[1] < 3.0, seconds
+    assert node0.late_ranks == {1}

@@ -22,7 +22,7 @@ own); only what its daemon uploads does:
 
 A replaced node restores its deduplicated part by rebuilding its database from the merged
 durable root, reading only the keys of its own index, each checked against the index's digest
-(``rebuild``).
+(``tiered.storage.rebuild``).
 """
 
 from __future__ import annotations
@@ -43,17 +43,16 @@ from typing import TYPE_CHECKING, Any
 
 from tiered.errors import CommitError, StorageError
 from tiered.layout import (
-    COMMIT_MARKER,
     PARTS_DIR,
     TIERED_DIR,
     ocdbt_roots,
     process_prefix,
     step_name,
 )
-from tiered.manifest import FileEntry, Manifest, digest_of_file
+from tiered.manifest import Manifest, digest_of_file
 from tiered.policy.ownership import Index, KeyFacts, assign
 from tiered.storage.errormap import translate_errors
-from tiered.storage.merge import child_env, kvstore_spec
+from tiered.storage.merge import MergeUnavailable, child_env, kvstore_spec
 
 if TYPE_CHECKING:
     from tiered.storage.steps import StepStore
@@ -63,6 +62,8 @@ log = logging.getLogger(__name__)
 VERSION = 1
 PLAN_GRACE_SECONDS = 30.0
 """How much longer than node 0 (``tiered.dedup_wait_seconds``) the other nodes wait for a plan."""
+LATE_WAIT_SECONDS = 5.0
+"""Node 0's wait for the indexes when nodes were late at the step before."""
 POLL_SECONDS = 1.0
 CHILD_TIMEOUT_SECONDS = 1800.0
 DEDUP_DIR = "dedup"
@@ -83,7 +84,8 @@ def available() -> bool:
 
 def databases(manifest: Manifest) -> dict[str, str]:
     """item folder -> this node's OCDBT database folder in it (``ocdbt.process_<p>``), for every
-    item that has exactly one."""
+    item that has exactly one, with its ``manifest.ocdbt`` (a folder without one is no database
+    tiered can read: it is uploaded as it is)."""
     found: dict[str, set[str]] = {}
     for root in ocdbt_roots(manifest.files):
         prefix = f"{root}/" if root else ""
@@ -93,7 +95,14 @@ def databases(manifest: Manifest) -> dict[str, str]:
                 child = folder[len(prefix) :]
                 if "/" not in child and child.startswith("ocdbt.process_"):
                     found.setdefault(root, set()).add(child)
-    return {root: children.pop() for root, children in found.items() if len(children) == 1}
+    out: dict[str, str] = {}
+    for root, children in found.items():
+        if len(children) != 1:
+            continue
+        child = children.pop()
+        if f"{root}/{child}/manifest.ocdbt".lstrip("/") in manifest.files:
+            out[root] = child
+    return out
 
 
 def run_child(jobs: list[dict[str, Any]], storage_options: dict[str, Any] | None) -> list[Any]:
@@ -117,7 +126,7 @@ def run_child(jobs: list[dict[str, Any]], storage_options: dict[str, Any] | None
     return list(json.loads(out.stdout))
 
 
-def _file_spec(path: Path) -> dict[str, Any]:
+def file_spec(path: Path) -> dict[str, Any]:
     return {"driver": "file", "path": str(path).rstrip("/") + "/"}
 
 
@@ -152,10 +161,15 @@ def prepare(
         _write(tier, step, index_name(rank), _index_doc(tier, step, epoch, None, dbs))
         log.info("Node %d uploads all of step %d: no tensorstore beside the daemon", rank, step)
         return None
-    listed = run_child(
-        [{"op": "index", "db": _file_spec(step_dir / r / c)} for r, c in sorted(dbs.items())],
-        tier.storage_options,
-    )
+    try:
+        listed = run_child(
+            [{"op": "index", "db": file_spec(step_dir / r / c)} for r, c in sorted(dbs.items())],
+            tier.storage_options,
+        )
+    except StorageError as err:  # a database tensorstore cannot read: upload it as it is
+        _write(tier, step, index_name(rank), _index_doc(tier, step, epoch, None, dbs))
+        log.warning("Node %d uploads all of step %d: listing its keys failed: %s", rank, step, err)
+        return None
     roots = {root: keys for (root, _c), keys in zip(sorted(dbs.items()), listed, strict=True)}
     doc = _index_doc(tier, step, epoch, roots, dbs)
     _write(tier, step, index_name(rank), doc)
@@ -173,8 +187,8 @@ def prepare(
     jobs = [
         {
             "op": "build",
-            "src": _file_spec(step_dir / root / child),
-            "dest": _file_spec(folder / root / child),
+            "src": file_spec(step_dir / root / child),
+            "dest": file_spec(folder / root / child),
             "keys": owned.get(root, []),
         }
         for root, child in sorted(dbs.items())
@@ -188,7 +202,7 @@ def prepare(
             f"{r}/{c}/".lstrip("/") for r, c in dbs.items()
         ]
         for rel, entry in manifest.files.items():
-            if any(_root_file(rel, prefix) for prefix in prefixes):
+            if any(is_database_file(rel, prefix) for prefix in prefixes):
                 # this node's database, replaced by the one of the keys it owns, and the
                 # local root over it (a replaced node rebuilds its own)
                 continue
@@ -213,7 +227,7 @@ def prepare(
     )
 
 
-def _root_file(rel: str, prefix: str) -> bool:
+def is_database_file(rel: str, prefix: str) -> bool:
     if not rel.startswith(prefix):
         return False
     tail = rel[len(prefix) :]
@@ -250,7 +264,7 @@ def _write(tier: StepStore, step: int, rel: str, doc: dict[str, Any]) -> None:
         tier.store.write_small(tier.object_path(step, rel), json.dumps(doc).encode())
 
 
-def _read(tier: StepStore, step: int, rel: str) -> dict[str, Any] | None:
+def read_doc(tier: StepStore, step: int, rel: str) -> dict[str, Any] | None:
     text = tier.store.read_text(f"{step_name(step)}/{rel}")
     if text is None:
         return None
@@ -266,12 +280,16 @@ def _wait_plan(tier: StepStore, step: int, epoch: int, own: str) -> dict[str, An
     node's); None when none came in time."""
     rank = tier.topology.rank
     wait = tier.dedup_wait + (0.0 if rank == 0 else PLAN_GRACE_SECONDS)
+    if rank == 0 and tier.late_ranks:
+        # the same nodes were late at the step before (down, or busy): do not hold every step
+        # of this node the whole wait for them
+        wait = min(wait, LATE_WAIT_SECONDS)
     deadline = time.monotonic() + wait
     while True:
         if rank == 0:
             plan = _make_plans(tier, step, epoch, final=time.monotonic() >= deadline)
         else:
-            plan = _read(tier, step, plan_name(rank))
+            plan = read_doc(tier, step, plan_name(rank))
         if (
             plan is not None
             and plan.get("epoch") == epoch
@@ -312,14 +330,16 @@ def _make_plans(tier: StepStore, step: int, epoch: int, *, final: bool) -> dict[
         return None  # an index of another epoch: its node has not indexed this one yet
     able = {r: d for r, d in docs.items() if d.get("roots") is not None}
     why: dict[int, str] = {}
+    mergeable = _mergeable(tier)
     for r in range(nodes):
-        if not available():
-            why[r] = "node 0 has no tensorstore to merge a deduplicated step"
+        if mergeable is not None:
+            why[r] = mergeable
         elif r not in docs:
             why[r] = f"its index of epoch {epoch} did not come within {tier.dedup_wait:.0f} s"
         elif r not in able:
             why[r] = "it has no tensorstore beside its daemon"
     planned = {r: d for r, d in able.items() if r not in why}
+    tier.late_ranks = {r for r in range(nodes) if r not in docs}
     ownership = assign(
         {
             r: {
@@ -369,6 +389,18 @@ def _make_plans(tier: StepStore, step: int, epoch: int, *, final: bool) -> dict[
     return plans[0]
 
 
+def _mergeable(tier: StepStore) -> str | None:
+    """Why node 0 cannot merge a deduplicated step of this tier, or None: such a step restores
+    only through its merged root, so without one every node uploads all it holds."""
+    if not available():
+        return "node 0 has no tensorstore to merge a deduplicated step"
+    try:
+        kvstore_spec(tier.url, tier.storage_options)
+    except MergeUnavailable as err:
+        return f"node 0 cannot merge on this store ({err})"
+    return None
+
+
 def read_indexes(tier: StepStore, step: int, ranks: list[int]) -> dict[int, Index]:
     """The indexes of ``ranks`` (node 0 checks the merged root against them)."""
     texts = tier.store.read_texts(
@@ -384,64 +416,3 @@ def read_indexes(tier: StepStore, step: int, ranks: list[int]) -> dict[int, Inde
             for root, keys in (doc.get("roots") or {}).items()
         }
     return out
-
-
-def kept_files(part: Manifest) -> dict[str, FileEntry]:
-    """A deduplicated part's files a replaced node downloads as they are: all but its OCDBT
-    databases, which ``rebuild`` makes again."""
-    dbs = databases(part)
-    owned = [f"{r}/{c}/".lstrip("/") for r, c in dbs.items()]
-    return {rel: e for rel, e in part.files.items() if not any(_root_file(rel, p) for p in owned)}
-
-
-def rebuilt_manifest(part: Manifest, kept: Manifest, folder: Path) -> Manifest:
-    """The manifest of a local step rebuilt from a deduplicated ``part`` in ``folder``: the
-    files downloaded as they were (``kept``, verified) and those the rebuild wrote, read once;
-    its identity as a copy is that of the step the part was made from."""
-    files = dict(kept.files)
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in files and rel != COMMIT_MARKER:
-            files[rel] = digest_of_file(path)
-    return replace(kept, files=files, deduped=False, local_identity=part.copy_identity)
-
-
-def rebuild(tier: StepStore, step: int, part: Manifest, dest: Path) -> int:
-    """Rebuild this node's OCDBT databases of a deduplicated step into the step folder being
-    restored (``dest``): each key of its index read from the merged durable root and checked
-    against the index's digest, then the local root over it. Returns the bytes of the values."""
-    rank = tier.topology.rank
-    doc = _read(tier, step, index_name(rank))
-    if doc is None or not doc.get("roots"):
-        raise CommitError(f"{tier.step_url(step)}: node {rank}'s index is missing or unreadable")
-    if not available():
-        raise CommitError(
-            f"restoring node {rank}'s part of {tier.step_url(step)} (deduplicated) needs "
-            "tensorstore beside the daemon: install tiered-checkpoint[merge]"
-        )
-    jobs = []
-    for root, child in sorted(doc["databases"].items()):
-        keys = doc["roots"].get(root, {})
-        jobs.append(
-            {
-                "op": "rebuild",
-                "src": kvstore_spec(
-                    f"{tier.step_url(step)}/{root}".rstrip("/"), tier.storage_options
-                ),
-                "dest": _file_spec(dest / root / child),
-                "root": _file_spec(dest / root) if root else _file_spec(dest),
-                "child": child,
-                "keys": keys,
-            }
-        )
-    run_child(jobs, tier.storage_options)
-    size = sum(v[0] for keys in doc["roots"].values() for v in keys.values())
-    log.info(
-        "Rebuilt node %d's databases of step %d from the merged root: %d keys, %d bytes, "
-        "each checked against its index",
-        rank,
-        step,
-        sum(len(keys) for keys in doc["roots"].values()),
-        size,
-    )
-    return size

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tiered.errors import CommitError
 from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, node_dir, part_path, tmp_name
 from tiered.manifest import Manifest, check_file, digest_of_file
-from tiered.storage import dedup, parts
+from tiered.storage import parts, rebuild
 from tiered.storage.errormap import translate_errors
 from tiered.storage.transfer import Progress, TransferResult, run_parallel
 
@@ -60,7 +60,7 @@ def download_step(
     if manifest.deduped and not whole:
         # This node's databases hold only the keys it owned: rebuilt from the merged root.
         rebuilt = manifest
-        manifest = replace(manifest, files=dedup.kept_files(manifest))
+        manifest = replace(manifest, files=rebuild.kept_files(manifest))
     partial = dest.with_name(tmp_name(dest.name))
     with translate_errors(f"preparing {partial}"):
         partial.mkdir(parents=True)
@@ -85,10 +85,10 @@ def download_step(
     try:
         run_parallel(get, sorted(manifest.files), workers=tier.download_concurrency)
         if rebuilt is not None:
-            done += dedup.rebuild(tier, step, rebuilt, partial)
+            done += rebuild.rebuild(tier, step, rebuilt, partial)
             if progress:
                 progress(done, done)
-            manifest = dedup.rebuilt_manifest(rebuilt, manifest, partial)
+            manifest = rebuild.rebuilt_manifest(rebuilt, manifest, partial)
         if only is None:
             with translate_errors(f"downloading the commit marker of {tier.step_url(step)}"):
                 tier.fs.get_file(

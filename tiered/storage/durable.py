@@ -79,6 +79,8 @@ class DurableTier:
         self._manifests: dict[int, tuple[str, Manifest | None, str | None, bool]] = {}
         self.dedup = dedup
         self.dedup_wait = dedup_wait
+        self.late_ranks: set[int] = set()
+        """Node 0: the nodes whose index of the last step planned came too late."""
         """With several nodes, upload only the OCDBT keys this node owns
         (``tiered.storage.dedup``)."""
         self.parts_read = PartCache()

@@ -54,6 +54,7 @@ class StepStore(Protocol):
     parts_read: PartCache
     dedup: bool
     dedup_wait: float
+    late_ranks: set[int]
 
     @property
     def fs(self) -> Any: ...
