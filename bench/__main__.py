@@ -2,7 +2,7 @@
 docs/benchmarks.md (tables and PNG plots) from every result present.
 
 Scenarios: stall, promote, restore, interference, footprint, physical, scaling, peers,
-hashing, scale, goodput, bytes (default: all).
+hashing, scale, goodput, bytes, dedup (default: all).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ ALL = [
     "scale",
     "goodput",
     "bytes",
+    "dedup",
 ]
 
 
@@ -150,6 +151,10 @@ def run(name: str, args: argparse.Namespace, work) -> dict:  # type: ignore[no-u
         from bench import bytes as bytes_bench
 
         return bytes_bench.bytes_scenario(work=work)
+    if name == "dedup":
+        from bench import dedup_plan
+
+        return dedup_plan.dedup_plan(work=work)
     if name == "physical":
         from bench import physical
 

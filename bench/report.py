@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.bytes import render as _bytes
 from bench.common import RESULTS, ROOT
+from bench.dedup_plan import render as _dedup
 from bench.physical import PHYSICAL_PROFILE
 from bench.scenarios import ratio
 
@@ -478,6 +479,7 @@ SECTIONS = [
     ("scale", "10. The multi-node protocol at 16 to 1,024 nodes", _scale),
     ("goodput", "11. Goodput through a failure trace", _goodput),
     ("bytes", "12. Bytes per step and per restore: tiered against orbax's global save", _bytes),
+    ("dedup", "13. The dedup's planning at 16 to 1,024 nodes", _dedup),
 ]
 
 

@@ -287,7 +287,7 @@ def _wait_plan(tier: StepStore, step: int, epoch: int, own: str) -> dict[str, An
     deadline = time.monotonic() + wait
     while True:
         if rank == 0:
-            plan = _make_plans(tier, step, epoch, final=time.monotonic() >= deadline)
+            plan = make_plans(tier, step, epoch, final=time.monotonic() >= deadline)
         else:
             plan = read_doc(tier, step, plan_name(rank))
         if (
@@ -307,7 +307,7 @@ def _wait_plan(tier: StepStore, step: int, epoch: int, own: str) -> dict[str, An
         time.sleep(POLL_SECONDS)
 
 
-def _make_plans(tier: StepStore, step: int, epoch: int, *, final: bool) -> dict[str, Any] | None:
+def make_plans(tier: StepStore, step: int, epoch: int, *, final: bool) -> dict[str, Any] | None:
     """Node 0: once every node's index of ``epoch`` is there, write every node's plan and return
     its own; with ``final`` (its wait is over), write a fallback plan for every node instead."""
     nodes = tier.topology.nodes

@@ -1,0 +1,134 @@
+"""``python -m bench dedup``: the dedup's planning at 16 to 1,024 nodes, one machine.
+
+Each node's index (``tiered-parts/index-<r>.json``) is written as its daemon writes it, for a
+data-parallel state of ``KEYS`` replicated keys (every node holds them) and one sharded key of
+its own; then node 0's own code (``tiered.storage.dedup``) plans once every index is there, as
+it does while it waits for its own plan: one listing, N index reads, the assignment, N plan
+writes. Each other node then reads its plan once. Measured per N: node 0's planning time and
+store calls, the calls per other node, the largest upload over the mean, and the bytes of the
+step's keys uploaded over the unique bytes (1.00 when each key goes up once).
+
+What it does not run: the tensorstore child each node starts to list its keys and build the
+database of the keys it owns (one per node, on that node's CPU, the same at any N; measured by
+``python -m bench bytes`` and tests/test_dedup.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.scale import NODE_COUNTS, STEP, open_node
+from tiered.storage import dedup
+from tiered.storage.dedup import index_name, plan_name
+
+KEYS = 200
+"""Replicated keys of the state: a model's arrays, each one chunk."""
+
+
+def _index(rank: int, nodes: int) -> dict[str, Any]:
+    keys = {f"layer{i}/c/0": [(1 + i % 7) << 20, f"{i:032x}"] for i in range(KEYS)}
+    keys[f"emb/c/{rank}"] = [4 << 20, f"{rank + 10**6:032x}"]
+    return {
+        "version": dedup.VERSION,
+        "step": STEP,
+        "node": rank,
+        "nodes": nodes,
+        "epoch": 0,
+        "databases": {"state": f"ocdbt.process_{rank}"},
+        "roots": {"state": keys},
+    }
+
+
+def one(url: str, options: dict[str, Any], nodes: int) -> dict[str, Any]:
+    tiers = [open_node(url, options, r, nodes) for r in range(nodes)]
+    for tier, _counter in tiers:
+        tier.store.write_small(
+            tier.object_path(STEP, index_name(tier.topology.rank)),
+            json.dumps(_index(tier.topology.rank, nodes)).encode(),
+        )
+    node0, counter0 = tiers[0]
+    before0 = counter0.n
+    began = time.perf_counter()
+    plan0 = dedup.make_plans(node0, STEP, 0, final=False)
+    plan_s = time.perf_counter() - began
+    assert plan0 is not None and "roots" in plan0, plan0
+    node0_calls = counter0.n - before0
+    others = []
+    loads = []
+    for tier, counter in tiers:
+        rank = tier.topology.rank
+        before = counter.n
+        text = tier.store.read_text(f"{STEP}/{plan_name(rank)}")
+        if rank:
+            others.append(counter.n - before + 1)  # its own index PUT, then this GET
+        plan = json.loads(text or "{}")
+        index = _index(rank, nodes)["roots"]["state"]
+        loads.append(sum(index[k][0] for k in plan["roots"].get("state", [])))
+    unique = sum((1 + i % 7) << 20 for i in range(KEYS)) + nodes * (4 << 20)
+    mean = sum(loads) / nodes
+    return {
+        "nodes": nodes,
+        "keys_per_node": KEYS + 1,
+        "node0_plan_seconds": plan_s,
+        "node0_calls": node0_calls,
+        "calls_per_other_node": max(others) if others else None,
+        "upload_max_over_mean": max(loads) / mean,
+        "uploaded_over_unique": sum(loads) / unique,
+    }
+
+
+def dedup_plan(*, work: Path, node_counts: tuple[int, ...] = NODE_COUNTS) -> dict[str, Any]:
+    from bench.common import drop_bucket, gcs_emulator, new_bucket
+
+    rows = []
+    for n in node_counts:
+        store = work / f"dedup-{n}"
+        row = one(f"file://{store}", {}, n)
+        row["backend"] = "file"
+        rows.append(row)
+        print(f"   {n} nodes, file: {json.dumps(row)}", flush=True)
+    with gcs_emulator():
+        for n in node_counts:
+            bucket = new_bucket()
+            row = one(f"gs://{bucket}/run", {"token": "anon"}, n)
+            row["backend"] = "gs"
+            rows.append(row)
+            print(f"   {n} nodes, gs: {json.dumps(row)}", flush=True)
+            drop_bucket(bucket)
+    return {"params": {"keys_per_node": KEYS + 1, "step": STEP}, "rows": rows}
+
+
+def render(r: dict[str, Any]) -> list[str]:
+    out = [
+        f"Node 0's planning of a deduplicated step (`bench/dedup_plan.py`): every node's index "
+        f"of {r['params']['keys_per_node']} keys ({r['params']['keys_per_node'] - 1} replicated "
+        "on every node, as a data-parallel state's arrays, and one sharded key of its own) is "
+        "written as its daemon writes it; then node 0's own code plans (one listing, the N "
+        "indexes read in parallel, the assignment, N plans written) and each node reads its "
+        "plan. Store calls are counted on each node's filesystem, as in section 10. The "
+        "tensorstore child each node runs to list and copy its keys is the same at any N and "
+        "is not part of this table (section 12 runs it).",
+        "",
+        "| backend | nodes | node 0's planning (s) | node 0's store calls | calls per other "
+        "node | largest upload / mean | bytes uploaded / unique |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        out.append(
+            f"| {row['backend']} | {row['nodes']} | {row['node0_plan_seconds']:.2f} | "
+            f"{row['node0_calls']} | {row['calls_per_other_node']} | "
+            f"{row['upload_max_over_mean']:.2f} | {row['uploaded_over_unique']:.2f} |"
+        )
+    out += [
+        "",
+        "Node 0's calls are one listing plus one read and one write per node: linear, with a "
+        "constant of about 2. Every other node makes two calls for the dedup whatever N (its "
+        "index, and its plan once it is there; one more read a second while it waits). Each "
+        "byte goes up once; where a state has fewer replicated keys than nodes, the largest "
+        "upload is one key, and the mean falls with N, so max / mean grows with N while the "
+        "bytes stay those of the state.",
+    ]
+    return out
