@@ -322,14 +322,23 @@ def test_a_node_that_stays_down_holds_node_0_back_once(
     without it. At step 60 node 1 is still down, and node 0 waits only the short bound, not the
     whole wait again, so its steps do not queue behind a dead node."""
     monkeypatch.setattr(dedup, "LATE_WAIT_SECONDS", 0.2)
+    waited: list[float] = []
+    real_wait = dedup._wait_plan
+
+    def timed_wait(*args: Any, **kwargs: Any) -> Any:
+        began = time.monotonic()
+        try:
+            return real_wait(*args, **kwargs)
+        finally:
+            waited.append(time.monotonic() - began)
+
+    monkeypatch.setattr(dedup, "_wait_plan", timed_wait)
     url = (f"file://{tmp_path}/durable", {})
     [node0, _] = nodes_of(url, 2, dedup_wait=4.0)
-    seconds = []
     for step in (50, 60):
         d = local_step(tmp_path / str(step), 0, step, replicated=REPLICATED)
-        began = time.monotonic()
         node0.upload_step(d, step=step)
-        seconds.append(time.monotonic() - began)
         assert node0.read_part(step, 0).deduped  # node 0's keys, all its own
-    assert seconds[0] >= 4.0 and seconds[1] < 3.0, seconds
+    # the wait for the plan alone (the key listing and copy around it vary with the machine)
+    assert waited[0] >= 4.0 and waited[1] < 2.0, waited
     assert node0.late_ranks == {1}

@@ -33,8 +33,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -51,8 +49,9 @@ from tiered.layout import (
 )
 from tiered.manifest import Manifest, digest_of_file
 from tiered.policy.ownership import Index, KeyFacts, assign
+from tiered.storage import merge
 from tiered.storage.errormap import translate_errors
-from tiered.storage.merge import MergeUnavailable, child_env, kvstore_spec
+from tiered.storage.merge import MergeUnavailable, kvstore_spec
 
 if TYPE_CHECKING:
     from tiered.storage.steps import StepStore
@@ -107,19 +106,13 @@ def databases(manifest: Manifest) -> dict[str, str]:
 
 def run_child(jobs: list[dict[str, Any]], storage_options: dict[str, Any] | None) -> list[Any]:
     """Run ``tiered.storage.ocdbt_keys`` on ``jobs``; its answers, in order."""
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "tiered.storage.ocdbt_keys"],
-            input=json.dumps(jobs),
-            capture_output=True,
-            text=True,
-            env=child_env(storage_options),
-            timeout=CHILD_TIMEOUT_SECONDS,
-        )
-    except subprocess.TimeoutExpired:
-        raise StorageError(
-            f"the OCDBT key copy took over {CHILD_TIMEOUT_SECONDS:.0f} s", transient=True
-        ) from None
+    out = merge.run_child(
+        "tiered.storage.ocdbt_keys",
+        jobs,
+        storage_options,
+        timeout=CHILD_TIMEOUT_SECONDS,
+        what="the OCDBT key copy",
+    )
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
         raise StorageError(f"the OCDBT key copy failed: {tail}", transient=True)

@@ -88,6 +88,30 @@ def child_env(storage_options: dict[str, Any] | None) -> dict[str, str]:
     return env
 
 
+def run_child(
+    module: str,
+    jobs: list[dict[str, Any]],
+    storage_options: dict[str, Any] | None,
+    *,
+    timeout: float,
+    what: str,
+) -> subprocess.CompletedProcess[str]:
+    """Run a tensorstore child (``python -m MODULE``) on ``jobs`` (JSON on its stdin), with the
+    store's credentials in its environment; a child that outlives ``timeout`` is a transient
+    ``StorageError`` naming ``what`` it was doing."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", module],
+            input=json.dumps(jobs),
+            capture_output=True,
+            text=True,
+            env=child_env(storage_options),
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise StorageError(f"{what} took over {timeout:.0f} s", transient=True) from None
+
+
 def merge_roots(
     roots: list[tuple[str, list[str]]],
     storage_options: dict[str, Any] | None,
@@ -106,19 +130,13 @@ def merge_roots(
         }
         for root, children in roots
     ]
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "tiered.storage.merge"],
-            input=json.dumps(jobs),
-            capture_output=True,
-            text=True,
-            env=child_env(storage_options),
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        raise StorageError(
-            f"merging the OCDBT roots took over {timeout:.0f} s", transient=True
-        ) from None
+    out = run_child(
+        "tiered.storage.merge",
+        jobs,
+        storage_options,
+        timeout=timeout,
+        what="merging the OCDBT roots",
+    )
     tail = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
     if out.returncode == 3:
         raise MergeUnavailable(tail)
