@@ -383,10 +383,12 @@ def read_for_restore(
     tell it from another same-size one: a daemon promoting its part of a step reads each OCDBT
     object of that part back to check its xxh3 (before it skips one already there, and after
     it uploads it). Those reads are the promotion's verification, by a daemon that logged
-    "Promoting step <step>" since ``before``. Anything else read (a restore's download, data
+    "Promoting step <step>". Anything else read (a restore's download, data
     files, another node's part) is returned."""
     now_promoting = promoting(cluster, step)
-    nodes = {r for r in range(cluster.nodes) if now_promoting[r] > promoting_before[r]}
+    # A promotion that started before ``before`` may read its objects back after it: the
+    # dedup waits for node 0's plan between the start and the upload.
+    nodes = {r for r in range(cluster.nodes) if now_promoting[r] > 0}
     bucket = url.removeprefix("gs://").split("/", 1)[0]
     fs = cluster.durable.fs
     fs.invalidate_cache()
