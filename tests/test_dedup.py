@@ -342,3 +342,53 @@ def test_a_node_that_stays_down_holds_node_0_back_once(
     # the wait for the plan alone (the key listing and copy around it vary with the machine)
     assert waited[0] >= 4.0 and waited[1] < 2.0, waited
     assert node0.late_ranks == {1}
+
+
+def test_a_node_with_dedup_off_does_not_stop_the_commit(tmp_path: Path) -> None:
+    """Node 1 has `tiered.dedup: false` (or an older daemon): it writes no index and uploads
+    all it holds; node 0 plans without it after its wait, and the step commits."""
+    url = (f"file://{tmp_path}/durable", {})
+    nodes = nodes_of(url, 2, dedup_wait=0.5)
+    nodes[1].dedup = False
+    dirs = [local_step(tmp_path, r, 50, replicated=REPLICATED) for r in range(2)]
+    upload_all(nodes, dirs, 50)
+    assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == []
+    assert [nodes[0].read_part(50, r).deduped for r in range(2)] == [True, False]
+    every = {k: v for d in dirs for k, v in keys_of(d / "state").items()}
+    assert keys_of(f"{url[0]}/50/state") == every
+
+
+def test_divergent_replicas_make_every_node_upload_its_own(tmp_path: Path) -> None:
+    """Two nodes hold different bytes under one replicated key: each must keep its own value
+    to restore its part, so node 0 plans no dedup for the step and each restores its own."""
+    url = (f"file://{tmp_path}/durable", {})
+    nodes = nodes_of(url, 2)
+    dirs = [
+        local_step(tmp_path, r, 50, replicated={**REPLICATED, "b/c/0": f"v{r}".encode()})
+        for r in range(2)
+    ]
+    upload_all(nodes, dirs, 50)
+    assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == []
+    assert [nodes[0].read_part(50, r).deduped for r in range(2)] == [False, False]
+    for r in range(2):
+        dest = tmp_path / f"replaced{r}" / "50"
+        nodes[r].download_step(50, dest)
+        assert keys_of(dest / "state") == keys_of(dirs[r] / "state")
+
+
+def test_a_malformed_index_is_left_out_not_fatal(tmp_path: Path) -> None:
+    """An index that does not parse (a store that truncates, another version) leaves its node
+    out of the plan, as if it had none, instead of crashing node 0's planning."""
+    url = (f"file://{tmp_path}/durable", {})
+    nodes = nodes_of(url, 2, dedup_wait=0.5)
+    dirs = [local_step(tmp_path, r, 50, replicated=REPLICATED) for r in range(2)]
+    bad = {"version": 1, "step": 50, "node": 1, "epoch": 0, "roots": {"state": {"k": ["x"]}}}
+    nodes[1].store.write_small(
+        nodes[1].object_path(50, dedup.index_name(1)), json.dumps(bad).encode()
+    )
+    plan = dedup.make_plans(nodes[0], 50, 0, final=True)
+    assert plan is None or "fallback" in plan or "roots" in plan
+    again = json.loads(nodes[0].store.read_text("50/tiered-parts/plan-1.json") or "{}")
+    assert "fallback" in again
+    assert dedup.make_plans(nodes[0], 50, 0, final=True) == plan  # made once per epoch
+    del dirs

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tiered.errors import CommitError, StorageError
+from tiered.errors import CommitError, LayoutError, StorageError
 from tiered.layout import (
     PARTS_DIR,
     TIERED_DIR,
@@ -304,6 +304,11 @@ def make_plans(tier: StepStore, step: int, epoch: int, *, final: bool) -> dict[s
     """Node 0: once every node's index of ``epoch`` is there, write every node's plan and return
     its own; with ``final`` (its wait is over), write a fallback plan for every node instead."""
     nodes = tier.topology.nodes
+    made = read_doc(tier, step, plan_name(0))
+    if made is not None and made.get("epoch") == epoch:
+        # plans are made once per epoch: the nodes may have followed them already (a retry
+        # that planned again could give a key to a node that uploaded without it)
+        return made
     listed = tier.store.list_versions(f"{step_name(step)}/{PARTS_DIR}")
     have = [r for r in range(nodes) if f"index-{r}.json" in listed]
     if len(have) < nodes and not final:
@@ -318,6 +323,8 @@ def make_plans(tier: StepStore, step: int, epoch: int, *, final: bool) -> dict[s
         except ValueError:
             doc = None
         if isinstance(doc, dict) and doc.get("epoch") == epoch and doc.get("node") == r:
+            if doc.get("roots") is not None and _parse_roots(doc) is None:
+                continue  # malformed: that node uploads all it holds
             docs[r] = doc
     if len(docs) < nodes and not final:
         return None  # an index of another epoch: its node has not indexed this one yet
@@ -333,15 +340,13 @@ def make_plans(tier: StepStore, step: int, epoch: int, *, final: bool) -> dict[s
             why[r] = "it has no tensorstore beside its daemon"
     planned = {r: d for r, d in able.items() if r not in why}
     tier.late_ranks = {r for r in range(nodes) if r not in docs}
-    ownership = assign(
-        {
-            r: {
-                root: {k: KeyFacts(int(v[0]), str(v[1])) for k, v in keys.items()}
-                for root, keys in d["roots"].items()
-            }
-            for r, d in planned.items()
-        }
-    )
+    parsed = {r: _parse_roots(d) for r, d in planned.items()}
+    ownership = assign({r: p for r, p in parsed.items() if p is not None})
+    if ownership.divergent:
+        # replicas that differ: each node must keep its own value to restore its part
+        for r in planned:
+            why[r] = f"replicas differ between nodes ({len(ownership.divergent)} key(s))"
+        planned = {}
     for root, key, ranks in ownership.divergent[:8]:
         log.warning(
             "Step %d: nodes %s hold different values of %s/%s; node %d's is kept",
@@ -403,9 +408,23 @@ def read_indexes(tier: StepStore, step: int, ranks: list[int]) -> dict[int, Inde
     for r, text in zip(ranks, texts, strict=True):
         if text is None:
             raise CommitError(f"{tier.step_url(step)}: node {r}'s index is missing")
-        doc = json.loads(text)
-        out[r] = {
-            root: {k: KeyFacts(int(v[0]), str(v[1])) for k, v in keys.items()}
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        parsed = _parse_roots(doc) if isinstance(doc, dict) else None
+        if parsed is None:
+            raise LayoutError(f"{tier.step_url(step)}: node {r}'s index is malformed")
+        out[r] = parsed
+    return out
+
+
+def _parse_roots(doc: dict[str, Any]) -> Index | None:
+    """An index's keys, or None when it is malformed."""
+    try:
+        return {
+            str(root): {str(k): KeyFacts(int(v[0]), str(v[1])) for k, v in keys.items()}
             for root, keys in (doc.get("roots") or {}).items()
         }
-    return out
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        return None

@@ -83,7 +83,8 @@ def upload_step(
             manifest=manifest,
         )
     owned = None
-    if tier.topology.multi and dedup:
+    # a preemption or final step goes up as it is: no wait for the other nodes' indexes
+    if tier.topology.multi and dedup and manifest.reason not in ("preemption", "final"):
         owned = dedup_keys.prepare(tier, step, step_dir, manifest, epoch=epoch)
     try:
         return _upload(
