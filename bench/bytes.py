@@ -314,16 +314,19 @@ def render(r: dict[str, Any]) -> list[str]:
             "(MiB) | tiered / orbax | tiered / unique | upload per node, max / mean (MiB) | "
             "restored by | held per restoring process (MiB) | restore read, tiered (MiB) | "
             f"restore read, orbax (MiB) | tiered / orbax | per process ({per}), tiered / orbax "
-            "(MiB) | bit-exact |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "(MiB) | read / held, tiered / orbax | bit-exact |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             b = row[backend]
             x, q = b["restore"], b["ratios"]
             if backend == "gs":
                 t_per, o_per = x["tiered_read_per_process_mean"], x["orbax_read_per_process_mean"]
+                t_held, o_held = x["tiered_over_held"], x["orbax_over_held"]
             else:
                 t_per, o_per = max(x["tiered_per_process"]), max(x["orbax_per_process"])
+                t_held = x["tiered_max_process_over_held"]
+                o_held = x["orbax_max_process_over_held"]
             out.append(
                 f"| {row['processes']} | {mib(row['unique_state_bytes'])} | "
                 f"{mib(b['tiered_step']['array_bytes'])} | "
@@ -333,6 +336,7 @@ def render(r: dict[str, Any]) -> list[str]:
                 f"{x['processes']} processes | {mib(max(x['held_bytes_per_process']))} | "
                 f"{mib(x['tiered_read_bytes'])} | {mib(x['orbax_read_bytes'])} | "
                 f"{q['tiered_over_orbax_restore_bytes']:.2f}x | {mib(t_per)} / {mib(o_per)} | "
+                f"{t_held:.2f}x / {o_held:.2f}x | "
                 f"{'yes' if x['tiered_exact'] and x['orbax_exact'] else '**no**'} |"
             )
         out.append("")
@@ -344,13 +348,17 @@ def render(r: dict[str, Any]) -> list[str]:
         f"replicated array once and the upload is even (max / mean at most {worst:.2f}). "
         "Local saves here use `tiered.local_data_file_size: "
         f"{r['params'].get('local_data_file_size', '256Mi')}`, so the replicated array is "
-        "several chunks, as a model's state is many arrays. A job of another size still "
-        "downloads the whole step (each unique byte once) onto every node before orbax reads "
-        "it locally (on `file://` the process reads the step to copy it, the copy to verify "
-        "it, then its chunks of the copy), where plain orbax reads each process's chunks in "
-        "place: the replicated array whole on every process, plus the saved chunks that "
-        "overlap its shard. orbax's default save compresses with zstd (about 8% on random "
-        "normal float32); tiered's local saves are uncompressed unless "
-        "`tiered.local_compression` is on, which accounts for part of the step ratio.",
+        "several chunks, as a model's state is many arrays. A job of another size reads only "
+        'what it needs (docs/multinode.md, "What a topology change costs"): each process '
+        "takes from the merged step the OCDBT keys of the chunks its shards cover, each value "
+        "checked against the step's key index as it is read, into a staged copy that orbax "
+        "then loads; plain orbax reads the same chunks in place. Read / held is the restore's "
+        "reads over what the process holds: on the GCS emulator what the store served (tiered "
+        "reads each needed chunk once), on `file://` the process's own reads, where tiered "
+        "reads each chunk twice (from the store, checking it, then from the staged copy) and "
+        "plain orbax once, unchecked. orbax's default save compresses with zstd (about 8% on "
+        "random normal float32); tiered's local saves are uncompressed unless "
+        "`tiered.local_compression` is on, which accounts for part of the step ratio and for "
+        "plain orbax reading less than a process holds.",
     ]
     return out

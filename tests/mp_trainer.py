@@ -14,6 +14,7 @@ With ``MP_HOLD_FILE``, it keeps running after its last save until that file exis
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -38,6 +39,9 @@ jax.distributed.initialize(
 )
 
 import tiered  # noqa: E402
+
+logging.basicConfig()  # warnings, as before; and what a restore in part read (the tests check it)
+logging.getLogger("tiered.storage.partial").setLevel(logging.INFO)
 
 
 def values(step: int) -> dict[str, np.ndarray]:

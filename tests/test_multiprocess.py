@@ -526,16 +526,38 @@ def test_a_job_of_another_size_restores_the_step_resharded(
     assert all(r["ok"] == "True" for r in restored), restored
     rows = 64 // resumed
     assert [r["rows"] for r in restored] == [f"{i * rows}:{(i + 1) * rows}" for i in range(resumed)]
-    # The step each node downloaded is the whole checkpoint, so it fits this shape: the next
-    # restart restores it from the local tier, with no download.
+    if resumed == 1:
+        # One process holds the whole state: it downloads the step whole, which fits this
+        # shape, so the next restart restores it from the local tier, with no download.
+        again = restored_lines(after.native(steps=53))
+        assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "local", "True")]
+        return
+    # Each process read only the keys of its own shards from the merged step, each checked
+    # against the step's key index, not the whole step: each of the 2 reads the 2 of the 4 row
+    # chunks its rows cover (and the replicated vector's).
+    read = [read_in_part(err, 50) for err in after.stderr]
+    assert all(r is not None and r[0] < r[1] for r in read), (read, after.stderr)
+    if not same_disks:  # nothing of the step was downloaded as a local step
+        assert not any((after.local[r] / "50").exists() for r in range(resumed))
+    # Nothing of it is kept as a local step (it is a part of the old step on the new mesh, which
+    # no restore of this job may take for a whole one): the next restart reads its chunks again.
     again = restored_lines(after.native(steps=53))
-    assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "local", "True")] * resumed
+    assert [(r["step"], r["source"], r["ok"]) for r in again] == [
+        ("50", "durable", "True")
+    ] * resumed
+    assert all(read_in_part(err, 50) for err in after.stderr), after.stderr
 
 
-def test_the_same_nodes_on_another_mesh_restore_the_whole_step(gs_url: str, tmp_path: Path) -> None:
+def read_in_part(stderr: str, step: int) -> tuple[int, int] | None:
+    """(keys read, keys in the step) from a trainer's log line of a restore in part."""
+    found = re.search(rf"Read the (\d+) of (\d+) keys of step {step} this process needs", stderr)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def test_the_same_nodes_on_another_mesh_read_what_they_need(gs_url: str, tmp_path: Path) -> None:
     """Two nodes keep their disks and restart with w split by columns instead of rows: each
-    node's part holds the wrong shards for the new mesh, so each restores the merged step
-    whole instead (bit-exact), and then goes on from it."""
+    node's part holds the wrong shards for the new mesh, so each reads what its new shards need
+    from the merged durable step instead (bit-exact), and then goes on from it."""
     cluster = Cluster(tmp_path, gs_url, 2)
     cluster.train_until_durable(51, [50])
     columns = {"MP_SHARD": "columns"}
@@ -544,9 +566,13 @@ def test_the_same_nodes_on_another_mesh_restore_the_whole_step(gs_url: str, tmp_
         ("50", "True", "0:4"),
         ("50", "True", "4:8"),
     ]
-    # What each node holds now is the whole step: the next restart on this mesh reads it locally
+    # each read what its columns need from the merged step (every row chunk holds some)
+    assert all(read_in_part(err, 50) for err in cluster.stderr), cluster.stderr
+    # Each node keeps its own part of the old mesh (the rows mesh still restores it locally);
+    # the next restart on the columns mesh reads its chunks from the durable step again.
     again = restored_lines(cluster.native(53, extra_env=columns))
-    assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "local", "True")] * 2
+    assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "durable", "True")] * 2
+    assert all((cluster.local[r] / "50" / COMMIT_MARKER).exists() for r in range(2))
 
 
 @pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])

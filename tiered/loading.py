@@ -1,11 +1,14 @@
 """How ``tiered.CheckpointManager`` loads the step it chose: from the local tier, or, for a step
 only the durable tier holds, straight from there when the store vouches for every byte
 (``tiered.durable_restore: store``) with the local copy filled in the background, else
-downloaded and verified first."""
+downloaded and verified first. A job of another shape reads only the chunks its shards need
+(``load_needed``, ``tiered.storage.partial``)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -13,8 +16,11 @@ from tiered.errors import StepUnreadable, TieredError
 from tiered.policy import may_read_in_place
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tiered.config import TieredConfig
-    from tiered.storage import DurableTier
+    from tiered.storage import DurableTier, LocalTier
+    from tiered.storage.partial import ArrayNeed, Need
 
 
 class Owner(Protocol):
@@ -22,10 +28,13 @@ class Owner(Protocol):
     config, its durable tier, and a verified copy of a durable step into the local tier."""
 
     config: TieredConfig
+    local: LocalTier
 
     @property
     def durable(self) -> DurableTier: ...
     def fetch(self, step: int) -> Any: ...
+    def manager_over(self, directory: Path) -> Any:
+        """An orbax manager over ``directory``, reading it as the local tier is read."""
 
 
 log = logging.getLogger("tiered.manager")
@@ -97,6 +106,94 @@ class Loader:
         if self._filling is not None:
             self._filling.join()
 
+    def load_agreed(
+        self, step: int, source: str, target: Any, args: Any, *, orbax_form: bool
+    ) -> tuple[Any, str]:
+        """Load the step the nodes agreed on from ``source``: (the state, the tier it came
+        from). A job of another size reads only what its shards need; a node whose part lacks
+        what this mesh needs (the same nodes on another mesh) too, from the merged step."""
+        from tiered.tiers import fetch_step
+
+        m = self.manager
+        done, state = False, None
+        if source == "durable" and self._other_shape(step):
+            done, state = self._try_needed(step, target, args, orbax_form=orbax_form)
+        if done:
+            return state, source
+        try:
+            return self.load(step, source, target, args, orbax_form=orbax_form), source
+        except Exception as err:  # orbax raises many types for shards it cannot find
+            if not m.durable.is_whole(step):
+                raise
+            # Another mesh on the same nodes: this node's part holds the old mesh's shards.
+            log.warning(
+                "Step %d: this node's part lacks shards this mesh needs (%s: %s); reading what "
+                "it needs from %s",
+                step,
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
+                m.durable.url,
+            )
+        done, state = self._try_needed(step, target, args, orbax_form=orbax_form)
+        if not done:
+            fetch_step(m.local, m.durable, step, whole=True)
+            state = self.load(step, "local", target, args, orbax_form=orbax_form)
+        return state, "durable"
+
+    def _other_shape(self, step: int) -> bool:
+        """Whether a durable step was written by a job of another node count."""
+        m = self.manager
+        try:
+            return m.durable.read_manifest(step).nodes != m.config.tiered.num_nodes
+        except (TieredError, FileNotFoundError):
+            return False  # the download says why
+
+    def _try_needed(
+        self, step: int, target: Any, args: Any, *, orbax_form: bool
+    ) -> tuple[bool, Any]:
+        """``load_needed``, or (False, None) when it failed: then the step is read whole (and
+        verified whole), which a restore must not be refused for."""
+        try:
+            return self.load_needed(step, target, args, orbax_form=orbax_form)
+        except Exception as err:  # tensorstore and orbax raise many types
+            log.warning(
+                "Reading only what this process needs of step %d failed (%s: %s); reading the "
+                "whole step",
+                step,
+                type(err).__name__,
+                str(err).splitlines()[0][:300] if str(err) else "",
+            )
+            return False, None
+
+    def load_needed(
+        self, step: int, target: Any, args: Any, *, orbax_form: bool
+    ) -> tuple[bool, Any]:
+        """Restore a merged durable step reading only the keys of the chunks this process's
+        shards cover (``tiered.storage.partial``), staged in ``.tiered/partial`` and removed
+        once loaded: (True, the state), or (False, None) when this restore cannot say what it
+        needs (no target with shardings) or the step has no key index: then it is read whole.
+        A step that fails the check raises, as its download would."""
+        from tiered.storage import partial
+
+        m = self.manager
+        need = needs_of(target, args, orbax_form=orbax_form)
+        if need is None:
+            return False, None
+        if not partial.readable(m.durable.read_manifest(step)):
+            return False, None
+        folder = m.local.tiered_dir / PARTIAL_DIR
+        shutil.rmtree(folder, ignore_errors=True)  # a restore that died (one trainer per disk)
+        dest = folder / str(os.getpid())
+        try:
+            partial.stage(m.durable, step, dest / str(step), need)
+            mgr = m.manager_over(dest)
+            try:
+                return True, self.load_from(mgr, step, target, args, orbax_form=orbax_form)
+            finally:
+                mgr.close()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def load_from(
         self, mgr: Any, step: int, target: Any, args: Any, *, orbax_form: bool = False
     ) -> Any:
@@ -111,6 +208,78 @@ class Loader:
             ocp.checkpoint_utils.construct_restore_args(target) if target is not None else None
         )
         return mgr.restore(step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+
+
+PARTIAL_DIR = "partial"
+"""Under the local tier's ``.tiered``: a step staged in part while it is being restored."""
+
+
+def needs_of(target: Any, args: Any, *, orbax_form: bool) -> Need | None:
+    """What this process reads of each item's arrays (``tiered.storage.partial.Need``), from
+    the shardings of the target it restores into; None when it cannot say (no target): then
+    it reads the step whole. ``PyTreeRestore`` and ``StandardRestore`` items name their
+    target; any other item is read whole."""
+    import orbax.checkpoint as ocp
+
+    def item_of(a: Any) -> Any:
+        if isinstance(a, ocp.args.PyTreeRestore | ocp.args.StandardRestore):
+            return a.item
+        return None
+
+    if not orbax_form:
+        items = {"default": target}
+    elif isinstance(args, ocp.args.Composite):
+        items = {name: item_of(a) for name, a in args.items()}
+    else:
+        items = {"default": item_of(args)}
+    need: Need = {}
+    for name, tree in items.items():
+        if tree is not None:
+            arrays = array_needs(tree)
+            if arrays is None:
+                return None
+            need[name] = arrays
+    return need or None
+
+
+def array_needs(tree: Any) -> dict[str, ArrayNeed] | None:
+    """orbax's parameter name -> the boxes this process's devices hold of that array, for
+    every leaf with a sharding (the others are read whole)."""
+    import jax
+    from orbax.checkpoint._src.tree import utils as tree_utils
+
+    from tiered.storage.partial import ArrayNeed
+
+    try:
+        names = tree_utils.get_param_names(tree)
+        pairs = jax.tree.leaves(
+            jax.tree.map(lambda n, leaf: (n, leaf), names, tree),
+            is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str),
+        )
+    except (ValueError, TypeError) as err:  # a tree orbax names otherwise: read it whole
+        log.debug("No parameter names for the target (%s): reading the step whole", err)
+        return None
+    out: dict[str, ArrayNeed] = {}
+    for name, leaf in pairs:
+        sharding = getattr(leaf, "sharding", None)
+        shape = getattr(leaf, "shape", None)
+        if sharding is None or shape is None or not hasattr(sharding, "addressable_devices"):
+            continue
+        boxes = []
+        for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+            box = []
+            for s, dim in zip(index, shape, strict=True):
+                if s.step not in (None, 1):
+                    break
+                box.append((s.start or 0, dim if s.stop is None else s.stop))
+            else:
+                boxes.append(tuple(box))
+                continue
+            boxes = []
+            break
+        if boxes:
+            out[name] = ArrayNeed(tuple(int(d) for d in shape), tuple(dict.fromkeys(boxes)))
+    return out
 
 
 def default_shardings(target: Any) -> Any:

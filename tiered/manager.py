@@ -344,23 +344,9 @@ class CheckpointManager:
         rank = self.config.tiered.node_rank
         source = "local" if rank in decision.holders else "durable"
         began = time.perf_counter()
-        try:
-            state = self._loader.load(decision.step, source, target, args, orbax_form=orbax_form)
-        except Exception as err:  # orbax raises many types for shards it cannot find
-            if not self.durable.is_whole(decision.step):
-                raise
-            # Another mesh on the same nodes: this node's part holds the old mesh's shards.
-            log.warning(
-                "Step %d: this node's part lacks shards this mesh needs (%s: %s); restoring "
-                "the whole step from %s",
-                decision.step,
-                type(err).__name__,
-                str(err).splitlines()[0][:200] if str(err) else "",
-                self.durable.url,
-            )
-            fetch_step(self.local, self.durable, decision.step, whole=True)
-            state = self._loader.load(decision.step, "local", target, args, orbax_form=orbax_form)
-            source = "durable"
+        state, source = self._loader.load_agreed(
+            decision.step, source, target, args, orbax_form=orbax_form
+        )
         if source == "local" and rank in decision.from_peers:
             source = "peer"  # this node's own part, back from a peer's copy
         record_duration(RESTORE, time.perf_counter() - began, source=source)
@@ -372,6 +358,10 @@ class CheckpointManager:
             decision.epoch,
         )
         return Restored(step=decision.step, state=state, source=source)
+
+    def manager_over(self, directory: Path) -> Any:
+        """An orbax manager over ``directory``, read as the local tier is (``Loader``)."""
+        return local_manager(self.config, multi=self._multi, directory=directory)
 
     def fetch(self, step: int, *, progress: Any = None) -> Path:
         """Download a durable step into the local tier, verified, and return its directory."""

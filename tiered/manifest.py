@@ -69,6 +69,10 @@ class Manifest:
     local_identity: str | None = None
     """The identity of the local step a deduplicated part was made from; in a local step
     rebuilt from such a part, the same (its files differ from the step that was saved)."""
+    key_index: FileEntry | None = None
+    """A merged step's key index (``tiered-parts/keys.json``: every OCDBT key with the digest
+    of its value), which a job of another shape reads its own chunks by
+    (``tiered.storage.partial``); None where node 0 wrote none."""
 
     @property
     def total_bytes(self) -> int:
@@ -106,6 +110,8 @@ class Manifest:
             extra = {**extra, "deduped": True}
         if self.local_identity is not None:
             extra = {**extra, "local_identity": self.local_identity}
+        if self.key_index is not None:
+            extra = {**extra, "key_index": _entry_json(self.key_index)}
         return json.dumps(
             {
                 # a manifest of tiered 0.2, kept or passed on, stays what it was
@@ -123,14 +129,7 @@ class Manifest:
     def from_json(cls, text: str | bytes) -> Manifest:
         try:
             data = json.loads(text)
-            files = {
-                str(p): FileEntry(
-                    size=int(e["size"]),
-                    crc32c=crc32c_from_b64(e["crc32c"]),
-                    xxh3=_xxh3_from_json(e.get("xxh3")),
-                )
-                for p, e in data["files"].items()
-            }
+            files = {str(p): _entry_from_json(e) for p, e in data["files"].items()}
             commit_time = data.get("commit_time")
             manifest = cls(
                 step=int(data["step"]),
@@ -147,6 +146,7 @@ class Manifest:
                 local_identity=(
                     str(data["local_identity"]) if data.get("local_identity") is not None else None
                 ),
+                key_index=_entry_from_json(data["key_index"]) if data.get("key_index") else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise LayoutError(f"malformed manifest: {err}") from None
@@ -160,6 +160,14 @@ def _entry_json(entry: FileEntry) -> dict[str, object]:
     if entry.xxh3 is not None:
         out["xxh3"] = entry.xxh3
     return out
+
+
+def _entry_from_json(e: dict[str, object]) -> FileEntry:
+    return FileEntry(
+        size=int(e["size"]),  # type: ignore[call-overload]
+        crc32c=crc32c_from_b64(e["crc32c"]),  # type: ignore[arg-type]
+        xxh3=_xxh3_from_json(e.get("xxh3")),
+    )
 
 
 def _xxh3_from_json(value: object) -> str | None:

@@ -142,10 +142,15 @@ def _apply_options(data: dict[str, Any], options: Any) -> dict[str, Any]:
 
 
 def local_manager(
-    cfg: TieredConfig, *, multi: bool, on_saved: Callable[[], None] | None = None
+    cfg: TieredConfig,
+    *,
+    multi: bool,
+    on_saved: Callable[[], None] | None = None,
+    directory: Path | None = None,
 ) -> Any:
-    """The orbax manager of the local tier; ``on_saved`` is called on orbax's finalize thread
-    as each asynchronous save completes (its ``post_finalization_callback``).
+    """The orbax manager of the local tier (or of ``directory``, read as the local tier is:
+    a step staged in part, ``tiered.loading``); ``on_saved`` is called on orbax's finalize
+    thread as each asynchronous save completes (its ``post_finalization_callback``).
 
     Local saves are uncompressed unless ``tiered.local_compression`` is on: zstd (level 3
     under zarr3) is most of a save's host CPU, paid every local period, and over high-entropy
@@ -189,7 +194,7 @@ def local_manager(
     handlers.add(None, ocp.args.StandardSave, standard)
     handlers.add(None, ocp.args.StandardRestore, standard)
     return ocp.CheckpointManager(
-        str(cfg.local_dir),
+        str(directory or cfg.local_dir),
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=cfg.local_checkpoint_period,
             max_to_keep=None,

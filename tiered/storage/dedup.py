@@ -399,20 +399,40 @@ def _mergeable(tier: StepStore) -> str | None:
     return None
 
 
-def read_indexes(tier: StepStore, step: int, ranks: list[int]) -> dict[int, Index]:
-    """The indexes of ``ranks`` (node 0 checks the merged root against them)."""
+IndexDocs = dict[int, tuple[Any, Index | None]]
+"""rank -> (the epoch of its index, its keys or None): ``read_index_docs``."""
+
+
+def read_index_docs(tier: StepStore, step: int, ranks: list[int]) -> IndexDocs:
+    """The indexes of ``ranks`` that are there: rank -> (its epoch, its keys, or None when it is
+    malformed or its node could not index)."""
     texts = tier.store.read_texts(
         [f"{step_name(step)}/{index_name(r)}" for r in ranks], workers=tier.concurrency
     )
-    out: dict[int, Index] = {}
+    out: IndexDocs = {}
     for r, text in zip(ranks, texts, strict=True):
         if text is None:
-            raise CommitError(f"{tier.step_url(step)}: node {r}'s index is missing")
+            continue
         try:
             doc = json.loads(text)
         except ValueError:
             doc = None
-        parsed = _parse_roots(doc) if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            out[r] = (None, None)
+            continue
+        parsed = _parse_roots(doc) if doc.get("roots") is not None else None
+        out[r] = (doc.get("epoch"), parsed)
+    return out
+
+
+def read_indexes(tier: StepStore, step: int, ranks: list[int], docs: IndexDocs) -> dict[int, Index]:
+    """The indexes of ``ranks`` among ``docs`` (``read_index_docs``): node 0 checks the merged
+    root against them, so each must be there and well formed."""
+    out: dict[int, Index] = {}
+    for r in ranks:
+        if r not in docs:
+            raise CommitError(f"{tier.step_url(step)}: node {r}'s index is missing")
+        parsed = docs[r][1]
         if parsed is None:
             raise LayoutError(f"{tier.step_url(step)}: node {r}'s index is malformed")
         out[r] = parsed

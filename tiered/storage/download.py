@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from tiered.errors import CommitError
 from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, node_dir, part_path, tmp_name
-from tiered.manifest import Manifest, check_file, digest_of_file
+from tiered.manifest import FileEntry, Manifest, check_file, digest_of_file
 from tiered.storage import parts, rebuild
 from tiered.storage.errormap import translate_errors
 from tiered.storage.transfer import Progress, TransferResult, run_parallel
@@ -65,25 +65,8 @@ def download_step(
     with translate_errors(f"preparing {partial}"):
         partial.mkdir(parents=True)
     total = manifest.total_bytes
-    done = 0
-    lock = threading.Lock()
-
-    def get(rel: str) -> None:
-        nonlocal done
-        local = partial / rel
-        local.parent.mkdir(parents=True, exist_ok=True)
-        entry = manifest.files[rel]
-        with translate_errors(f"downloading {rel} of {tier.step_url(step)}"):
-            tier.store.get(tier.object_path(step, locate(rel)), local, entry.size, tier.budget)
-        got = digest_of_file(local)
-        check_file(f"{tier.step_url(step)}/{rel}", entry, got)
-        with lock:
-            done += got.size
-            if progress:
-                progress(done, total)
-
     try:
-        run_parallel(get, sorted(manifest.files), workers=tier.download_concurrency)
+        done = fetch_files(tier, step, manifest.files, partial, locate=locate, progress=progress)
         if rebuilt is not None:
             done += rebuild.rebuild(tier, step, rebuilt, partial)
             if progress:
@@ -108,6 +91,39 @@ def download_step(
         seconds=time.monotonic() - started,
         manifest=manifest,
     )
+
+
+def fetch_files(
+    tier: StepStore,
+    step: int,
+    files: dict[str, FileEntry],
+    dest: Path,
+    *,
+    locate: Callable[[str], str],
+    progress: Progress | None = None,
+) -> int:
+    """Download ``files`` of a step into ``dest`` (``locate``: where each is on the tier), each
+    checked against its entry; the bytes downloaded."""
+    total = sum(e.size for e in files.values())
+    done = 0
+    lock = threading.Lock()
+
+    def get(rel: str) -> None:
+        nonlocal done
+        local = dest / rel
+        local.parent.mkdir(parents=True, exist_ok=True)
+        entry = files[rel]
+        with translate_errors(f"downloading {rel} of {tier.step_url(step)}"):
+            tier.store.get(tier.object_path(step, locate(rel)), local, entry.size, tier.budget)
+        got = digest_of_file(local)
+        check_file(f"{tier.step_url(step)}/{rel}", entry, got)
+        with lock:
+            done += got.size
+            if progress:
+                progress(done, total)
+
+    run_parallel(get, sorted(files), workers=tier.download_concurrency)
+    return done
 
 
 def restore_manifest(tier: StepStore, step: int) -> tuple[Manifest, Callable[[str], str]]:

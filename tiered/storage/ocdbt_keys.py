@@ -1,6 +1,7 @@
 """The keys of a node's OCDBT database, for the dedup (``tiered.storage.dedup``): list them with
 a digest of each value, copy the keys a node owns into a database of their own, and rebuild a
-node's database from a merged durable step, each value checked against its digest.
+node's database from a merged durable step, each value checked against its digest, and pick
+from one the keys a restoring process needs (``tiered.storage.partial``).
 
 Like the merge, this runs in a child process (``python -m tiered.storage.ocdbt_keys``) that
 imports tensorstore and nothing of jax or orbax, so the daemon stays small and a crash in native
@@ -77,7 +78,7 @@ def _copy(
                 if len(value) != size or value_digest(value) != digest:
                     raise SystemExit(
                         f"key {key!r}: {len(value)} bytes read, digest {value_digest(value)}, "
-                        f"but node's index says {size} bytes, digest {digest}"
+                        f"but the index says {size} bytes, digest {digest}"
                     )
             dest.with_transaction(txn)[key.encode("latin-1")] = value
             held += len(value)
@@ -99,11 +100,37 @@ def _rebuild(job: dict[str, Any], context: Any) -> None:
     merge_into(job["root"], [job["child"]], context)
 
 
+def _pick(job: dict[str, Any], context: Any) -> dict[str, int]:
+    """Copy the keys a process needs (``tiered.storage.partial.select``) of a merged root into
+    a database of their own, each checked against the key index; the count and bytes copied."""
+    from tiered.storage.partial import ArrayNeed, metadata_keys, select
+
+    expect: dict[str, list[Any]] = job["keys"]
+    needs = {
+        name: ArrayNeed(
+            tuple(n["shape"]), tuple(tuple((int(a), int(b)) for a, b in box) for box in n["boxes"])
+        )
+        for name, n in job["needs"].items()
+    }
+    src = _open(job["src"], context)
+    keys = sorted(expect)
+    metas = {}
+    for key in metadata_keys(keys, needs):
+        got = src.read(key.encode("latin-1")).result()
+        if got.state == "value":
+            value = bytes(got.value)
+            if value_digest(value) == expect[key][1]:  # a bad one fails the copy, below
+                metas[key.rsplit("/", 1)[0]] = value
+    chosen = select(keys, metas, needs)
+    _copy(src, job["dest"], chosen, context, expect=expect)
+    return {"keys": len(chosen), "bytes": sum(expect[k][0] for k in chosen)}
+
+
 def run(jobs: list[dict[str, Any]]) -> list[Any]:
     import tensorstore as ts
 
     context = ts.Context()
-    ops = {"index": _index, "build": _build, "rebuild": _rebuild}
+    ops = {"index": _index, "build": _build, "rebuild": _rebuild, "pick": _pick}
     return [ops[job["op"]](job, context) for job in jobs]
 
 

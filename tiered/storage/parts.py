@@ -33,7 +33,7 @@ from tiered.layout import (
     step_name,
 )
 from tiered.manifest import FileEntry, Manifest
-from tiered.storage import dedup
+from tiered.storage import dedup, keyindex
 from tiered.storage.errormap import translate_errors
 from tiered.storage.merge import MergeIncomplete, merge_roots
 
@@ -150,8 +150,9 @@ def commit(tier: StepStore, step: int, *, epoch: int, marker: bytes) -> list[int
             f"({sorted(map(str, layouts))}): is every node's daemon the same tiered version?"
         )
     merged_root = False
+    key_index = None
     if layouts == {GLOBAL_LAYOUT}:
-        files, merged_root = _global_files(tier, step, fresh)
+        files, merged_root, key_index = _global_files(tier, step, fresh, epoch=epoch)
     else:  # parts of tiered 0.2: each node's files in its own folder
         files = {
             f"{node_dir(r)}/{rel}": entry
@@ -170,6 +171,7 @@ def commit(tier: StepStore, step: int, *, epoch: int, marker: bytes) -> list[int
         epoch=epoch,
         layout=fresh[0].layout,
         merged=merged_root,
+        key_index=key_index,
     )
     # Each node read its own objects back before writing its part; here every object is
     # checked once more for presence and size (and crc32c where listings carry it).
@@ -259,10 +261,10 @@ def _check_shapes(tier: StepStore, step: int, found: dict[int, Manifest]) -> Non
 
 
 def _global_files(
-    tier: StepStore, step: int, fresh: dict[int, Manifest]
-) -> tuple[dict[str, FileEntry], bool]:
-    """Make the step one orbax checkpoint; return every file it then holds, and whether its
-    OCDBT roots are merged.
+    tier: StepStore, step: int, fresh: dict[int, Manifest], *, epoch: int
+) -> tuple[dict[str, FileEntry], bool, FileEntry | None]:
+    """Make the step one orbax checkpoint; return every file it then holds, whether its
+    OCDBT roots are merged, and the entry of its key index (``tiered.storage.partial``).
 
     Each process's own shards are already in place. Node 0's copy of the files every node has
     (the step's and each item's metadata) is copied server-side to the step's own paths, and
@@ -297,7 +299,7 @@ def _global_files(
     tier.parallel(copy, sorted(shared))
     files.update(shared)
     if not roots:
-        return files, False
+        return files, False, None
     _clear_roots(tier, step, roots)  # what an interrupted commit may have left
     jobs = []
     for root in sorted(roots):
@@ -311,8 +313,10 @@ def _global_files(
         jobs.append((f"{tier.step_url(step)}/{root}".rstrip("/"), ordered))
     started = time.monotonic()
     deduped = sorted(r for r, p in fresh.items() if p.deduped)
+    # every node's index, read once: the merge's check and the key index
+    docs = dedup.read_index_docs(tier, step, sorted(fresh))
     # a node that uploaded all it holds needs no index: every key it holds is in its database
-    expect = _expected_keys(tier, step, deduped, roots) if deduped else None
+    expect = _expected_keys(tier, step, dedup.read_indexes(tier, step, deduped, docs), roots)
     try:
         merge_roots(jobs, tier.storage_options, expect=expect)
     except MergeIncomplete as err:
@@ -337,7 +341,7 @@ def _global_files(
             err,
             tier.topology.nodes,
         )
-        return files, False
+        return files, False, None
     merged = True
     for root in sorted(roots):
         written = _root_files(tier, step, root)
@@ -354,14 +358,61 @@ def _global_files(
         tier.step_url(step),
         time.monotonic() - started,
     )
-    return files, merged
+    key_index = _write_key_index(tier, step, sorted(fresh), docs, roots, epoch) if merged else None
+    return files, merged, key_index
+
+
+def _write_key_index(
+    tier: StepStore,
+    step: int,
+    ranks: list[int],
+    docs: dedup.IndexDocs,
+    roots: set[str],
+    epoch: int,
+) -> FileEntry | None:
+    """Write the step's key index (every key of its merged roots, with its value's size and
+    digest: the union of the nodes' indexes of this epoch); None, and a job of another shape
+    reads the step whole, where a node has none or two nodes hold different values of a key."""
+    union: dict[str, dict[str, list[Any]]] = {root: {} for root in roots}
+    why = None
+    for r in ranks:
+        got_epoch, index = docs.get(r, (None, None))
+        if index is None or got_epoch != epoch:
+            why = f"node {r} has no index of epoch {epoch}"
+            break
+        for root, keys in index.items():
+            if root not in union:
+                continue
+            into = union[root]
+            for key, facts in keys.items():
+                value = [facts.size, facts.digest]
+                if into.setdefault(key, value) != value:
+                    why = f"nodes hold different values of {root}/{key}"
+                    break
+            if why:
+                break
+        if why:
+            break
+    if why is not None:
+        log.info(
+            "%s has no key index (%s): a job of another shape reads it whole",
+            tier.step_url(step),
+            why,
+        )
+        return None
+    data = keyindex.key_index_doc(union, step)
+    with translate_errors(f"writing {tier.step_url(step)}/{keyindex.KEYS_NAME}"):
+        tier.store.write_small(tier.object_path(step, keyindex.KEYS_NAME), data)
+    return keyindex.key_entry(data)
 
 
 def _expected_keys(
-    tier: StepStore, step: int, ranks: list[int], roots: set[str]
-) -> dict[str, list[str]]:
-    """root URL -> every key the nodes' indexes name under it: what the merged root must hold."""
-    indexes = dedup.read_indexes(tier, step, ranks)
+    tier: StepStore, step: int, indexes: dict[int, dedup.Index], roots: set[str]
+) -> dict[str, list[str]] | None:
+    """root URL -> every key the nodes' ``indexes`` name under it: what the merged root must
+    hold; None with no index to check against."""
+    if not indexes:
+        return None
     out: dict[str, set[str]] = {}
     for index in indexes.values():
         for root, keys in index.items():

@@ -1,0 +1,254 @@
+"""A restore that reads only what it needs (``tiered.storage.partial``): the key index node 0
+writes at the commit of a merged step, the choice of keys from zarr metadata and the boxes a
+process holds, and the copy of those keys, each checked against the index.
+
+The choice is a pure function, tested by table (with metadata as orbax writes it, zarr v2 and
+v3). The copy runs over real OCDBT databases written by tensorstore, uploaded by one
+``DurableTier`` per node (``test_dedup``'s protocol) to a plain directory and the GCS emulator.
+The runs with real JAX processes are in ``test_multiprocess.py`` (a job of another size, another
+mesh) and ``python -m bench bytes`` (the bytes against plain orbax).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tiered import DurableTier
+from tiered.errors import ChecksumMismatch, CommitError
+from tiered.layout import COMMIT_MARKER
+from tiered.manifest import crc32c_b64
+from tiered.storage import keyindex, partial
+from tiered.storage.partial import ArrayNeed, grid_of, select
+
+from conftest import make_bucket
+
+ts = pytest.importorskip("tensorstore")
+
+ZARR2 = json.dumps(
+    {"chunks": [16, 8], "dimension_separator": ".", "shape": [64, 8], "zarr_format": 2}
+).encode()
+ZARR3 = json.dumps(
+    {
+        "zarr_format": 3,
+        "shape": [64, 8],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [16, 8]}},
+        "chunk_key_encoding": {"name": "default"},
+    }
+).encode()
+ROWS = [f"w/{i}.0" for i in range(4)]
+ROWS3 = [f"w/c/{i}/0" for i in range(4)]
+
+
+def rows(lo: int, hi: int) -> ArrayNeed:
+    return ArrayNeed((64, 8), (((lo, hi), (0, 8)),))
+
+
+@pytest.mark.parametrize(
+    ("keys", "metas", "needs", "chosen"),
+    [
+        # zarr v2: the row chunks the box meets, and the metadata
+        (["w/.zarray", *ROWS], {"w": ZARR2}, {"w": rows(16, 40)}, ["w/.zarray", "w/1.0", "w/2.0"]),
+        # zarr v3's default key encoding (c/...), as orbax writes the local tier
+        (["w/zarr.json", *ROWS3], {"w": ZARR3}, {"w": rows(0, 16)}, ["w/zarr.json", "w/c/0/0"]),
+        # two boxes (two local devices)
+        (
+            ["w/.zarray", *ROWS],
+            {"w": ZARR2},
+            {"w": ArrayNeed((64, 8), (((0, 16), (0, 8)), ((48, 64), (0, 8))))},
+            ["w/.zarray", "w/0.0", "w/3.0"],
+        ),
+        # an array the target does not name is read whole
+        (
+            ["b/.zarray", "b/0", *ROWS],
+            {"w": ZARR2},
+            {"w": rows(0, 16)},
+            ["b/.zarray", "b/0", "w/0.0"],
+        ),
+        # a shape that differs from the target's: the whole array
+        (["w/.zarray", *ROWS], {"w": ZARR2}, {"w": ArrayNeed((32, 8), ())}, ["w/.zarray", *ROWS]),
+        # no metadata to read the grid from: the whole array
+        (["w/.zarray", *ROWS], {}, {"w": rows(0, 16)}, ["w/.zarray", *ROWS]),
+        # a key that does not parse as a chunk of the grid is kept
+        (
+            ["w/.zarray", "w/odd", *ROWS],
+            {"w": ZARR2},
+            {"w": rows(0, 1)},
+            ["w/.zarray", "w/odd", "w/0.0"],
+        ),
+    ],
+)
+def test_the_keys_a_process_reads(keys: list, metas: dict, needs: dict, chosen: list) -> None:
+    got = select(keys, metas, needs)
+    assert sorted(got) == sorted(chosen)
+    # never less than it needs: every chunk the boxes meet is there
+    for name, need in needs.items():
+        grid = grid_of(metas[name]) if name in metas else None
+        if grid is None or grid.shape != need.shape:
+            assert all(k in got for k in keys if k.startswith(f"{name}/"))
+
+
+def test_a_grid_this_does_not_understand_reads_the_array_whole() -> None:
+    other = json.dumps({"zarr_format": 3, "shape": [8], "chunk_grid": {"name": "irregular"}})
+    assert grid_of(other.encode()) is None
+    assert grid_of(b"not json") is None
+    scalar = json.dumps({"chunks": [], "shape": [], "zarr_format": 2}).encode()
+    assert select(["s/.zarray", "s/0"], {"s": scalar}, {"s": ArrayNeed((), ((),))}) == [
+        "s/.zarray",
+        "s/0",
+    ]
+
+
+# -- over real databases and stores --
+
+
+def local_step(root: Path, rank: int, step: int, values: dict[str, bytes]) -> Path:
+    """A committed local step of one process: its OCDBT database of ``values`` (an array ``w``
+    of 4 row chunks, as zarr v2 names them, and whatever else), the root over it, metadata."""
+    from tiered.storage.merge import merge_into
+
+    d = root / f"node{rank}" / str(step)
+    child = d / "state" / f"ocdbt.process_{rank}"
+    child.mkdir(parents=True)
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{child}/"}).result()
+    txn = ts.Transaction()
+    for key, value in values.items():
+        kv.with_transaction(txn)[key] = value
+    txn.commit_async().result()
+    merge_into({"driver": "file", "path": f"{d}/state/"}, [child.name], ts.Context())
+    (d / "state" / "_METADATA").write_text('{"tree": "same on every node"}')
+    (d / COMMIT_MARKER).write_text("committed")
+    return d
+
+
+def chunk(i: int) -> bytes:
+    return f"rows {16 * i}:{16 * (i + 1)} ".encode() * 400
+
+
+def committed_step(
+    url: tuple[str, dict], tmp_path: Path, *, dedup: bool = True, differ: bool = False
+) -> list[DurableTier]:
+    """Step 50 of two nodes, each holding its two row chunks of ``w`` and the replicated
+    metadata and vector ``b``, uploaded and committed."""
+    from test_dedup import upload_all
+
+    nodes = [
+        DurableTier(url[0], storage_options=url[1], node_rank=r, num_nodes=2, dedup=dedup)
+        for r in range(2)
+    ]
+    dirs = []
+    for r in range(2):
+        values = {"w/.zarray": ZARR2, "b/0": b"vector" * (50 + (r if differ else 0))}
+        values.update({f"w/{i}.0": chunk(i) for i in (2 * r, 2 * r + 1)})
+        dirs.append(local_step(tmp_path, r, 50, values))
+    upload_all(nodes, dirs, 50)
+    assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == []
+    return nodes
+
+
+def keys_in(folder: Path) -> dict[str, bytes]:
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{folder}/"}).result()
+    return {k.decode(): bytes(kv.read(k).result().value) for k in kv.list().result()}
+
+
+@pytest.fixture(params=["file", "gs"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
+    if request.param == "file":
+        return f"file://{tmp_path}/durable", {}
+    request.getfixturevalue("gcs_emulator")
+    return f"gs://{make_bucket()}/run", {"token": "anon"}
+
+
+def test_a_process_of_another_job_reads_only_its_chunks(
+    url: tuple[str, dict], tmp_path: Path
+) -> None:
+    nodes = committed_step(url, tmp_path)
+    manifest = nodes[0].read_manifest(50)
+    # the key index names every key of the merged root, with its value's size and digest
+    assert manifest.key_index is not None and partial.readable(manifest)
+    index = keyindex.read_key_index(nodes[0], 50, manifest)
+    assert sorted(index["state"]) == sorted(["w/.zarray", "b/0", *ROWS])
+    # A process of a 4-node job holding rows 20:30 reads chunk 1 (16:32) only, with the
+    # metadata and the vector it does not name; byte for byte what was saved.
+    reader = DurableTier(url[0], storage_options=url[1], node_rank=1, num_nodes=4)
+    dest = tmp_path / "staged" / "50"
+    got = partial.stage(reader, 50, dest, {"state": {"w": rows(20, 30)}})
+    assert keys_in(dest / "state") == {
+        "w/.zarray": ZARR2,
+        "b/0": b"vector" * 50,
+        "w/1.0": chunk(1),
+    }
+    assert (dest / "state" / "_METADATA").read_text() == '{"tree": "same on every node"}'
+    assert (dest / COMMIT_MARKER).exists()
+    assert not list(dest.rglob("ocdbt.process_*"))  # no node's database came down whole
+    assert (got.keys_read, got.keys_all) == (3, 6)
+    assert got.bytes_read < got.bytes_all / 2
+
+
+def test_a_value_unlike_the_key_index_fails_the_read(tmp_path: Path) -> None:
+    """A value on the store whose digest is not the key index's (here the index is made to say
+    other bytes, and its digest in the manifest with it) is refused, naming the key."""
+    url = (f"file://{tmp_path}/durable", {})
+    nodes = committed_step(url, tmp_path)
+    store = tmp_path / "durable" / "50"
+    doc = json.loads((store / keyindex.KEYS_NAME).read_text())
+    doc["roots"]["state"]["w/1.0"][1] = "0" * 32
+    data = json.dumps(doc).encode()
+    (store / keyindex.KEYS_NAME).write_bytes(data)
+    with pytest.raises(ChecksumMismatch, match=r"keys\.json"):  # the manifest names other bytes
+        partial.stage(nodes[0], 50, tmp_path / "a" / "50", {"state": {"w": rows(16, 17)}})
+    manifest_path = store / "tiered-manifest.json"
+    m = json.loads(manifest_path.read_text())
+    entry = keyindex.key_entry(data)
+    m["key_index"] = {"size": entry.size, "crc32c": crc32c_b64(entry.crc32c), "xxh3": entry.xxh3}
+    manifest_path.write_text(json.dumps(m))
+    reader = DurableTier(url[0], node_rank=0, num_nodes=4)
+    with pytest.raises(CommitError, match=r"w/1\.0"):
+        partial.stage(reader, 50, tmp_path / "b" / "50", {"state": {"w": rows(16, 17)}})
+
+
+def test_no_key_index_where_a_node_has_no_index_or_replicas_differ(tmp_path: Path) -> None:
+    """With dedup off nodes write no index, and where nodes hold different values of a key
+    the merged root holds one of them: node 0 writes no key index, and a job of another shape
+    reads such a step whole, as before."""
+    for name, kw in (("off", {"dedup": False}), ("differ", {"differ": True})):
+        url = (f"file://{tmp_path}/{name}/durable", {})
+        (tmp_path / name).mkdir()
+        nodes = committed_step(url, tmp_path / name, **kw)
+        manifest = nodes[0].read_manifest(50)
+        assert manifest.merged and manifest.key_index is None, name
+        assert not partial.readable(manifest)
+        assert not (tmp_path / name / "durable" / "50" / keyindex.KEYS_NAME).exists()
+        with pytest.raises(CommitError, match="in part"):
+            partial.stage(nodes[0], 50, tmp_path / name / "x" / "50", {})
+
+
+def test_what_a_restore_says_it_needs() -> None:
+    """The boxes come from the target's shardings, per item: tiered's own form is the
+    ``default`` item; orbax's ``Composite`` names its items; an item that is not a PyTree of
+    arrays, or a leaf with no sharding, is not named (read whole)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from tiered.loading import needs_of
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {
+        "w": jax.ShapeDtypeStruct((64, 8), np.float32, sharding=one),
+        "n": {"b": jax.ShapeDtypeStruct((4,), np.float32, sharding=one)},
+        "plain": jax.ShapeDtypeStruct((2,), np.float32),
+    }
+    whole_w = ArrayNeed((64, 8), (((0, 64), (0, 8)),))
+    need = needs_of(target, None, orbax_form=False)
+    assert need == {"default": {"w": whole_w, "n.b": ArrayNeed((4,), (((0, 4),),))}}
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore({"w": target["w"]}), meta=ocp.args.JsonRestore()
+    )
+    assert needs_of(None, args, orbax_form=True) == {"state": {"w": whole_w}}
+    assert needs_of(None, ocp.args.StandardRestore({"w": target["w"]}), orbax_form=True) == {
+        "default": {"w": whole_w}
+    }
+    assert needs_of(None, None, orbax_form=False) is None  # no target: the whole step
