@@ -24,6 +24,7 @@ import pytest
 from tiered import DurableTier, LocalTier, config_from_mapping
 from tiered.jaxenv import jax_env
 from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, PARTS_DIR
+from tiered.storage.keyindex import KEYS_NAME
 from tiered.storage.replicas import PeerStore
 from tiered.storage.stores import listed_crc32c
 from tiered.storage.transfer import CRC32C_RESIDUE
@@ -573,6 +574,16 @@ def test_the_same_nodes_on_another_mesh_read_what_they_need(gs_url: str, tmp_pat
     again = restored_lines(cluster.native(53, extra_env=columns))
     assert [(r["step"], r["source"], r["ok"]) for r in again] == [("50", "durable", "True")] * 2
     assert all((cluster.local[r] / "50" / COMMIT_MARKER).exists() for r in range(2))
+    # A key index that is not the one the manifest names (a store that lies, a bad write): the
+    # restore in part refuses it and the step is downloaded whole, verified, instead.
+    index = cluster.durable.object_path(50, KEYS_NAME)
+    with cluster.durable.fs.open(index, "rb") as f:
+        doc = json.loads(f.read())
+    doc["step"] = 49
+    cluster.durable.store.write_small(index, json.dumps(doc).encode())
+    whole = restored_lines(cluster.native(54, extra_env=columns))
+    assert [(r["step"], r["source"], r["ok"]) for r in whole] == [("50", "durable", "True")] * 2
+    assert all("reading the whole step" in err for err in cluster.stderr), cluster.stderr
 
 
 @pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])

@@ -251,4 +251,32 @@ def test_what_a_restore_says_it_needs() -> None:
     assert needs_of(None, ocp.args.StandardRestore({"w": target["w"]}), orbax_form=True) == {
         "default": {"w": whole_w}
     }
+    # orbax reads by restore_args where they are given: their sharding and global shape
+    given = ocp.args.PyTreeRestore(
+        {"w": target["w"], "r": target["plain"]},
+        restore_args={
+            "w": ocp.ArrayRestoreArgs(sharding=one, global_shape=(32, 8)),
+            "r": ocp.RestoreArgs(),
+        },
+    )
+    assert needs_of(None, given, orbax_form=True) == {
+        "default": {"w": ArrayNeed((32, 8), (((0, 32), (0, 8)),))}
+    }
     assert needs_of(None, None, orbax_form=False) is None  # no target: the whole step
+
+
+def test_what_a_killed_restore_in_part_left_is_removed(tmp_path: Path) -> None:
+    """A trainer killed while it staged a step in part leaves ``.tiered/partial``; the next
+    manager on that disk (the trainer lock makes it the only one) removes it, so it does not
+    hold the disk until some later restore in part."""
+    from tiered import CheckpointManager
+    from tiered.loading import PARTIAL_DIR
+
+    from conftest import write_config
+
+    _, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    left = Path(cfg.local_dir) / ".tiered" / PARTIAL_DIR / "4242" / "50"
+    left.mkdir(parents=True)
+    (left / "chunk").write_bytes(b"x" * 4096)
+    with CheckpointManager(cfg, install_signal_handlers=False):
+        assert not left.parent.parent.exists()

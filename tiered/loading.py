@@ -222,6 +222,8 @@ def needs_of(target: Any, args: Any, *, orbax_form: bool) -> Need | None:
     import orbax.checkpoint as ocp
 
     def item_of(a: Any) -> Any:
+        if isinstance(a, ocp.args.PyTreeRestore) and a.restore_args is not None:
+            return _as_read(a.item, a.restore_args)  # orbax reads by these, not the item's
         if isinstance(a, ocp.args.PyTreeRestore | ocp.args.StandardRestore):
             return a.item
         return None
@@ -240,6 +242,33 @@ def needs_of(target: Any, args: Any, *, orbax_form: bool) -> Need | None:
                 return None
             need[name] = arrays
     return need or None
+
+
+def _as_read(item: Any, restore_args: Any) -> Any:
+    """The tree orbax reads with ``restore_args``: a sharded placeholder where an
+    ``ArrayRestoreArgs`` names a sharding (or a mesh and its axes), None (read whole) elsewhere;
+    None for the whole item when the two trees do not match."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    def read(leaf: Any, ra: Any) -> Any:
+        if not isinstance(ra, ocp.ArrayRestoreArgs):
+            return None
+        sharding = ra.sharding
+        if sharding is None and ra.mesh is not None and ra.mesh_axes is not None:
+            sharding = jax.sharding.NamedSharding(ra.mesh, ra.mesh_axes)
+        shape = ra.global_shape or getattr(leaf, "shape", None)
+        if not isinstance(sharding, jax.sharding.Sharding) or shape is None:
+            return None
+        return jax.ShapeDtypeStruct(tuple(shape), np.float32, sharding=sharding)
+
+    try:
+        if item is None:
+            return jax.tree.map(lambda ra: read(None, ra), restore_args)
+        return jax.tree.map(read, item, restore_args)
+    except (ValueError, TypeError):
+        return None
 
 
 def array_needs(tree: Any) -> dict[str, ArrayNeed] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -31,7 +32,7 @@ from tiered.errors import (
     StorageError,
 )
 from tiered.layout import TRAINER_LOCK_NAME
-from tiered.loading import Loader, named_step_failed
+from tiered.loading import PARTIAL_DIR, Loader, named_step_failed
 from tiered.lock import DirectoryLock
 from tiered.observe import RESTORE, SAVE_BLOCKING, SaveRecord, record_duration
 from tiered.orbax_api import jax_topology, local_manager, plain_metrics, resolve_config
@@ -85,6 +86,8 @@ class CheckpointManager:
             self.local.tiered_dir, name=TRAINER_LOCK_NAME, what="tiered.CheckpointManager"
         )
         self._lock.acquire()
+        # what a restore in part left when its process died (the lock makes the folder ours)
+        shutil.rmtree(self.local.tiered_dir / PARTIAL_DIR, ignore_errors=True)
         self._durable: DurableTier | None = None
         self._restored_step: int | None = None
         """The step this manager restored (-1: started fresh), or None before ``restore``."""

@@ -358,11 +358,11 @@ def _global_files(
         tier.step_url(step),
         time.monotonic() - started,
     )
-    key_index = _write_key_index(tier, step, sorted(fresh), docs, roots, epoch) if merged else None
+    key_index = write_key_index(tier, step, sorted(fresh), docs, roots, epoch) if merged else None
     return files, merged, key_index
 
 
-def _write_key_index(
+def write_key_index(
     tier: StepStore,
     step: int,
     ranks: list[int],
