@@ -39,6 +39,9 @@ ZARR3 = json.dumps(
     }
 ).encode()
 ROWS = [f"w/{i}.0" for i in range(4)]
+METADATA = json.dumps({"tree": "same everywhere", "store_array_data_equal_to_fill_value": True})
+"""An item's orbax metadata, saying that every chunk was stored (orbax then refuses a missing
+one instead of reading it as the fill value)."""
 ROWS3 = [f"w/c/{i}/0" for i in range(4)]
 
 
@@ -104,7 +107,9 @@ def test_a_grid_this_does_not_understand_reads_the_array_whole() -> None:
 # -- over real databases and stores --
 
 
-def local_step(root: Path, rank: int, step: int, values: dict[str, bytes]) -> Path:
+def local_step(
+    root: Path, rank: int, step: int, values: dict[str, bytes], metadata: str = METADATA
+) -> Path:
     """A committed local step of one process: its OCDBT database of ``values`` (an array ``w``
     of 4 row chunks, as zarr v2 names them, and whatever else), the root over it, metadata."""
     from tiered.storage.merge import merge_into
@@ -118,7 +123,7 @@ def local_step(root: Path, rank: int, step: int, values: dict[str, bytes]) -> Pa
         kv.with_transaction(txn)[key] = value
     txn.commit_async().result()
     merge_into({"driver": "file", "path": f"{d}/state/"}, [child.name], ts.Context())
-    (d / "state" / "_METADATA").write_text('{"tree": "same on every node"}')
+    (d / "state" / "_METADATA").write_text(metadata)
     (d / COMMIT_MARKER).write_text("committed")
     return d
 
@@ -128,7 +133,12 @@ def chunk(i: int) -> bytes:
 
 
 def committed_step(
-    url: tuple[str, dict], tmp_path: Path, *, dedup: bool = True, differ: bool = False
+    url: tuple[str, dict],
+    tmp_path: Path,
+    *,
+    dedup: bool = True,
+    differ: bool = False,
+    metadata: str = METADATA,
 ) -> list[DurableTier]:
     """Step 50 of two nodes, each holding its two row chunks of ``w`` and the replicated
     metadata and vector ``b``, uploaded and committed."""
@@ -142,7 +152,7 @@ def committed_step(
     for r in range(2):
         values = {"w/.zarray": ZARR2, "b/0": b"vector" * (50 + (r if differ else 0))}
         values.update({f"w/{i}.0": chunk(i) for i in (2 * r, 2 * r + 1)})
-        dirs.append(local_step(tmp_path, r, 50, values))
+        dirs.append(local_step(tmp_path, r, 50, values, metadata))
     upload_all(nodes, dirs, 50)
     assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == []
     return nodes
@@ -180,11 +190,22 @@ def test_a_process_of_another_job_reads_only_its_chunks(
         "b/0": b"vector" * 50,
         "w/1.0": chunk(1),
     }
-    assert (dest / "state" / "_METADATA").read_text() == '{"tree": "same on every node"}'
+    assert (dest / "state" / "_METADATA").read_text() == METADATA
     assert (dest / COMMIT_MARKER).exists()
     assert not list(dest.rglob("ocdbt.process_*"))  # no node's database came down whole
     assert (got.keys_read, got.keys_all) == (3, 6)
     assert got.bytes_read < got.bytes_all / 2
+
+
+def test_an_item_that_reads_a_missing_chunk_as_zeros_is_read_whole(tmp_path: Path) -> None:
+    """An item whose orbax metadata does not say that every chunk was stored (an older orbax)
+    reads a chunk that is not there as the fill value: a choice that left one out would give
+    zeros, not an error. Such an item is read whole."""
+    url = (f"file://{tmp_path}/durable", {})
+    committed_step(url, tmp_path, metadata='{"tree": "same everywhere"}')
+    reader = DurableTier(url[0], node_rank=1, num_nodes=4)
+    got = partial.stage(reader, 50, tmp_path / "staged" / "50", {"state": {"w": rows(20, 30)}})
+    assert (got.keys_read, got.keys_all) == (6, 6)
 
 
 def test_a_value_unlike_the_key_index_fails_the_read(tmp_path: Path) -> None:
@@ -262,6 +283,30 @@ def test_what_a_restore_says_it_needs() -> None:
     assert needs_of(None, given, orbax_form=True) == {
         "default": {"w": ArrayNeed((32, 8), (((0, 32), (0, 8)),))}
     }
+    # read whole: an array orbax restores as numpy (every process reads all of it), an item
+    # with orbax's transforms (they read other keys, and a missing chunk as zeros)
+    as_numpy = ocp.args.PyTreeRestore(
+        {"w": target["w"]},
+        restore_args={"w": ocp.ArrayRestoreArgs(restore_type=np.ndarray, sharding=one)},
+    )
+    assert needs_of(None, as_numpy, orbax_form=True) == {"default": {}}
+    transformed = ocp.args.PyTreeRestore({"w": target["w"]}, transforms={})
+    assert needs_of(None, transformed, orbax_form=True) is None
+    # a mesh and its axes come before a sharding, as orbax takes them
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    both = ocp.args.PyTreeRestore(
+        {"w": target["w"]},
+        restore_args={
+            "w": ocp.ArrayRestoreArgs(
+                mesh=mesh,
+                mesh_axes=jax.sharding.PartitionSpec("x"),
+                sharding=one,
+                global_shape=(64, 8),
+            )
+        },
+    )
+    picked = needs_of(None, both, orbax_form=True)
+    assert picked == {"default": {"w": whole_w}}
     assert needs_of(None, None, orbax_form=False) is None  # no target: the whole step
 
 
@@ -280,3 +325,36 @@ def test_what_a_killed_restore_in_part_left_is_removed(tmp_path: Path) -> None:
     (left / "chunk").write_bytes(b"x" * 4096)
     with CheckpointManager(cfg, install_signal_handlers=False):
         assert not left.parent.parent.exists()
+
+
+def test_a_staged_step_is_read_without_a_barrier_across_the_job(tmp_path: Path) -> None:
+    """Only some processes may stage a step (the others load their local part, or fell back
+    to the whole step): the manager over a staged folder must not synchronise the job, or the
+    processes would meet at different barriers and fail (or hang)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port, subprocess_env, write_config
+
+    config, _ = write_config(tmp_path, f"file://{tmp_path}/durable")
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "staged_manager_probe.py"),
+                str(config),
+                str(rank),
+                port,
+                str(tmp_path / "staged"),
+            ],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for rank, (out, err) in enumerate(outs):
+        assert f"PASSED {rank}" in out, err[-2000:]

@@ -222,9 +222,15 @@ def needs_of(target: Any, args: Any, *, orbax_form: bool) -> Need | None:
     import orbax.checkpoint as ocp
 
     def item_of(a: Any) -> Any:
-        if isinstance(a, ocp.args.PyTreeRestore) and a.restore_args is not None:
-            return _as_read(a.item, a.restore_args)  # orbax reads by these, not the item's
-        if isinstance(a, ocp.args.PyTreeRestore | ocp.args.StandardRestore):
+        if isinstance(a, ocp.args.PyTreeRestore):
+            if a.transforms is not None or a.legacy_transform_fn is not None:
+                # orbax's transforms read other keys than the target names, and read a
+                # missing chunk as zeros: the item is read whole
+                return None
+            if a.restore_args is not None:
+                return _as_read(a.item, a.restore_args)  # orbax reads by these, not the item's
+            return a.item
+        if isinstance(a, ocp.args.StandardRestore):
             return a.item
         return None
 
@@ -255,9 +261,13 @@ def _as_read(item: Any, restore_args: Any) -> Any:
     def read(leaf: Any, ra: Any) -> Any:
         if not isinstance(ra, ocp.ArrayRestoreArgs):
             return None
-        sharding = ra.sharding
-        if sharding is None and ra.mesh is not None and ra.mesh_axes is not None:
+        if ra.restore_type not in (None, jax.Array):
+            return None  # restored as numpy (or anything else): read whole, on every process
+        # orbax's order (_deserialize_shardings): a mesh and its axes first, then the sharding
+        if ra.mesh is not None and ra.mesh_axes is not None:
             sharding = jax.sharding.NamedSharding(ra.mesh, ra.mesh_axes)
+        else:
+            sharding = ra.sharding
         shape = ra.global_shape or getattr(leaf, "shape", None)
         if not isinstance(sharding, jax.sharding.Sharding) or shape is None:
             return None

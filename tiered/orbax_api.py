@@ -186,6 +186,16 @@ def local_manager(
         options = {"multiprocessing_options": mp, "enable_per_process_directory_creation": True}
     if on_saved is not None:
         options["async_options"] = ocp.options.AsyncOptions(post_finalization_callback=on_saved)
+    create = True
+    if directory is not None:
+        # A step staged for this process alone: a manager of this process, with no barrier
+        # across the job (orbax's create_directory is one), since only some processes may
+        # stage (the others restore their local part, or fell back to the whole step).
+        create = False
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=None, active_processes={jax.process_index()}
+        )
+        options.pop("enable_per_process_directory_creation", None)
     pytree = local_pytree_handler(cfg.tiered, **kwargs)
     standard = _standard_handler(pytree)
     handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -199,7 +209,7 @@ def local_manager(
             save_interval_steps=cfg.local_checkpoint_period,
             max_to_keep=None,
             enable_async_checkpointing=cfg.async_checkpointing,
-            create=True,
+            create=create,
             cleanup_tmp_directories=True,
             **options,
         ),

@@ -3,9 +3,11 @@ a digest of each value, copy the keys a node owns into a database of their own, 
 node's database from a merged durable step, each value checked against its digest, and pick
 from one the keys a restoring process needs (``tiered.storage.partial``).
 
-Like the merge, this runs in a child process (``python -m tiered.storage.ocdbt_keys``) that
-imports tensorstore and nothing of jax or orbax, so the daemon stays small and a crash in native
-code costs one attempt. A value is read whole (a chunk of an array, as orbax writes and reads
+For the daemon, like the merge, this runs in a child process (``python -m
+tiered.storage.ocdbt_keys``) that imports tensorstore and nothing of jax or orbax, so the daemon
+stays small and a crash in native code costs one attempt. The pick of a restoring process runs
+in the trainer's process (``run``), which has tensorstore already and reads the store as orbax
+does. A value is read whole (a chunk of an array, as orbax writes and reads
 it), and copies commit every ``BATCH_BYTES`` so that memory stays bounded by a batch, not the
 database.
 

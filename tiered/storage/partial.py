@@ -227,6 +227,7 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
     }
     dest.mkdir(parents=True)
     download.fetch_files(tier, step, plain, dest, locate=str)
+    need = {root: arrays for root, arrays in need.items() if _loud_when_missing(dest / root)}
     jobs = []
     for root in sorted(roots):
         jobs.append(
@@ -267,6 +268,18 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
         staged.seconds,
     )
     return staged
+
+
+def _loud_when_missing(item: Path) -> bool:
+    """Whether orbax refuses a chunk missing from this item (its ``_METADATA`` says every chunk
+    was stored, ``store_array_data_equal_to_fill_value``), rather than reading it as the fill
+    value. Only then is the item read in part: a chunk the choice left out that orbax then
+    asks for fails the restore (which falls back to the whole step), never reads as zeros."""
+    try:
+        doc = json.loads((item / "_METADATA").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("store_array_data_equal_to_fill_value") is True
 
 
 def _in_database(rel: str, roots: set[str]) -> bool:

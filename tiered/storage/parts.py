@@ -313,8 +313,9 @@ def _global_files(
         jobs.append((f"{tier.step_url(step)}/{root}".rstrip("/"), ordered))
     started = time.monotonic()
     deduped = sorted(r for r, p in fresh.items() if p.deduped)
-    # every node's index, read once: the merge's check and the key index
-    docs = dedup.read_index_docs(tier, step, sorted(fresh))
+    # Every node's index, read once, for the merge's check and the key index; none when no
+    # node deduplicated (dedup off: no indexes to read, and N GETs a commit saved).
+    docs = dedup.read_index_docs(tier, step, sorted(fresh)) if deduped else {}
     # a node that uploaded all it holds needs no index: every key it holds is in its database
     expect = _expected_keys(tier, step, dedup.read_indexes(tier, step, deduped, docs), roots)
     try:
@@ -358,7 +359,11 @@ def _global_files(
         tier.step_url(step),
         time.monotonic() - started,
     )
-    key_index = write_key_index(tier, step, sorted(fresh), docs, roots, epoch) if merged else None
+    key_index = (
+        write_key_index(tier, step, sorted(fresh), docs, roots, epoch)
+        if merged and deduped
+        else None
+    )
     return files, merged, key_index
 
 
