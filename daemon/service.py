@@ -351,7 +351,7 @@ class Daemon:
         os.umask(0o022)
         self.local.ensure()
         self.lock.acquire()
-        self.local.empty_trash()
+        self.local.clear_leftovers()
         # The durable tier is not checked here: the daemon starts, serves its probes and keeps
         # the local tier safe however long the store is away (the first listing says why).
         self.watcher = Watcher(self.local.root, self.wake)

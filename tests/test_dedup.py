@@ -392,3 +392,26 @@ def test_a_malformed_index_is_left_out_not_fatal(tmp_path: Path) -> None:
     assert "fallback" in again
     assert dedup.make_plans(nodes[0], 50, 0, final=True) == plan  # made once per epoch
     del dirs
+
+
+def test_a_daemon_that_died_building_an_upload_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A daemon killed while it built the database of the keys it owns left a copy of them in
+    ``.tiered/dedup`` (no checkpoint): the next daemon on that disk removes it when it starts,
+    instead of holding the space until that step is prepared again."""
+    from daemon.service import Daemon
+    from tiered.layout import DEDUP_DIR
+
+    from conftest import write_config
+
+    _, cfg = write_config(tmp_path, f"file://{tmp_path}/durable")
+    left = Path(cfg.local_dir) / ".tiered" / DEDUP_DIR / "50-4242-abcd1234" / "state"
+    left.mkdir(parents=True)
+    (left / "d").write_bytes(b"k" * 4096)
+    (Path(cfg.local_dir) / "40").mkdir()  # a step folder is never touched
+    d = Daemon(cfg)
+    d.start()
+    try:
+        assert not (Path(cfg.local_dir) / ".tiered" / DEDUP_DIR).exists()
+        assert (Path(cfg.local_dir) / "40").is_dir()
+    finally:
+        d.close()

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from tiered.errors import CommitError, LayoutError, StorageError
 from tiered.layout import (
+    DEDUP_DIR,
     PARTS_DIR,
     TIERED_DIR,
     ocdbt_roots,
@@ -65,7 +66,6 @@ LATE_WAIT_SECONDS = 5.0
 """Node 0's wait for the indexes when nodes were late at the step before."""
 POLL_SECONDS = 1.0
 CHILD_TIMEOUT_SECONDS = 1800.0
-DEDUP_DIR = "dedup"
 
 
 def index_name(rank: int) -> str:

@@ -25,6 +25,7 @@ from tiered.errors import LayoutError
 from tiered.layout import (
     CHECKPOINT_METADATA,
     COMMIT_MARKER,
+    DEDUP_DIR,
     DISPLACED_DIR,
     STAGING_DIR,
     TIERED_DIR,
@@ -293,6 +294,13 @@ class LocalTier:
     def empty_trash(self) -> None:
         """Remove what earlier deletions moved aside (after a crash, too)."""
         empty_trash(self.trash_dir)
+
+    def clear_leftovers(self) -> None:
+        """At a daemon's start, with its lock held: the trash, and what a daemon that died while
+        it built a deduplicated upload left (``.tiered/dedup``: keys of a step copied for the
+        upload, no checkpoint), which only the daemon holding the lock writes."""
+        self.empty_trash()
+        shutil.rmtree(self.tiered_dir / DEDUP_DIR, ignore_errors=True)
 
     def used_bytes(self) -> int:
         """Bytes under the local directory: every file once (symlinked steps are not followed;
