@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,8 +179,9 @@ def test_a_process_of_another_job_reads_only_its_chunks(
     manifest = nodes[0].read_manifest(50)
     # the key index names every key of the merged root, with its value's size and digest
     assert manifest.key_index is not None and partial.readable(manifest)
-    index = keyindex.read_key_index(nodes[0], 50, manifest)
-    assert sorted(index["state"]) == sorted(["w/.zarray", "b/0", *ROWS])
+    index = keyindex.KeyIndex(nodes[0], 50, manifest)
+    index.in_ranges("state", [("", None)])
+    assert sorted(index.read_keys("state")) == sorted(["w/.zarray", "b/0", *ROWS])
     # A process of a 4-node job holding rows 20:30 reads chunk 1 (16:32) only, with the
     # metadata and the vector it does not name; byte for byte what was saved.
     reader = DurableTier(url[0], storage_options=url[1], node_rank=1, num_nodes=4)
@@ -208,26 +210,64 @@ def test_an_item_that_reads_a_missing_chunk_as_zeros_is_read_whole(tmp_path: Pat
     assert (got.keys_read, got.keys_all) == (6, 6)
 
 
+def set_key_index(store: Path, entry: Any) -> None:
+    """Make the step's manifest name ``entry`` as its key index's header."""
+    manifest_path = store / "tiered-manifest.json"
+    m = json.loads(manifest_path.read_text())
+    m["key_index"] = {"size": entry.size, "crc32c": crc32c_b64(entry.crc32c), "xxh3": entry.xxh3}
+    manifest_path.write_text(json.dumps(m))
+
+
 def test_a_value_unlike_the_key_index_fails_the_read(tmp_path: Path) -> None:
-    """A value on the store whose digest is not the key index's (here the index is made to say
-    other bytes, and its digest in the manifest with it) is refused, naming the key."""
+    """Each piece is checked by the one above it: the header by the manifest, each block by
+    the header, each value by its block. A header or a block that is not what the level above
+    names is refused, naming the file; a value unlike the index (here the index is written
+    again saying other bytes for one key, and the manifest made to name it) is refused,
+    naming the key."""
     url = (f"file://{tmp_path}/durable", {})
     nodes = committed_step(url, tmp_path)
     store = tmp_path / "durable" / "50"
-    doc = json.loads((store / keyindex.KEYS_NAME).read_text())
-    doc["roots"]["state"]["w/1.0"][1] = "0" * 32
-    data = json.dumps(doc).encode()
-    (store / keyindex.KEYS_NAME).write_bytes(data)
-    with pytest.raises(ChecksumMismatch, match=r"keys\.json"):  # the manifest names other bytes
-        partial.stage(nodes[0], 50, tmp_path / "a" / "50", {"state": {"w": rows(16, 17)}})
-    manifest_path = store / "tiered-manifest.json"
-    m = json.loads(manifest_path.read_text())
-    entry = keyindex.key_entry(data)
-    m["key_index"] = {"size": entry.size, "crc32c": crc32c_b64(entry.crc32c), "xxh3": entry.xxh3}
-    manifest_path.write_text(json.dumps(m))
+    need = {"state": {"w": rows(16, 17)}}
+    header = store / keyindex.KEYS_NAME
+    kept = header.read_bytes()
+    header.write_bytes(kept.replace(b'"step": 50', b'"step": 49'))
+    with pytest.raises(ChecksumMismatch, match=r"keys\.json"):
+        partial.stage(nodes[0], 50, tmp_path / "a" / "50", need)
+    header.write_bytes(kept)
+    body = store / keyindex.body_name(0)
+    good = body.read_bytes()
+    body.write_bytes(good.replace(b"w/1.0", b"w/1.9"))
+    with pytest.raises(ChecksumMismatch, match="header"):
+        partial.stage(nodes[0], 50, tmp_path / "b" / "50", need)
+    body.write_bytes(good)
+    index = keyindex.KeyIndex(nodes[0], 50, nodes[0].read_manifest(50))
+    index.in_ranges("state", [("", None)])
+    lying = index.read_keys("state")
+    lying["w/1.0"] = [lying["w/1.0"][0], "0" * 32]
+    set_key_index(store, keyindex.write(nodes[0], 50, {"state": lying}))
     reader = DurableTier(url[0], node_rank=0, num_nodes=4)
     with pytest.raises(CommitError, match=r"w/1\.0"):
-        partial.stage(reader, 50, tmp_path / "b" / "50", {"state": {"w": rows(16, 17)}})
+        partial.stage(reader, 50, tmp_path / "c" / "50", need)
+
+
+def test_a_reader_fetches_only_the_blocks_that_name_its_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one key per block, a process that needs one row chunk reads the header and the
+    blocks of that chunk, of the array's metadata and of the vector it does not name, not
+    every block of the index."""
+    monkeypatch.setattr(keyindex, "BLOCK_KEYS", 1)
+    url = (f"file://{tmp_path}/durable", {})
+    committed_step(url, tmp_path)
+    store = tmp_path / "durable" / "50"
+    reader = DurableTier(url[0], node_rank=1, num_nodes=4)
+    got = partial.stage(reader, 50, tmp_path / "s" / "50", {"state": {"w": rows(20, 30)}})
+    header = (store / keyindex.KEYS_NAME).stat().st_size
+    lines = (store / keyindex.body_name(0)).read_bytes().splitlines(keepends=True)
+    assert len(lines) == 6
+    wanted = [ln for ln in lines if any(k in ln for k in (b'"w/1.0"', b'"w/.zarray"', b'"b/0"'))]
+    assert got.index_bytes == header + sum(len(ln) for ln in wanted)
+    assert keys_in(tmp_path / "s" / "50" / "state").keys() == {"w/.zarray", "w/1.0", "b/0"}
 
 
 def test_no_key_index_where_a_node_has_no_index_or_replicas_differ(tmp_path: Path) -> None:

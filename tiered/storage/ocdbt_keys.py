@@ -102,37 +102,40 @@ def _rebuild(job: dict[str, Any], context: Any) -> None:
     merge_into(job["root"], [job["child"]], context)
 
 
-def _pick(job: dict[str, Any], context: Any) -> dict[str, int]:
-    """Copy the keys a process needs (``tiered.storage.partial.select``) of a merged root into
-    a database of their own, each checked against the key index; the count and bytes copied."""
-    from tiered.storage.partial import ArrayNeed, metadata_keys, select
+def read_checked(src_spec: dict[str, Any], expect: dict[str, list[Any]]) -> dict[str, bytes]:
+    """The values of ``expect``'s keys (small: an array's metadata), each checked against its
+    size and digest; in the caller's process."""
+    import tensorstore as ts
 
-    expect: dict[str, list[Any]] = job["keys"]
-    needs = {
-        name: ArrayNeed(
-            tuple(n["shape"]), tuple(tuple((int(a), int(b)) for a, b in box) for box in n["boxes"])
-        )
-        for name, n in job["needs"].items()
-    }
-    src = _open(job["src"], context)
-    keys = sorted(expect)
-    metas = {}
-    for key in metadata_keys(keys, needs):
+    src = _open(src_spec, ts.Context())
+    out = {}
+    for key, (size, digest) in sorted(expect.items()):
         got = src.read(key.encode("latin-1")).result()
-        if got.state == "value":
-            value = bytes(got.value)
-            if value_digest(value) == expect[key][1]:  # a bad one fails the copy, below
-                metas[key.rsplit("/", 1)[0]] = value
-    chosen = select(keys, metas, needs)
-    _copy(src, job["dest"], chosen, context, expect=expect)
-    return {"keys": len(chosen), "bytes": sum(expect[k][0] for k in chosen)}
+        if got.state != "value":
+            raise SystemExit(f"key {key!r} is missing from the source database")
+        value = bytes(got.value)
+        if len(value) != size or value_digest(value) != digest:
+            raise SystemExit(
+                f"key {key!r}: {len(value)} bytes read, digest {value_digest(value)}, "
+                f"but the index says {size} bytes, digest {digest}"
+            )
+        out[key] = value
+    return out
+
+
+def _copy_keys(job: dict[str, Any], context: Any) -> dict[str, int]:
+    """Copy the keys a restoring process needs (``tiered.storage.partial``) of a merged root
+    into a database of their own, each checked against the key index."""
+    expect: dict[str, list[Any]] = job["keys"]
+    _copy(_open(job["src"], context), job["dest"], sorted(expect), context, expect=expect)
+    return {"keys": len(expect), "bytes": sum(int(v[0]) for v in expect.values())}
 
 
 def run(jobs: list[dict[str, Any]]) -> list[Any]:
     import tensorstore as ts
 
     context = ts.Context()
-    ops = {"index": _index, "build": _build, "rebuild": _rebuild, "pick": _pick}
+    ops = {"index": _index, "build": _build, "rebuild": _rebuild, "copy": _copy_keys}
     return [ops[job["op"]](job, context) for job in jobs]
 
 

@@ -25,6 +25,7 @@ The pieces:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -36,7 +37,7 @@ from tiered.errors import CommitError
 from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, in_ocdbt_root, ocdbt_roots
 from tiered.manifest import Manifest
 from tiered.storage.errormap import translate_errors
-from tiered.storage.keyindex import read_key_index
+from tiered.storage.keyindex import KeyIndex
 
 if TYPE_CHECKING:
     from tiered.storage.steps import StepStore
@@ -103,6 +104,21 @@ class Grid:
             return None
         return tuple(int(p) for p in pieces)
 
+    def key(self, coords: tuple[int, ...]) -> str:
+        """The key (under the array's folder) of the chunk at ``coords``."""
+        if not self.shape:
+            return self.prefix or "0"
+        return self.prefix + self.separator.join(map(str, coords))
+
+    def cells(self, box: Box) -> list[tuple[int, ...]]:
+        """The grid coordinates of the chunks ``box`` meets."""
+        spans = []
+        for (lo, hi), n in zip(box, self.chunks, strict=True):
+            if hi <= lo:
+                return []
+            spans.append(range(lo // n, -(-hi // n)))
+        return list(itertools.product(*spans))
+
     def meets(self, coords: tuple[int, ...], box: Box) -> bool:
         return all(
             c * n < hi and (c + 1) * n > lo
@@ -140,18 +156,47 @@ def grid_of(meta: bytes) -> Grid | None:
     return None
 
 
-def select(keys: list[str], metas: dict[str, bytes], needs: dict[str, ArrayNeed]) -> list[str]:
-    """The keys of one item's database a process reads: every key, except the chunks of a
-    named array that meet none of its boxes. ``metas``: array folder -> its zarr metadata."""
-    grids: dict[str, Grid | None] = {}
+def grids_for(needs: dict[str, ArrayNeed], metas: dict[str, bytes]) -> dict[str, Grid]:
+    """The named arrays whose chunk grid the choice understands (and whose shape is the
+    target's); every other array is read whole."""
+    grids: dict[str, Grid] = {}
     for name, need in needs.items():
         meta = metas.get(name)
         grid = grid_of(meta) if meta is not None else None
-        if grid is not None and (
+        if grid is not None and not (
             grid.shape != need.shape or len(grid.chunks) != len(grid.shape) or 0 in grid.chunks
         ):
-            grid = None
-        grids[name] = grid
+            grids[name] = grid
+    return grids
+
+
+def candidates(grids: dict[str, Grid], needs: dict[str, ArrayNeed]) -> list[str]:
+    """The chunk keys of the understood arrays that meet a box: what the index is asked for."""
+    out: set[str] = set()
+    for name, grid in grids.items():
+        for box in needs[name].boxes:
+            out.update(f"{name}/{grid.key(c)}" for c in grid.cells(box))
+    return sorted(out)
+
+
+def outside(grids: dict[str, Grid]) -> list[tuple[str, str | None]]:
+    """The key ranges outside every understood array's folder (``name/`` up to ``name0``, the
+    first string after the folder's keys): their keys are read whole."""
+    taken = sorted((f"{n}/", f"{n}0") for n in grids)
+    out: list[tuple[str, str | None]] = []
+    lo = ""
+    for start, stop in taken:
+        if start > lo:
+            out.append((lo, start))
+        lo = max(lo, stop)
+    out.append((lo, None))
+    return out
+
+
+def select(keys: list[str], metas: dict[str, bytes], needs: dict[str, ArrayNeed]) -> list[str]:
+    """The keys of one item's database a process reads: every key, except the chunks of a
+    named array that meet none of its boxes. ``metas``: array folder -> its zarr metadata."""
+    grids: dict[str, Grid | None] = dict(grids_for(needs, metas))
     arrays = set(needs)
     out = []
     for key in keys:
@@ -167,12 +212,6 @@ def select(keys: list[str], metas: dict[str, bytes], needs: dict[str, ArrayNeed]
     return out
 
 
-def metadata_keys(keys: list[str], needs: dict[str, ArrayNeed]) -> list[str]:
-    """The metadata keys of the arrays ``needs`` names that the database holds."""
-    have = set(keys)
-    return [f"{n}/{m}" for n in sorted(needs) for m in METADATA_KEYS if f"{n}/{m}" in have]
-
-
 # -- the copy --
 
 
@@ -186,6 +225,8 @@ class Staged:
     bytes_all: int
     keys_read: int
     keys_all: int
+    index_bytes: int
+    """The key index's bytes read: its header and the blocks that name the keys read."""
     seconds: float
 
 
@@ -212,13 +253,13 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
     manifest = tier.read_manifest(step)
     if not readable(manifest):
         raise CommitError(f"{tier.step_url(step)} cannot be read in part (no key index)")
-    index = read_key_index(tier, step, manifest)
+    index = KeyIndex(tier, step, manifest)
     whole = whole_checkpoint(manifest)
     roots = ocdbt_roots(whole.files)
-    if set(index) != roots:
+    if set(index.roots) != roots:
         raise CommitError(
-            f"{tier.step_url(step)}: its key index covers {sorted(index)}, its OCDBT roots are "
-            f"{sorted(roots)}"
+            f"{tier.step_url(step)}: its key index covers {sorted(index.roots)}, its OCDBT "
+            f"roots are {sorted(roots)}"
         )
     plain = {
         rel: e
@@ -230,15 +271,25 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
     need = {root: arrays for root, arrays in need.items() if _loud_when_missing(dest / root)}
     jobs = []
     for root in sorted(roots):
+        src = kvstore_spec(f"{tier.step_url(step)}/{root}".rstrip("/"), tier.storage_options)
+        arrays = need.get(root, {})
+        asked = [f"{n}/{m}" for n in sorted(arrays) for m in METADATA_KEYS]
+        try:
+            metas = ocdbt_keys.read_checked(src, index.lookup(root, asked))
+        except SystemExit as err:  # a metadata value unlike its index
+            raise CommitError(f"reading step {step} of {tier.url} in part: {err}") from None
+        by_array = {k.rsplit("/", 1)[0]: v for k, v in metas.items()}
+        grids = grids_for(arrays, by_array)
+        index.lookup(root, candidates(grids, arrays))
+        index.in_ranges(root, outside(grids))
+        known = index.read_keys(root)
+        chosen = select(sorted(known), by_array, arrays)
         jobs.append(
             {
-                "op": "pick",
-                "src": kvstore_spec(
-                    f"{tier.step_url(step)}/{root}".rstrip("/"), tier.storage_options
-                ),
+                "op": "copy",
+                "src": src,
                 "dest": {"driver": "file", "path": str(dest / root).rstrip("/") + "/"},
-                "keys": index[root],
-                "needs": {n: a.to_json() for n, a in need.get(root, {}).items()},
+                "keys": {k: known[k] for k in chosen},
             }
         )
     try:
@@ -250,21 +301,22 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
     staged = Staged(
         folder=dest,
         bytes_read=sum(a["bytes"] for a in answers) + sum(e.size for e in plain.values()),
-        bytes_all=sum(v[0] for keys in index.values() for v in keys.values())
-        + sum(e.size for e in plain.values()),
+        bytes_all=sum(r.bytes for r in index.roots.values()) + sum(e.size for e in plain.values()),
         keys_read=sum(a["keys"] for a in answers),
-        keys_all=sum(len(keys) for keys in index.values()),
+        keys_all=sum(r.keys for r in index.roots.values()),
+        index_bytes=index.header_bytes + index.block_bytes,
         seconds=time.monotonic() - started,
     )
     log.info(
-        "Read the %d of %d keys of step %d this process needs from %s (%d of %d bytes), each "
-        "checked against the step's key index, in %.1f s",
+        "Read the %d of %d keys of step %d this process needs from %s (%d of %d bytes; %d "
+        "bytes of the key index), each checked against the index, in %.1f s",
         staged.keys_read,
         staged.keys_all,
         step,
         tier.step_url(step),
         staged.bytes_read,
         staged.bytes_all,
+        staged.index_bytes,
         staged.seconds,
     )
     return staged

@@ -405,10 +405,7 @@ def write_key_index(
             why,
         )
         return None
-    data = keyindex.key_index_doc(union, step)
-    with translate_errors(f"writing {tier.step_url(step)}/{keyindex.KEYS_NAME}"):
-        tier.store.write_small(tier.object_path(step, keyindex.KEYS_NAME), data)
-    return keyindex.key_entry(data)
+    return keyindex.write(tier, step, union)
 
 
 def _expected_keys(
