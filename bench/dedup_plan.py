@@ -212,7 +212,7 @@ def render(r: dict[str, Any]) -> list[str]:
     out += [
         "",
         "Node 0's calls are one listing plus one read and one write per node: linear, with a "
-        "constant of about 2, and its planning takes about 2 ms per node. Every other node "
+        "constant of about 2, and its planning takes 2 to 3 ms per node. Every other node "
         "makes two calls for the dedup whatever N (its index, and its plan once it is there; "
         "one more read a second while it waits). Each byte goes up once at every N. The balance "
         "is bounded by the keys: a key is never split, so the largest upload is at most the "
@@ -224,9 +224,11 @@ def render(r: dict[str, Any]) -> list[str]:
         "",
         'The key index (docs/multinode.md, "Reading only what a node needs"): at the commit '
         "node 0 reads the N indexes once (the merge's key check uses the same reads) and "
-        "writes one object, every key of the step with its value's size and digest; a process "
-        "of a job of another shape reads it with one call whatever N. Its size follows the "
-        "step's keys (here the replicated keys and one shard per node), not the readers.",
+        "writes two objects, every key of the step with its value's size and digest in blocks "
+        "(the body) and where each block is (the header); a process of a job of another shape "
+        "that needs one shard reads the header and one block, two calls whatever N. Its size "
+        "follows the step's keys (here the replicated keys and one shard per node), not the "
+        "readers.",
     ]
     k = r.get("key_index_scale")
     if k:
