@@ -398,3 +398,60 @@ def test_a_staged_step_is_read_without_a_barrier_across_the_job(tmp_path: Path) 
     outs = [p.communicate(timeout=120) for p in procs]
     for rank, (out, err) in enumerate(outs):
         assert f"PASSED {rank}" in out, err[-2000:]
+
+
+def commit_same(url: tuple[str, dict], tmp_path: Path, values: dict, metadata: str) -> None:
+    """Step 50 of two nodes that both hold ``values`` (replicated), committed."""
+    from test_dedup import upload_all
+
+    nodes = [
+        DurableTier(url[0], storage_options=url[1], node_rank=r, num_nodes=2, dedup=True)
+        for r in range(2)
+    ]
+    dirs = [local_step(tmp_path, r, 50, values, metadata) for r in range(2)]
+    upload_all(nodes, dirs, 50)
+    assert nodes[0].commit_parts(50, epoch=0, marker=b"ok") == []
+
+
+def tree_metadata(*names: str) -> str:
+    """An item's ``_METADATA`` naming these parameters, every chunk stored."""
+    return json.dumps(
+        {
+            "tree_metadata": {
+                repr((n,)): {"key_metadata": [{"key": n, "key_type": 2}]} for n in names
+            },
+            "store_array_data_equal_to_fill_value": True,
+        }
+    )
+
+
+def test_an_array_inside_another_arrays_folder_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parameters ``a`` and ``a/b`` (a dict key with a slash): ``a/b``'s keys lie in ``a``'s
+    folder. Asking the index only for ``a``'s chunks would leave out ``a/b``, which the target
+    does not name (read whole): wherever the blocks fall (one key each here), it is read."""
+    monkeypatch.setattr(keyindex, "BLOCK_KEYS", 1)
+    url = (f"file://{tmp_path}/durable", {})
+    small = json.dumps({"chunks": [4], "shape": [4], "zarr_format": 2}).encode()
+    values = {"a/.zarray": ZARR2, **{f"a/{i}.0": chunk(i) for i in range(4)}}
+    values |= {"a/b/.zarray": small, "a/b/0": b"inner" * 100}
+    commit_same(url, tmp_path, values, tree_metadata("a", "a/b"))
+    reader = DurableTier(url[0], node_rank=1, num_nodes=4)
+    dest = tmp_path / "staged" / "50"
+    partial.stage(reader, 50, dest, {"state": {"w": rows(0, 1), "a": rows(20, 30)}})
+    # every block of a's folder is read: a's chunk that the box meets, and a/b whole
+    assert set(keys_in(dest / "state")) == {"a/.zarray", "a/1.0", "a/b/.zarray", "a/b/0"}
+
+
+def test_an_array_with_a_name_beyond_ascii_is_read_in_part(tmp_path: Path) -> None:
+    """orbax names arrays in UTF-8; the index holds their bytes. An array named ``é`` is read in
+    part like any other (its one needed chunk), not whole."""
+    url = (f"file://{tmp_path}/durable", {})
+    values = {"é/.zarray": ZARR2, **{f"é/{i}.0": chunk(i) for i in range(4)}}
+    commit_same(url, tmp_path, values, tree_metadata("é"))
+    reader = DurableTier(url[0], node_rank=1, num_nodes=4)
+    dest = tmp_path / "staged" / "50"
+    got = partial.stage(reader, 50, dest, {"state": {"é": rows(20, 30)}})
+    assert set(keys_in(dest / "state")) == {"é/.zarray", "é/1.0"}
+    assert got.keys_read == 2

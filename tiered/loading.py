@@ -179,13 +179,14 @@ class Loader:
         need = needs_of(target, args, orbax_form=orbax_form)
         if need is None:
             return False, None
-        if not partial.readable(m.durable.read_manifest(step)):
+        manifest = m.durable.read_manifest(step)
+        if not partial.readable(manifest):
             return False, None
         folder = m.local.tiered_dir / PARTIAL_DIR
         shutil.rmtree(folder, ignore_errors=True)  # a restore that died (one trainer per disk)
         dest = folder / str(os.getpid())
         try:
-            partial.stage(m.durable, step, dest / str(step), need)
+            partial.stage(m.durable, step, dest / str(step), need, manifest)
             mgr = m.manager_over(dest)
             try:
                 return True, self.load_from(mgr, step, target, args, orbax_form=orbax_form)

@@ -12,7 +12,7 @@ On the store, per step:
   key, sorted, in blocks of ``BLOCK_KEYS`` keys.
 
 A reader checks the header against the manifest, then each block it fetches (one ranged read)
-against the header: what it costs is the header (about 70 bytes per block) and the blocks that
+against the header: what it costs is the header (about 85 bytes per block) and the blocks that
 hold the keys it asks for, not the whole index.
 """
 

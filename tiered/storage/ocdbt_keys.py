@@ -8,8 +8,8 @@ tiered.storage.ocdbt_keys``) that imports tensorstore and nothing of jax or orba
 stays small and a crash in native code costs one attempt. The pick of a restoring process runs
 in the trainer's process (``run``), which has tensorstore already and reads the store as orbax
 does. A value is read whole (a chunk of an array, as orbax writes and reads
-it), and copies commit every ``BATCH_BYTES`` so that memory stays bounded by a batch, not the
-database.
+it), and copies commit every ``BATCH_BYTES`` so that memory stays bounded by a batch (and the
+``READ_AHEAD`` values in flight, twice), not the database.
 
 Keys are bytes; in JSON they travel as latin-1 text, which maps every byte to one character and
 back.

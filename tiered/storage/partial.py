@@ -25,6 +25,7 @@ The pieces:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import logging
@@ -120,7 +121,7 @@ class Grid:
         return list(itertools.product(*spans))
 
     def meets(self, coords: tuple[int, ...], box: Box) -> bool:
-        return all(
+        return all(lo < hi for lo, hi in box) and all(
             c * n < hi and (c + 1) * n > lo
             for c, n, (lo, hi) in zip(coords, self.chunks, box, strict=True)
         )
@@ -240,7 +241,9 @@ def readable(manifest: Manifest) -> bool:
     )
 
 
-def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
+def stage(
+    tier: StepStore, step: int, dest: Path, need: Need, manifest: Manifest | None = None
+) -> Staged:
     """Stage into ``dest`` (a new folder: ``<dest>`` is the step folder) the step's metadata and,
     for each item's OCDBT root, the keys ``need`` covers, each checked against the key index."""
     from tiered.storage import download, ocdbt_keys
@@ -250,7 +253,7 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
     started = time.monotonic()
     if not tier.has_marker(step):
         raise CommitError(f"{tier.step_url(step)} is not committed")
-    manifest = tier.read_manifest(step)
+    manifest = manifest or tier.read_manifest(step)
     if not readable(manifest):
         raise CommitError(f"{tier.step_url(step)} cannot be read in part (no key index)")
     index = KeyIndex(tier, step, manifest)
@@ -272,7 +275,8 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
     jobs = []
     for root in sorted(roots):
         src = kvstore_spec(f"{tier.step_url(step)}/{root}".rstrip("/"), tier.storage_options)
-        arrays = need.get(root, {})
+        # the index's keys are bytes read as latin-1; orbax names arrays in UTF-8
+        arrays = {n.encode().decode("latin-1"): a for n, a in need.get(root, {}).items()}
         asked = [f"{n}/{m}" for n in sorted(arrays) for m in METADATA_KEYS]
         try:
             metas = ocdbt_keys.read_checked(src, index.lookup(root, asked))
@@ -280,6 +284,10 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
             raise CommitError(f"reading step {step} of {tier.url} in part: {err}") from None
         by_array = {k.rsplit("/", 1)[0]: v for k, v in metas.items()}
         grids = grids_for(arrays, by_array)
+        # an array with another one inside its folder (parameters ``a`` and ``a/b``) is read
+        # whole: only its own chunks are asked for, and the other's keys lie in its range
+        names = sorted(set(arrays) | _param_names(dest / root))
+        grids = {n: g for n, g in grids.items() if not _holds_another(n, names)}
         index.lookup(root, candidates(grids, arrays))
         index.in_ranges(root, outside(grids))
         known = index.read_keys(root)
@@ -322,11 +330,32 @@ def stage(tier: StepStore, step: int, dest: Path, need: Need) -> Staged:
     return staged
 
 
+def _param_names(item: Path) -> set[str]:
+    """orbax's parameter names of an item (its ``_METADATA`` tree, each key path joined by
+    ``.``), in the key index's form (UTF-8 bytes read as latin-1)."""
+    try:
+        doc = json.loads((item / "_METADATA").read_bytes())
+        return {
+            ".".join(str(k["key"]) for k in entry["key_metadata"]).encode().decode("latin-1")
+            for entry in doc["tree_metadata"].values()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _holds_another(name: str, names: list[str]) -> bool:
+    """Whether another of the sorted ``names`` lies in ``name``'s folder (``name/...``)."""
+    i = bisect.bisect_left(names, f"{name}/")
+    return i < len(names) and names[i].startswith(f"{name}/")
+
+
 def _loud_when_missing(item: Path) -> bool:
     """Whether orbax refuses a chunk missing from this item (its ``_METADATA`` says every chunk
     was stored, ``store_array_data_equal_to_fill_value``), rather than reading it as the fill
     value. Only then is the item read in part: a chunk the choice left out that orbax then
     asks for fails the restore (which falls back to the whole step), never reads as zeros."""
+    if (item / "checkpoint").exists():
+        return False  # an old orbax's aggregate file: its restore reads missing chunks as zeros
     try:
         doc = json.loads((item / "_METADATA").read_bytes())
     except (OSError, ValueError):
