@@ -53,6 +53,22 @@ def _index(job: dict[str, Any], context: Any) -> dict[str, list[Any]]:
     return out
 
 
+def _value(key: str, got: Any, facts: list[Any] | None) -> bytes:
+    """A value read (tensorstore's ``ReadResult``), checked against ``facts`` ([size, digest])
+    when given; what is missing or differs ends the child (or the caller's copy) naming the key."""
+    if got.state != "value":
+        raise SystemExit(f"key {key!r} is missing from the source database")
+    value = bytes(got.value)
+    if facts is not None:
+        size, digest = facts
+        if len(value) != size or value_digest(value) != digest:
+            raise SystemExit(
+                f"key {key!r}: {len(value)} bytes read, digest {value_digest(value)}, "
+                f"but the index says {size} bytes, digest {digest}"
+            )
+    return value
+
+
 def _copy(
     src: Any,
     dest_spec: dict[str, Any],
@@ -71,17 +87,7 @@ def _copy(
         batch = keys[start : start + READ_AHEAD]
         reads = [src.read(k.encode("latin-1")) for k in batch]
         for key, read in zip(batch, reads, strict=True):
-            got = read.result()
-            if got.state != "value":
-                raise SystemExit(f"key {key!r} is missing from the source database")
-            value = bytes(got.value)
-            if expect is not None:
-                size, digest = expect[key]
-                if len(value) != size or value_digest(value) != digest:
-                    raise SystemExit(
-                        f"key {key!r}: {len(value)} bytes read, digest {value_digest(value)}, "
-                        f"but the index says {size} bytes, digest {digest}"
-                    )
+            value = _value(key, read.result(), expect[key] if expect is not None else None)
             dest.with_transaction(txn)[key.encode("latin-1")] = value
             held += len(value)
         if held >= BATCH_BYTES:
@@ -108,19 +114,10 @@ def read_checked(src_spec: dict[str, Any], expect: dict[str, list[Any]]) -> dict
     import tensorstore as ts
 
     src = _open(src_spec, ts.Context())
-    out = {}
-    for key, (size, digest) in sorted(expect.items()):
-        got = src.read(key.encode("latin-1")).result()
-        if got.state != "value":
-            raise SystemExit(f"key {key!r} is missing from the source database")
-        value = bytes(got.value)
-        if len(value) != size or value_digest(value) != digest:
-            raise SystemExit(
-                f"key {key!r}: {len(value)} bytes read, digest {value_digest(value)}, "
-                f"but the index says {size} bytes, digest {digest}"
-            )
-        out[key] = value
-    return out
+    return {
+        key: _value(key, src.read(key.encode("latin-1")).result(), facts)
+        for key, facts in sorted(expect.items())
+    }
 
 
 def _copy_keys(job: dict[str, Any], context: Any) -> dict[str, int]:
