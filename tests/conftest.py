@@ -133,6 +133,16 @@ def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"gs://{make_bucket()}/run/checkpoints"
 
 
+@pytest.fixture(params=["file", "gs"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """A durable URL and its storage options: a plain directory, then a bucket of the GCS
+    emulator (the dedup's and the restore in part's store tests)."""
+    if request.param == "file":
+        return f"file://{tmp_path}/durable", {}
+    request.getfixturevalue("gcs_emulator")
+    return f"gs://{make_bucket()}/run", {"token": "anon"}
+
+
 @pytest.fixture(params=["file", "gs", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
     """(durable URL, storage options) on each real backend: a directory, the GCS emulator and

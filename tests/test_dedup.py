@@ -28,8 +28,6 @@ from tiered.manifest import build_manifest
 from tiered.policy.ownership import KeyFacts, assign
 from tiered.storage import dedup
 
-from conftest import make_bucket
-
 ts = pytest.importorskip("tensorstore")
 
 
@@ -98,14 +96,6 @@ def test_a_divergent_replica_goes_to_the_lowest_rank() -> None:
 REPLICATED = {"b/c/0": b"bias" * 64, "b/zarr.json": b'{"shape": [256]}'} | {
     f"big/c/{i}": os.urandom(1) * (20_000 + i) for i in range(6)
 }
-
-
-@pytest.fixture(params=["file", "gs"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
-    if request.param == "file":
-        return f"file://{tmp_path}/durable", {}
-    request.getfixturevalue("gcs_emulator")
-    return f"gs://{make_bucket()}/run", {"token": "anon"}
 
 
 def local_step(root: Path, rank: int, step: int, *, replicated: dict[str, bytes]) -> Path:

@@ -24,8 +24,6 @@ from tiered.manifest import crc32c_b64
 from tiered.storage import keyindex, partial
 from tiered.storage.partial import ArrayNeed, grid_of, select
 
-from conftest import make_bucket
-
 ts = pytest.importorskip("tensorstore")
 
 ZARR2 = json.dumps(
@@ -162,14 +160,6 @@ def committed_step(
 def keys_in(folder: Path) -> dict[str, bytes]:
     kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{folder}/"}).result()
     return {k.decode(): bytes(kv.read(k).result().value) for k in kv.list().result()}
-
-
-@pytest.fixture(params=["file", "gs"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict]:
-    if request.param == "file":
-        return f"file://{tmp_path}/durable", {}
-    request.getfixturevalue("gcs_emulator")
-    return f"gs://{make_bucket()}/run", {"token": "anon"}
 
 
 def test_a_process_of_another_job_reads_only_its_chunks(

@@ -158,6 +158,7 @@ class KeyIndex:
             path = self.tier.object_path(self.step, r.body)
             where = f"{self.tier.step_url(self.step)}/{r.body} (block {b})"
             with translate_errors(f"reading {where}"):
+                # one block: BLOCK_KEYS lines, small by construction
                 data = self.tier.fs.cat_file(path, start=offset, end=offset + length)
             if len(data) != length or xxhash.xxh3_128_hexdigest(data) != digest:
                 raise ChecksumMismatch(f"{where}: not the bytes the key index's header names")
