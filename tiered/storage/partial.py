@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tiered.errors import CommitError
 from tiered.layout import COMMIT_MARKER, GLOBAL_LAYOUT, in_ocdbt_root, ocdbt_roots
@@ -59,9 +59,6 @@ class ArrayNeed:
 
     shape: tuple[int, ...]
     boxes: tuple[Box, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "boxes": [[list(d) for d in b] for b in self.boxes]}
 
 
 Need = dict[str, dict[str, ArrayNeed]]
